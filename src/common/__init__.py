@@ -1,0 +1,1 @@
+"""Pieces shared by every role: config, errors, gRPC helpers, logging."""

@@ -1,0 +1,234 @@
+"""Validated config dataclasses: model_configs.json entries and each process's settings."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gridserve.common.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_CONFIGS = REPO_ROOT / "model_configs.json"
+SOURCE_TYPES = ("gguf_package", "hub", "local")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _take(d: dict, key: str, where: str, kinds: tuple, default: Any = ..., check=None, rule: str = ""):
+    """Read d[key], check its type (and `check`), or raise ConfigError naming where.key."""
+    path = f"{where}.{key}" if where else key
+    if key not in d:
+        if default is ...:
+            raise ConfigError(f"{path}: required field is missing")
+        return default
+    value = d[key]
+    if isinstance(value, bool) and bool not in kinds:
+        ok = False
+    else:
+        ok = isinstance(value, kinds)
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    if ok and check is not None and not check(value):
+        ok = False
+    if not ok:
+        names = "/".join(k.__name__ for k in kinds)
+        raise ConfigError(f"{path}: must be {rule or names}, got {json.dumps(value)}")
+    return value
+
+
+def _no_extra(d: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise ConfigError(f"{where}.{extra[0]}: unknown field (known: {', '.join(sorted(allowed))})")
+
+
+def _obj(d: dict, key: str, where: str) -> dict:
+    return _take(d, key, where, (dict,), default={}, rule="an object")
+
+
+NUM = (int, float)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: a GGUF file in a Python package, a hub id, or a local folder."""
+    type: str
+    package: str = ""
+    file: str = ""
+    repo: str = ""
+    revision: str = ""
+    path: str = ""
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "ModelSource":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: must be an object")
+        kind = _take(d, "type", where, (str,), check=lambda v: v in SOURCE_TYPES,
+                     rule=f"one of {', '.join(SOURCE_TYPES)}")
+        need = {"gguf_package": ("package", "file"), "hub": ("repo",), "local": ("path",)}[kind]
+        allowed = {"type", *need, "revision"} if kind == "hub" else {"type", *need}
+        if kind == "local":
+            allowed.add("file")
+        _no_extra(d, allowed, where)
+        vals = {k: _take(d, k, where, (str,), check=bool, rule="a non-empty string") for k in need}
+        rest = {k: _take(d, k, where, (str,), default="") for k in allowed - set(need) - {"type"}}
+        return cls(type=kind, **vals, **rest)
+
+    def describe(self) -> str:
+        if self.type == "gguf_package":
+            return f"{self.package}/{self.file}"
+        if self.type == "hub":
+            return self.repo + (f"@{self.revision}" if self.revision else "")
+        return self.path
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "SamplingDefaults":
+        _no_extra(d, {"temperature", "top_p", "top_k", "max_new_tokens"}, where)
+        return cls(
+            temperature=float(_take(d, "temperature", where, NUM, 0.7, lambda v: 0 <= v <= 2, "a number in [0, 2]")),
+            top_p=float(_take(d, "top_p", where, NUM, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
+            top_k=_take(d, "top_k", where, (int,), 0, lambda v: v >= 0, "an integer >= 0"),
+            max_new_tokens=_take(d, "max_new_tokens", where, (int,), 256, lambda v: v >= 1, "an integer >= 1"),
+        )
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory_mb: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Resources":
+        _no_extra(d, {"num_cpus", "num_gpus", "memory_mb"}, where)
+        return cls(
+            num_cpus=float(_take(d, "num_cpus", where, NUM, 1.0, lambda v: v > 0, "a number > 0")),
+            num_gpus=float(_take(d, "num_gpus", where, NUM, 0.0, lambda v: v >= 0, "a number >= 0")),
+            memory_mb=_take(d, "memory_mb", where, (int,), 0, lambda v: v >= 0, "an integer >= 0"),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One deployable model: its source, limits, sampling defaults and the resources a replica takes."""
+    name: str
+    source: ModelSource
+    context_length: int
+    max_tokens_limit: int
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    resources: Resources = field(default_factory=Resources)
+    dtype: str = "float32"
+    max_batch_size: int = 8
+    max_waiting: int = 32
+    description: str = ""
+
+    FIELDS = ("source", "context_length", "max_tokens_limit", "sampling", "resources", "dtype",
+              "max_batch_size", "max_waiting", "description")
+
+    @classmethod
+    def from_dict(cls, name: str, d: Any, where: str = "") -> "ModelConfig":
+        where = where or f"models.{name}"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: must be an object")
+        _no_extra(d, set(cls.FIELDS), where)
+        ctx = _take(d, "context_length", where, (int,), check=lambda v: v >= 16, rule="an integer >= 16")
+        limit = _take(d, "max_tokens_limit", where, (int,), check=lambda v: 1 <= v <= ctx,
+                      rule=f"an integer in [1, context_length={ctx}]")
+        sampling = SamplingDefaults.from_dict(_obj(d, "sampling", where), f"{where}.sampling")
+        if sampling.max_new_tokens > limit:
+            raise ConfigError(f"{where}.sampling.max_new_tokens: must be <= max_tokens_limit={limit}, "
+                              f"got {sampling.max_new_tokens}")
+        return cls(
+            name=name,
+            source=ModelSource.from_dict(_take(d, "source", where, (dict,), rule="an object"), f"{where}.source"),
+            context_length=ctx,
+            max_tokens_limit=limit,
+            sampling=sampling,
+            resources=Resources.from_dict(_obj(d, "resources", where), f"{where}.resources"),
+            dtype=_take(d, "dtype", where, (str,), "float32", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+            max_batch_size=_take(d, "max_batch_size", where, (int,), 8, lambda v: v >= 1, "an integer >= 1"),
+            max_waiting=_take(d, "max_waiting", where, (int,), 32, lambda v: v >= 0, "an integer >= 0"),
+            description=_take(d, "description", where, (str,), ""),
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("name")
+        d["source"] = {k: v for k, v in d["source"].items() if v}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, **self.to_dict()}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"model config JSON is unreadable: {e}") from None
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise ConfigError("model config JSON: must be an object with a string 'name'")
+        return cls.from_dict(d.pop("name"), d)
+
+
+@dataclass(frozen=True)
+class ModelCatalog:
+    """model_configs.json: the models a cluster can deploy, and the default one."""
+    default_model: str
+    models: dict[str, ModelConfig]
+    path: str = ""
+
+    def get(self, name: str) -> ModelConfig | None:
+        return self.models.get(name)
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "") -> "ModelCatalog":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path or 'model configs'}: must be a JSON object")
+        _no_extra(d, {"default_model", "models", "$comment"}, "")
+        models_raw = _take(d, "models", "", (dict,), check=bool, rule="a non-empty object")
+        models = {}
+        for name, entry in models_raw.items():
+            if not name or not all(c.isalnum() or c in "-_." for c in name):
+                raise ConfigError(f"models.{name}: model names use letters, digits, '-', '_' and '.' only")
+            models[name] = ModelConfig.from_dict(name, entry)
+        default = _take(d, "default_model", "", (str,), check=lambda v: v in models,
+                        rule=f"the name of a model in 'models' ({', '.join(models)})")
+        return cls(default_model=default, models=models, path=path)
+
+
+def load_model_catalog(path: str | Path | None = None) -> ModelCatalog:
+    """Read and validate model_configs.json; every error names the file and the field."""
+    p = Path(path) if path else DEFAULT_MODEL_CONFIGS
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: model configs file not found") from None
+    except ValueError as e:
+        raise ConfigError(f"{p}: not valid JSON: {e}") from None
+    try:
+        return ModelCatalog.from_dict(raw, str(p))
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e.message}") from None
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') to a pair; ConfigError on anything else."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ConfigError(f"address {value!r}: expected HOST:PORT")
+        host, port = value, str(default_port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"address {value!r}: expected HOST:PORT with a port in 1..65535")
+    return host, int(port)

@@ -1,0 +1,117 @@
+"""gRPC helpers shared by every server and client: the error interceptor, channel options, health."""
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gridserve.common.errors import GridserveError
+from gridserve.common.logs import event
+
+log = logging.getLogger("gridserve.grpc")
+
+# Keepalive so a dead peer (cut link, kill -9) is noticed in seconds, not at the TCP timeout.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.enable_retries", 0),
+]
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def _wrap_unary(fn, method: str):
+    async def handler(request, context):
+        try:
+            return await fn(request, context)
+        except GridserveError as e:
+            event(log, "rpc_error", logging.INFO, method=method, code=e.grpc_code.name, error=e.message)
+            await context.abort(e.grpc_code, e.message)
+
+    return handler
+
+
+def _wrap_stream(fn, method: str):
+    async def handler(request_or_iterator, context):
+        try:
+            async for item in fn(request_or_iterator, context):
+                yield item
+        except GridserveError as e:
+            event(log, "rpc_error", logging.INFO, method=method, code=e.grpc_code.name, error=e.message)
+            await context.abort(e.grpc_code, e.message)
+
+    return handler
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps gridserve's named exceptions to gRPC status codes with their message, in one place."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+def make_server() -> grpc.aio.Server:
+    """A grpc.aio server with the error interceptor and keepalive settings every role uses."""
+    return grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+
+
+def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    """Registers the standard grpc.health.v1 service; the caller sets statuses on what it returns."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Binds host:port (port 0 picks a free one) and returns the port actually bound."""
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(target)
+    if bound == 0:
+        raise OSError(f"could not bind gRPC server to {target}")
+    return bound
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+async def check_health(ch: grpc.aio.Channel, service: str = "", timeout: float = 2.0) -> int:
+    """One grpc.health.v1 Check; returns the ServingStatus (raises grpc.aio.AioRpcError when down)."""
+    stub = health_pb2_grpc.HealthStub(ch)
+    resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    return resp.status

@@ -1,0 +1,1 @@
+"""The head controller: deployments, node registry, placement, routing tables, proxy supervision."""

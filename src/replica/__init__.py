@@ -1,0 +1,1 @@
+"""A replica: one model in one process, served over gRPC with streaming generation."""

@@ -1,0 +1,1 @@
+"""The per-machine scheduler: spawns, probes and restarts replica processes for the head."""
