@@ -1,0 +1,74 @@
+"""Validated settings of one replica process, built from its command-line flags."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gridserve.common.config import ModelConfig
+from gridserve.common.errors import ConfigError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SHUTDOWN_GRACE_S = 5.0  # how long in-flight streams may finish after SIGTERM before they are cancelled
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    replica_id: str
+    model: ModelConfig
+    host: str
+    port: int
+    port_file: Path | None
+    num_threads: int
+    cache_dir: Path
+    log_level: str = "INFO"
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
+
+    def __post_init__(self) -> None:
+        if not self.replica_id.strip():
+            raise ConfigError("--replica-id: must be a non-empty string")
+        if not self.host:
+            raise ConfigError("--host: must be a non-empty host name or address")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port: must be in 0..65535 (0 picks a free port), got {self.port}")
+        if self.num_threads < 1:
+            raise ConfigError(f"--num-threads: must be >= 1, got {self.num_threads}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/gridserve or ~/.cache/gridserve, read when called."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gridserve"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gridserve.replica",
+                                description="Serve one model over gRPC (Generate, Info, grpc.health.v1).")
+    p.add_argument("--replica-id", required=True, help="this replica's id, '<model>-<6 hex>'")
+    p.add_argument("--model-config-json", required=True,
+                   help="the model's config as JSON: {\"name\": ..., <a model_configs.json entry>}")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default 0)")
+    p.add_argument("--port-file", help="write the bound port here (atomically) once bound")
+    p.add_argument("--num-threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--cache-dir", help="converted-model cache (default $XDG_CACHE_HOME/gridserve "
+                                       "or ~/.cache/gridserve)")
+    p.add_argument("--log-level", default="INFO", type=str.upper, help="DEBUG, INFO, WARNING or ERROR")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> ReplicaConfig:
+    """Flags to a ReplicaConfig; ConfigError (naming the flag or field) when something is wrong."""
+    args = build_parser().parse_args(argv)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    return ReplicaConfig(
+        replica_id=args.replica_id,
+        model=ModelConfig.from_json(args.model_config_json),
+        host=args.host, port=args.port,
+        port_file=Path(args.port_file) if args.port_file else None,
+        num_threads=args.num_threads, cache_dir=cache_dir,
+        log_level=args.log_level,
+    )

@@ -1,0 +1,229 @@
+"""The replica process: binds gRPC first, loads the model off the loop, serves Generate, Info and health."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from gridserve.common.errors import FatalError, GridserveError, InvalidRequest, Unavailable
+from gridserve.common.grpcutil import NOT_SERVING, SERVING, add_health, bind, make_server
+from gridserve.common.logs import event, setup_logging
+from gridserve.replica.config import ReplicaConfig, parse_config
+from gridserve.replica.params import resolve_input, resolve_sampling
+from gridserve.v1 import replica_pb2, replica_pb2_grpc
+
+log = logging.getLogger("gridserve.replica")
+SERVICE_NAME = replica_pb2.DESCRIPTOR.services_by_name["Replica"].full_name
+FINISH = {"stop": replica_pb2.FINISH_REASON_STOP, "length": replica_pb2.FINISH_REASON_LENGTH,
+          "abort": replica_pb2.FINISH_REASON_ABORT}
+EXIT_FATAL = 3
+
+
+class ReplicaService(replica_pb2_grpc.ReplicaServicer):
+    """Generate and Info; `engine` is set once the model has loaded (Unavailable before that)."""
+
+    def __init__(self, cfg: ReplicaConfig):
+        self.cfg = cfg
+        self.engine = None  # gridserve.replica.engine.Engine, once loaded
+
+    async def Generate(self, request, context):
+        request_id = request.request_id or f"req-{secrets.token_hex(6)}"
+        try:
+            prompt_ids, opts, handle = await self._admit(request, request_id)
+        except GridserveError as e:
+            event(log, "generate_rejected", request_id=request_id, code=e.grpc_code.name, error=e.message)
+            raise
+        event(log, "generate_start", request_id=request_id, prompt_tokens=len(prompt_ids),
+              max_tokens=opts.max_tokens, temperature=opts.temperature, stop=len(opts.stop))
+        start, finish, completion, error = time.monotonic(), "error", 0, ""
+        try:
+            async for out in handle.outputs():
+                completion = out.completion_tokens or completion
+                chunk = replica_pb2.GenerateResponse(text=out.text, token_ids=out.token_ids)
+                if out.finish_reason:
+                    finish = out.finish_reason
+                    chunk.finish_reason = FINISH[out.finish_reason]
+                    chunk.usage.prompt_tokens = len(prompt_ids)
+                    chunk.usage.completion_tokens = out.completion_tokens
+                yield chunk
+        except asyncio.CancelledError:
+            finish = "cancelled"
+            raise
+        except GridserveError as e:
+            error = e.message
+            raise
+        finally:
+            handle.cancel()  # no-op when finished; frees the engine slot when the client went away
+            fields = {"error": error} if error else {}
+            event(log, "generate_done", request_id=request_id, finish=finish, prompt_tokens=len(prompt_ids),
+                  completion_tokens=completion, seconds=f"{time.monotonic() - start:.3f}", **fields)
+
+    async def _admit(self, request, request_id: str):
+        """Validate, tokenize (off the loop) and queue a request: (prompt ids, options, engine handle)."""
+        engine = self.engine
+        if engine is None:
+            raise Unavailable(f"replica {self.cfg.replica_id} is still loading model '{self.cfg.model.name}'")
+        opts = resolve_sampling(request.params, self.cfg.model)
+        kind, value = resolve_input(request)
+        encode = engine.loaded.encode_prompt if kind == "prompt" else engine.loaded.encode_chat
+        prompt_ids = await asyncio.to_thread(encode, value)
+        ctx = self.cfg.model.context_length
+        if len(prompt_ids) >= ctx:
+            raise InvalidRequest(f"the prompt is {len(prompt_ids)} tokens; model '{self.cfg.model.name}' has a "
+                                 f"context length of {ctx} tokens, so the prompt must be shorter than that")
+        return prompt_ids, opts, engine.submit(request_id, prompt_ids, opts)
+
+    async def Info(self, request, context):
+        cfg, engine = self.cfg, self.engine
+        info = replica_pb2.InfoResponse(
+            replica_id=cfg.replica_id, model=cfg.model.name, model_source=cfg.model.source.describe(),
+            context_length=cfg.model.context_length, max_tokens_limit=cfg.model.max_tokens_limit,
+            loaded=engine is not None, pid=os.getpid(), num_threads=cfg.num_threads)
+        if engine is not None:
+            s = engine.stats()
+            info.running, info.waiting = s.running, s.waiting
+            info.requests_total, info.tokens_generated_total = s.requests_total, s.tokens_generated_total
+            info.tokens_per_second, info.rss_bytes = s.tokens_per_second, s.rss_bytes
+        else:
+            import psutil
+            info.rss_bytes = psutil.Process().memory_info().rss
+        return info
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Write the bound port atomically (tmp + rename) so a reader never sees a partial number."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, path)
+
+
+def _build_engine(cfg: ReplicaConfig):
+    """Runs in the load thread: import torch, load the model, build (not start) the engine."""
+    import torch
+    torch.set_num_threads(cfg.num_threads)
+    from gridserve.replica.engine import Engine
+    from gridserve.replica.loader import load_model
+    loaded = load_model(cfg.model, cfg.cache_dir)
+    return Engine(loaded, cfg.num_threads)
+
+
+def _in_daemon_thread(fn, *args) -> tuple[asyncio.Future, threading.Thread]:
+    """Run fn in a daemon thread (a shutdown need not wait for a load); its result as a loop future."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(ok: bool, value) -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the loop, which decides
+            loop.call_soon_threadsafe(settle, False, e)
+        else:
+            loop.call_soon_threadsafe(settle, True, result)
+
+    thread = threading.Thread(target=run, name="load", daemon=True)
+    thread.start()
+    return fut, thread
+
+
+class ReplicaProcess:
+    """The lifecycle: bind, NOT_SERVING, load, SERVING, wait for a signal, drain, stop."""
+
+    def __init__(self, cfg: ReplicaConfig):
+        self.cfg = cfg
+        self.service = ReplicaService(cfg)
+        self.load_thread: threading.Thread | None = None
+
+    async def _set_health(self, health, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await health.set(name, status)
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        server = make_server()
+        replica_pb2_grpc.add_ReplicaServicer_to_server(self.service, server)
+        health = add_health(server)
+        await self._set_health(health, NOT_SERVING)
+        port = bind(server, cfg.host, cfg.port)
+        await server.start()
+        if cfg.port_file:
+            write_port_file(cfg.port_file, port)
+        event(log, "listening", replica_id=cfg.replica_id, address=f"{cfg.host}:{port}", model=cfg.model.name,
+              source=cfg.model.source.describe(), pid=os.getpid())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            if await self._load(health, stop):
+                await stop.wait()
+        finally:
+            await self._shutdown(server, health)
+        return 0
+
+    async def _load(self, health, stop: asyncio.Event) -> bool:
+        """Load off the loop; True once SERVING, False if told to stop first. Fatal errors propagate."""
+        started = time.monotonic()
+        event(log, "loading", model=self.cfg.model.name, cache_dir=self.cfg.cache_dir)
+        fut, self.load_thread = _in_daemon_thread(_build_engine, self.cfg)
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([fut, stopper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not fut.done():
+            event(log, "stopped_while_loading", model=self.cfg.model.name)
+            return False
+        engine = fut.result()
+        engine.start()
+        self.service.engine = engine
+        await self._set_health(health, SERVING)
+        lm = engine.loaded
+        event(log, "model_loaded", model=self.cfg.model.name, source=lm.source, device=lm.device,
+              from_cache=lm.from_cache, load_seconds=f"{lm.load_seconds:.2f}",
+              seconds=f"{time.monotonic() - started:.2f}", rss_mb=engine.stats().rss_bytes // 2**20)
+        return True
+
+    async def _shutdown(self, server, health) -> None:
+        event(log, "stopping", replica_id=self.cfg.replica_id, grace_s=self.cfg.shutdown_grace_s)
+        await health.enter_graceful_shutdown()  # NOT_SERVING for every service, from now on
+        await server.stop(self.cfg.shutdown_grace_s)  # in-flight streams may finish; then cancelled
+        if self.service.engine is not None:
+            await asyncio.to_thread(self.service.engine.stop)
+        event(log, "stopped", replica_id=self.cfg.replica_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m gridserve.replica`; 0 on a clean stop, 3 on a fatal config/load error."""
+    try:
+        cfg = parse_config(argv)
+    except FatalError as e:
+        print(f"fatal: {_one_line(e.message)}", file=sys.stderr, flush=True)
+        return EXIT_FATAL
+    setup_logging("replica", cfg.log_level)
+    proc = ReplicaProcess(cfg)
+    try:
+        code = asyncio.run(proc.run())
+    except FatalError as e:
+        print(f"fatal: {_one_line(e.message)}", file=sys.stderr, flush=True)
+        code = EXIT_FATAL
+    if proc.load_thread is not None and proc.load_thread.is_alive():
+        # Stopped mid-load: a torch import or load still running in a daemon thread can crash
+        # interpreter teardown, so leave without it.
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())

@@ -1,0 +1,44 @@
+"""Session fixtures shared by every test layer: the tiny random-weight model and cluster helpers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-weight Llama with SmolLM2's tokenizer, built once per test session."""
+    from gridserve.replica.tiny import build_tiny_model
+
+    return Path(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
+
+
+@pytest.fixture(scope="session")
+def tiny_configs(tmp_path_factory, tiny_model_dir) -> Path:
+    """A model_configs.json offering the tiny model, a hub model and one that needs a GPU."""
+    path = tmp_path_factory.mktemp("configs") / "model_configs.json"
+    tiny = {
+        "source": {"type": "local", "path": str(tiny_model_dir)},
+        "context_length": 256,
+        "max_tokens_limit": 128,
+        "sampling": {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 32},
+        "resources": {"num_cpus": 1, "num_gpus": 0},
+        "max_batch_size": 8,
+        "max_waiting": 16,
+    }
+    configs = {
+        "default_model": "tiny",
+        "models": {
+            "tiny": tiny,
+            "tiny-gpu": {**tiny, "resources": {"num_cpus": 1, "num_gpus": 1}},
+            "gpt2": {
+                "source": {"type": "hub", "repo": "openai-community/gpt2"},
+                "context_length": 1024,
+                "max_tokens_limit": 256,
+            },
+        },
+    }
+    path.write_text(json.dumps(configs, indent=2))
+    return path

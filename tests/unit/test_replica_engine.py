@@ -1,0 +1,162 @@
+"""The engine with the tiny random-weight model in-process: exact greedy, sampling, stops, limits, cancel."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+
+from gridserve.common.config import ModelConfig
+from gridserve.common.errors import InvalidRequest, Overloaded
+from gridserve.replica.engine import Engine, EngineError
+from gridserve.replica.loader import load_model
+from gridserve.replica.params import SamplingOptions
+
+PROMPT = "The quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    cfg = ModelConfig.from_dict("tiny", {"source": {"type": "local", "path": str(tiny_model_dir)},
+                                         "context_length": 256, "max_tokens_limit": 128,
+                                         "sampling": {"max_new_tokens": 32}})
+    return load_model(cfg)
+
+
+@pytest.fixture
+async def make_engine(loaded):
+    engines = []
+
+    def make(**kw) -> Engine:
+        engine = Engine(loaded, num_threads=1, **kw)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+async def collect(handle):
+    """Everything a request streams: (text, token ids, finish_reason, number of outputs)."""
+    text, ids, finish, n = "", [], None, 0
+    async for out in handle.outputs():
+        text, n = text + out.text, n + 1
+        ids.extend(out.token_ids)
+        finish = out.finish_reason or finish
+    return text, ids, finish, n
+
+
+async def run(engine, prompt_ids, **opts):
+    return await collect(engine.submit("t", prompt_ids, SamplingOptions(**{"max_tokens": 24, **opts})))
+
+
+async def test_greedy_output_equals_model_generate_token_for_token(loaded, make_engine):
+    ids = loaded.encode_prompt(PROMPT)
+    with torch.inference_mode():
+        ref = loaded.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    text, out_ids, finish, n = await run(make_engine(), ids)
+    assert out_ids == ref
+    assert text == loaded.tokenizer.decode(ref, skip_special_tokens=True)
+    assert finish == "length" and n > 1
+
+
+async def test_chat_prompt_uses_the_chat_template(loaded):
+    ids = loaded.encode_chat([("user", "hi")])
+    assert loaded.tokenizer.decode(ids).endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+async def test_stop_string_across_tokens_ends_the_request_before_it(loaded, make_engine):
+    engine = make_engine()
+    ids = loaded.encode_prompt(PROMPT)
+    full, out_ids, _, _ = await run(engine, ids)
+    # A stop string made of the end of the 5th token's text and the start of the 6th one's.
+    before = loaded.tokenizer.decode(out_ids[:5])
+    stop = (before[-2:] + loaded.tokenizer.decode(out_ids[5:6])[:2])
+    assert len(stop) == 4 and stop in full
+    text, stopped_ids, finish, _ = await run(engine, ids, stop=(stop,))
+    assert finish == "stop"
+    assert text == full[:full.index(stop)]
+    assert stopped_ids == out_ids[:6]
+
+
+async def test_same_seed_gives_the_same_sample_and_another_seed_differs(loaded, make_engine):
+    engine = make_engine()
+    ids = loaded.encode_prompt(PROMPT)
+    a = await run(engine, ids, temperature=1.0, top_p=0.95, top_k=50, seed=7)
+    b = await run(engine, ids, temperature=1.0, top_p=0.95, top_k=50, seed=7)
+    c = await run(engine, ids, temperature=1.0, top_p=0.95, top_k=50, seed=8)
+    assert a[1] == b[1]
+    assert a[1] != c[1]
+
+
+async def test_max_tokens_and_a_full_context_end_with_length(loaded, make_engine):
+    engine = make_engine()
+    _, out_ids, finish, _ = await run(engine, loaded.encode_prompt(PROMPT), max_tokens=5)
+    assert (len(out_ids), finish) == (5, "length")
+    long_prompt = loaded.encode_prompt("word " * 400)[:250]  # context_length is 256
+    _, out_ids, finish, _ = await run(engine, long_prompt, max_tokens=100)
+    assert (len(out_ids), finish) == (6, "length")
+    with pytest.raises(InvalidRequest, match="256"):
+        engine.submit("t", loaded.encode_prompt("word " * 400)[:256], SamplingOptions(max_tokens=1))
+
+
+async def test_cancelling_a_running_request_frees_its_slot(loaded, make_engine):
+    engine = make_engine(max_running=1, max_waiting=0)
+    ids = loaded.encode_prompt(PROMPT)
+    first = engine.submit("a", ids, SamplingOptions(max_tokens=128))
+    outputs = first.outputs()
+    await outputs.__anext__()
+    with pytest.raises(Overloaded):
+        engine.submit("b", ids, SamplingOptions(max_tokens=4))
+    first.cancel()
+    second = engine.submit("b", ids, SamplingOptions(max_tokens=4))  # the slot is free at once
+    _, out_ids, finish, _ = await collect(second)
+    assert (len(out_ids), finish) == (4, "length")
+    stats = engine.stats()
+    assert (stats.running, stats.waiting) == (0, 0)
+    assert stats.tokens_generated_total < 128 + 4
+
+
+async def test_queue_beyond_max_waiting_is_overloaded(loaded, make_engine):
+    engine = make_engine(max_running=1, max_waiting=1)
+    ids = loaded.encode_prompt(PROMPT)
+    running = engine.submit("a", ids, SamplingOptions(max_tokens=128))
+    await running.outputs().__anext__()  # "a" holds the one running slot
+    waiting = engine.submit("b", ids, SamplingOptions(max_tokens=4))
+    with pytest.raises(Overloaded, match="max_waiting=1"):
+        engine.submit("c", ids, SamplingOptions(max_tokens=4))
+    waiting.cancel()  # leaves the queue at once
+    assert engine.stats().waiting == 0
+    running.cancel()
+    assert (await collect(running))[2] in (None, "abort")
+
+
+async def test_a_failing_request_does_not_disturb_another(loaded, make_engine):
+    engine = make_engine(max_running=2)
+    ids = loaded.encode_prompt(PROMPT)
+    bad = engine.submit("bad", [10**7], SamplingOptions(max_tokens=4))  # id outside the vocabulary
+    good = engine.submit("good", ids, SamplingOptions(max_tokens=8))
+    with pytest.raises(EngineError, match="generation failed"):
+        await collect(bad)
+    _, out_ids, finish, _ = await collect(good)
+    assert (len(out_ids), finish) == (8, "length")
+    assert (await run(engine, ids, max_tokens=2))[2] == "length"  # and the engine goes on
+
+
+async def test_concurrent_requests_each_get_their_solo_output(loaded, make_engine):
+    engine = make_engine(max_running=4)
+    prompts = [loaded.encode_prompt(p) for p in (PROMPT, "Once upon a time", "1, 2, 3,")]
+    solo = [await run(engine, p) for p in prompts]
+    together = await asyncio.gather(*(run(engine, p) for p in prompts))
+    assert [t[1] for t in together] == [s[1] for s in solo]
+
+
+async def test_stats_count_requests_and_tokens(loaded, make_engine):
+    engine = make_engine()
+    await run(engine, loaded.encode_prompt(PROMPT), max_tokens=3)
+    stats = engine.stats()
+    assert dataclasses.astuple(stats)[:4] == (0, 0, 1, 3)
+    assert stats.tokens_per_second > 0 and stats.rss_bytes > 0
