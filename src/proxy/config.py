@@ -1,0 +1,65 @@
+"""The proxy's settings: a validated dataclass built from its command-line flags."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from gridserve.common.config import parse_hostport
+from gridserve.common.errors import ConfigError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    head: str                        # host:port of the head's gRPC server
+    host: str = "127.0.0.1"
+    port: int = 8000                 # 0 picks a free port
+    port_file: str = ""              # where to write the bound port once listening
+    log_level: str = "INFO"
+    max_body_bytes: int = 1024 * 1024
+    retry_attempts: int = 3          # replicas tried before the first token
+    retry_deadline_s: float = 10.0
+    shutdown_grace_s: float = 5.0    # how long open streams may finish on SIGTERM
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.head)
+        if not self.host:
+            raise ConfigError("--host: must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port: must be in 0..65535, got {self.port}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"--max-body-bytes: must be >= 1024, got {self.max_body_bytes}")
+        if self.retry_attempts < 1:
+            raise ConfigError(f"--retry-attempts: must be >= 1, got {self.retry_attempts}")
+        if self.retry_deadline_s <= 0 or self.shutdown_grace_s < 0:
+            raise ConfigError("--retry-deadline must be > 0 and --shutdown-grace >= 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gridserve proxy", description="gridserve HTTP proxy (the front door)")
+    p.add_argument("--head", required=True, help="the head's gRPC address, HOST:PORT")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port, 0 picks a free one (default 8000)")
+    p.add_argument("--port-file", default="", help="write the bound port here once listening")
+    p.add_argument("--log-level", default="INFO", type=str.upper, help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--max-body-bytes", type=int, default=1024 * 1024, help="larger bodies get 413")
+    p.add_argument("--retry-attempts", type=int, default=3, help="replicas tried before the first token")
+    p.add_argument("--retry-deadline", type=float, default=10.0, help="seconds spent retrying at most")
+    p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds open streams get on SIGTERM")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> ProxyConfig:
+    """Flags to a ProxyConfig; a bad value exits with argparse's usage message (code 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return ProxyConfig(head=args.head, host=args.host, port=args.port, port_file=args.port_file,
+                           log_level=args.log_level, max_body_bytes=args.max_body_bytes,
+                           retry_attempts=args.retry_attempts, retry_deadline_s=args.retry_deadline,
+                           shutdown_grace_s=args.shutdown_grace)
+    except ConfigError as e:
+        parser.error(e.message)

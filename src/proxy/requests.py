@@ -1,0 +1,179 @@
+"""Turns an HTTP chat request (model, content type, body) into a replica GenerateRequest, or says why not."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from typing import Any, Mapping
+
+from gridserve.common.config import ModelConfig
+from gridserve.common.errors import InvalidRequest, NotFound
+from gridserve.v1 import replica_pb2
+
+ROLES = ("system", "user", "assistant")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+JSON_FIELDS = ("messages", "prompt", "model", *SAMPLING_FIELDS)
+MAX_STOP = 4
+MAX_TOP_K = 2**31 - 1
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+
+
+def request_id_from(header: str | None) -> str:
+    """The client's X-Request-Id when it is sane (1-128 of [A-Za-z0-9._:-]), else a new one."""
+    if header and _REQUEST_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
+
+
+def lookup_model(models: Mapping[str, ModelConfig], name: str) -> ModelConfig:
+    """The config of a deployed model, or NotFound naming the deployed ones."""
+    config = models.get(name)
+    if config is None:
+        deployed = ", ".join(sorted(models)) or "none"
+        raise NotFound(f"model {name!r} is not deployed (deployed models: {deployed})")
+    return config
+
+
+def is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def parse_generate(body: bytes, content_type: str, config: ModelConfig,
+                   request_id: str) -> replica_pb2.GenerateRequest:
+    """A JSON body ({"messages"} or {"prompt"} plus sampling fields) or a plain-text user message."""
+    text = _decode(body)
+    request = replica_pb2.GenerateRequest(request_id=request_id)
+    if not is_json(content_type):
+        if not text.strip():
+            raise InvalidRequest("request body is empty: send a user message as text, "
+                                 'or JSON {"messages": [...]} / {"prompt": "..."}')
+        request.chat.messages.add(role="user", content=text)
+        return request
+    data = _load_json(text)
+    _check_fields(data, config)
+    if "messages" in data:
+        request.chat.CopyFrom(_messages(data["messages"]))
+    else:
+        request.prompt = _prompt(data["prompt"])
+    request.params.CopyFrom(_sampling(data, config))
+    return request
+
+
+def _decode(body: bytes) -> str:
+    if not body:
+        raise InvalidRequest("request body is empty: send a user message as text, "
+                             'or JSON {"messages": [...]} / {"prompt": "..."}')
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"request body is not valid UTF-8 (byte {e.start})") from None
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _load_json(text: str) -> dict:
+    try:
+        data = json.loads(text, parse_constant=_no_constants)
+    except ValueError as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"request body must be a JSON object, got {_kind(data)}")
+    return data
+
+
+def _check_fields(data: dict, config: ModelConfig) -> None:
+    unknown = sorted(set(data) - set(JSON_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r} (known fields: {', '.join(JSON_FIELDS)})")
+    if "model" in data and data["model"] != config.name:
+        raise InvalidRequest(f"field 'model' is {_short(data['model'])} but the path names "
+                             f"{config.name!r}; the model is chosen by the path")
+    if ("messages" in data) == ("prompt" in data):
+        raise InvalidRequest("give exactly one of 'messages' (chat, rendered with the model's "
+                             "template) or 'prompt' (raw text)")
+
+
+def _messages(value: Any) -> replica_pb2.ChatMessages:
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest(f"'messages' must be a non-empty list of {{role, content}} objects, got {_kind(value)}")
+    chat = replica_pb2.ChatMessages()
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"{where} must be an object with 'role' and 'content', got {_kind(m)}")
+        extra = sorted(set(m) - {"role", "content"})
+        if extra:
+            raise InvalidRequest(f"{where}: unknown field {extra[0]!r} (known: role, content)")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise InvalidRequest(f"{where}.role must be one of {', '.join(ROLES)}, got {_short(role)}")
+        if not isinstance(content, str):
+            raise InvalidRequest(f"{where}.content must be a string, got {_kind(content)}")
+        chat.messages.add(role=role, content=content)
+    return chat
+
+
+def _prompt(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"'prompt' must be a non-empty string, got {_kind(value)}")
+    return value
+
+
+def _sampling(data: dict, config: ModelConfig) -> replica_pb2.SamplingParams:
+    """The sampling fields given; unset ones stay unset and take the model's defaults on the replica."""
+    p = replica_pb2.SamplingParams()
+    limit = config.max_tokens_limit
+    if "max_tokens" in data:
+        p.max_tokens = _int(data, "max_tokens", 1, limit, f"an integer in [1, {limit}] (this model's limit)")
+    if "temperature" in data:
+        p.temperature = _number(data, "temperature", lambda v: 0 <= v <= 2, "a number in [0, 2]")
+    if "top_p" in data:
+        p.top_p = _number(data, "top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")
+    if "top_k" in data:
+        p.top_k = _int(data, "top_k", 0, MAX_TOP_K, "an integer >= 0 (0 means no top-k cut)")
+    if "seed" in data:
+        p.seed = _int(data, "seed", 0, 2**64 - 1, "an integer in [0, 2^64)")
+    if "stop" in data:
+        p.stop.extend(_stop(data["stop"]))
+    return p
+
+
+def _int(data: dict, key: str, lo: int, hi: int, rule: str) -> int:
+    v = data[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise InvalidRequest(f"'{key}' must be {rule}, got {_short(v)}")
+    return v
+
+
+def _number(data: dict, key: str, ok, rule: str) -> float:
+    v = data[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+        raise InvalidRequest(f"'{key}' must be {rule}, got {_short(v)}")
+    return float(v)
+
+
+def _stop(value: Any) -> list[str]:
+    stops = [value] if isinstance(value, str) else value
+    rule = f"a non-empty string or a list of up to {MAX_STOP} non-empty strings"
+    if not isinstance(stops, list) or len(stops) > MAX_STOP:
+        raise InvalidRequest(f"'stop' must be {rule}, got {_short(value)}")
+    if not all(isinstance(s, str) and s for s in stops):
+        raise InvalidRequest(f"'stop' must be {rule}, got {_short(value)}")
+    return stops
+
+
+def _kind(v: Any) -> str:
+    if v == "" or v == []:
+        return "an empty string" if v == "" else "an empty list"
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+             int: "a number", float: "a number"}
+    return names.get(type(v), type(v).__name__)
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= 80 else s[:77] + "..."

@@ -1,0 +1,202 @@
+"""The proxy's routing table: head snapshots, the watcher that keeps them coming, replica channels, p2c picks."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+
+import grpc
+
+from gridserve.common import grpcutil
+from gridserve.common.config import ModelConfig
+from gridserve.common.errors import ConfigError
+from gridserve.common.logs import event
+from gridserve.v1 import head_pb2, head_pb2_grpc
+
+log = logging.getLogger("gridserve.proxy.routes")
+
+# gRPC's own reconnect backoff grows to 2 minutes by default; a head or replica that comes back
+# should be reached within seconds.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 3000),
+]
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=grpcutil.CHANNEL_OPTIONS + RECONNECT_OPTIONS)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    replica_id: str
+    address: str
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    config: ModelConfig
+    endpoints: tuple[Endpoint, ...]
+
+
+class Lease:
+    """One stream's hold on an endpoint: counts as in flight until released (idempotent)."""
+
+    def __init__(self, table: "RouteTable", endpoint: Endpoint, channel: grpc.aio.Channel):
+        self.table, self.endpoint, self.channel = table, endpoint, channel
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.table._release(self.endpoint.address)
+
+
+class RouteTable:
+    """What the head last said is deployed and READY, plus per-endpoint in-flight counts and channels."""
+
+    def __init__(self, rng: random.Random | None = None):
+        self.version = 0
+        self.received = False           # False until the first snapshot arrives
+        self.routes: dict[str, ModelRoute] = {}
+        self._inflight: dict[str, int] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task] = set()
+        self._rng = rng or random.Random()
+
+    @property
+    def models(self) -> dict[str, ModelConfig]:
+        return {name: r.config for name, r in self.routes.items()}
+
+    def addresses(self) -> set[str]:
+        return {e.address for r in self.routes.values() for e in r.endpoints}
+
+    def inflight(self, address: str) -> int:
+        return self._inflight.get(address, 0)
+
+    def apply(self, snapshot: head_pb2.RoutingTable, fresh_stream: bool = False) -> bool:
+        """Installs a snapshot unless it is older than (or as old as) the one held; True if installed.
+
+        The first snapshot of a new watch stream is the head's current truth and is always
+        installed, so a head that restarted with a lower version is not ignored forever.
+        """
+        if self.received and not fresh_stream and snapshot.version <= self.version:
+            event(log, "routes_stale", version=snapshot.version, held=self.version)
+            return False
+        routes = {}
+        for route in snapshot.routes:
+            parsed = self._parse_route(route)
+            if parsed is not None:
+                routes[route.model] = parsed
+        before = self.addresses()
+        self.routes, self.version, self.received = routes, snapshot.version, True
+        for address in before - self.addresses():
+            self._retire(address)
+        event(log, "routes_applied", version=self.version, models=len(routes),
+              endpoints=sum(len(r.endpoints) for r in routes.values()))
+        return True
+
+    def _parse_route(self, route: head_pb2.Route) -> ModelRoute | None:
+        try:
+            config = ModelConfig.from_json(route.model_config_json)
+        except ConfigError as e:  # keep what we had for this model rather than drop it
+            event(log, "route_invalid", logging.WARNING, model=route.model, error=e.message)
+            return self.routes.get(route.model)
+        endpoints = tuple(Endpoint(e.replica_id, e.address, e.node_id) for e in route.endpoints if e.address)
+        return ModelRoute(config, endpoints)
+
+    def pick(self, model: str, exclude: set[str] | frozenset = frozenset()) -> Endpoint | None:
+        """Power of two choices on in-flight counts among the model's endpoints not in `exclude`."""
+        route = self.routes.get(model)
+        candidates = [e for e in route.endpoints if e.address not in exclude] if route else []
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        a, b = self._rng.sample(candidates, 2)
+        return a if self.inflight(a.address) <= self.inflight(b.address) else b
+
+    def acquire(self, endpoint: Endpoint) -> Lease:
+        """Counts a stream as in flight on `endpoint` and hands it the endpoint's (cached) channel."""
+        address = endpoint.address
+        self._inflight[address] = self.inflight(address) + 1
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = open_channel(address)
+        return Lease(self, endpoint, channel)
+
+    def _release(self, address: str) -> None:
+        left = self.inflight(address) - 1
+        if left > 0:
+            self._inflight[address] = left
+            return
+        self._inflight.pop(address, None)
+        if address not in self.addresses():
+            self._retire(address)
+
+    def _retire(self, address: str) -> None:
+        """Closes the channel of an endpoint that left the table, once no stream uses it."""
+        if self.inflight(address) or address not in self._channels:
+            return
+        channel = self._channels.pop(address)
+        task = asyncio.get_running_loop().create_task(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        event(log, "channel_closed", address=address)
+
+    def open_channels(self) -> set[str]:
+        return set(self._channels)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(c.close() for c in channels), *self._closing, return_exceptions=True)
+
+
+class RouteWatcher:
+    """Keeps RouteService.Watch open to the head; on a broken stream reconnects with backoff + jitter.
+
+    The table keeps its last snapshot meanwhile, so the proxy goes on serving while the head is away.
+    """
+
+    def __init__(self, head_address: str, table: RouteTable,
+                 backoff_initial_s: float = 0.2, backoff_max_s: float = 5.0):
+        self.head_address = head_address
+        self.table = table
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.connected = False
+
+    async def run(self) -> None:
+        channel = open_channel(self.head_address)
+        stub = head_pb2_grpc.RouteServiceStub(channel)
+        delay = self.backoff_initial_s
+        try:
+            while True:
+                if await self._watch_once(stub):
+                    delay = self.backoff_initial_s
+                pause = min(self.backoff_max_s, delay * random.uniform(0.5, 1.5))
+                await asyncio.sleep(pause)
+                delay = min(self.backoff_max_s, delay * 2)
+        finally:
+            await channel.close()
+
+    async def _watch_once(self, stub: head_pb2_grpc.RouteServiceStub) -> bool:
+        """One Watch stream until it breaks; True if it delivered at least one snapshot."""
+        call = stub.Watch(head_pb2.WatchRoutesRequest(known_version=self.table.version))
+        got_any = False
+        try:
+            async for snapshot in call:
+                self.table.apply(snapshot, fresh_stream=not got_any)
+                if not got_any:
+                    got_any, self.connected = True, True
+                    event(log, "head_connected", head=self.head_address, version=self.table.version)
+            event(log, "head_watch_ended", logging.WARNING, head=self.head_address)
+        except grpc.aio.AioRpcError as e:
+            level = logging.WARNING if self.connected or got_any else logging.INFO
+            event(log, "head_watch_failed", level, head=self.head_address, code=e.code().name,
+                  error=e.details(), keeping_version=self.table.version)
+        finally:
+            call.cancel()
+            self.connected = False
+        return got_any

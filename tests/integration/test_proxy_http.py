@@ -1,0 +1,431 @@
+"""The real proxy process over HTTP against in-test fake heads and replicas (real grpc.aio servers on 127.0.0.1)."""
+import asyncio
+import itertools
+import json
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gridserve.common import grpcutil
+from gridserve.common.config import ModelConfig
+from gridserve.common.errors import InvalidRequest, Overloaded, Unavailable
+from gridserve.v1 import head_pb2, head_pb2_grpc, replica_pb2, replica_pb2_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+CHUNKS = ["Hello", ", ", "world", "!"]
+MODEL_JSON = ModelConfig.from_dict("tiny", {
+    "source": {"type": "local", "path": "/x"}, "context_length": 128, "max_tokens_limit": 32,
+    "sampling": {"max_new_tokens": 16}, "description": "fake"}).to_json()
+_versions = itertools.count(1)
+
+
+class FakeReplica(replica_pb2_grpc.ReplicaServicer):
+    """A replica whose instance `mode` fails every call, or whose reply depends on the user text:
+    "slow" (chunks 0.3 s apart), "hold" (one chunk, then waits), "slowstart" (waits before the first
+    chunk), "die" (two chunks, then the whole server stops), anything else: CHUNKS at once."""
+
+    def __init__(self, replica_id: str, mode: str = "ok"):
+        self.replica_id, self.mode = replica_id, mode
+        self.requests: list[replica_pb2.GenerateRequest] = []
+        self.cancelled: dict[str, asyncio.Event] = {}
+        self.server = None
+        self.address = ""
+
+    async def start(self) -> "FakeReplica":
+        self.server = grpcutil.make_server()
+        replica_pb2_grpc.add_ReplicaServicer_to_server(self, self.server)
+        self.address = f"127.0.0.1:{grpcutil.bind(self.server, '127.0.0.1', 0)}"
+        await self.server.start()
+        return self
+
+    async def Generate(self, request, context):
+        self.requests.append(request)
+        self.cancelled[request.request_id] = cancelled = asyncio.Event()
+        if self.mode == "unavailable":
+            raise Unavailable("replica is shutting down")
+        if self.mode == "exhausted":
+            raise Overloaded("engine queue is full (64 waiting)")
+        if self.mode == "invalid":
+            raise InvalidRequest("prompt is 300 tokens but the context length is 128")
+        text = request.prompt or request.chat.messages[-1].content
+        try:
+            async for chunk in self._reply(text):
+                yield chunk
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def _reply(self, text: str):
+        if text == "slowstart":
+            await asyncio.sleep(30)
+        if text == "hold":
+            yield replica_pb2.GenerateResponse(text="first", token_ids=[1])
+            await asyncio.sleep(30)
+        if text == "die":
+            yield replica_pb2.GenerateResponse(text="par", token_ids=[1])
+            yield replica_pb2.GenerateResponse(text="tial", token_ids=[2])
+            await asyncio.sleep(0.2)
+            asyncio.get_running_loop().create_task(self.server.stop(None))
+            await asyncio.sleep(30)
+        for i, piece in enumerate(CHUNKS):
+            if i and text == "slow":
+                await asyncio.sleep(0.3)
+            yield replica_pb2.GenerateResponse(text=piece, token_ids=[i])
+        yield replica_pb2.GenerateResponse(finish_reason=replica_pb2.FINISH_REASON_STOP,
+                                           usage=replica_pb2.Usage(prompt_tokens=3, completion_tokens=4))
+
+
+class FakeHead(head_pb2_grpc.RouteServiceServicer):
+    """A head's RouteService: sends the current snapshot on Watch, then each published one."""
+
+    def __init__(self):
+        self.current = head_pb2.RoutingTable(version=0)
+        self.queues: list[asyncio.Queue] = []
+        self.server = None
+        self.port = 0
+
+    async def start(self, port: int = 0) -> "FakeHead":
+        self.server = grpcutil.make_server()
+        head_pb2_grpc.add_RouteServiceServicer_to_server(self, self.server)
+        self.port = grpcutil.bind(self.server, "127.0.0.1", port)
+        await self.server.start()
+        return self
+
+    def publish(self, **models: list[FakeReplica | str]) -> int:
+        """Publishes model -> endpoints (replicas, or bare addresses) as a new version; returns it."""
+        table = head_pb2.RoutingTable(version=next(_versions))
+        for name, endpoints in models.items():
+            route = table.routes.add(model=name, model_config_json=MODEL_JSON.replace('"tiny"', f'"{name}"'))
+            for ep in endpoints:
+                rid, addr = (ep.replica_id, ep.address) if isinstance(ep, FakeReplica) else (f"dead-{ep}", ep)
+                route.endpoints.add(replica_id=rid, address=addr, node_id="n1")
+        self.current = table
+        for q in self.queues:
+            q.put_nowait(table)
+        return table.version
+
+    async def Watch(self, request, context):
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues.append(q)
+        try:
+            yield self.current
+            while True:
+                yield await q.get()
+        finally:
+            self.queues.remove(q)
+
+
+class Proxy:
+    """`python -m gridserve.proxy` as a child process, with its stderr in a log file."""
+
+    def __init__(self, head_port: int, workdir: Path):
+        self.head_port, self.workdir = head_port, workdir
+        self.log_path = workdir / "proxy.log"
+        self.proc = None
+        self.url = ""
+
+    async def start(self) -> "Proxy":
+        port_file = self.workdir / "proxy.port"
+        self.log = open(self.log_path, "wb")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gridserve.proxy", "--head", f"127.0.0.1:{self.head_port}",
+            "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--max-body-bytes", "4096",
+            stderr=self.log, stdin=asyncio.subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not port_file.exists():
+            assert self.proc.returncode is None, self.log_path.read_text()
+            assert time.monotonic() < deadline, "proxy did not write its port file"
+            await asyncio.sleep(0.05)
+        self.port = int(port_file.read_text())
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    async def stop(self) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+async def wait_version(http: aiohttp.ClientSession, proxy: Proxy, version: int) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        async with http.get(f"{proxy.url}/health") as r:
+            if (await r.json())["routes_version"] == version:
+                return
+        assert time.monotonic() < deadline, f"proxy never applied routes version {version}"
+        await asyncio.sleep(0.05)
+
+
+async def publish(http, proxy: Proxy, head: FakeHead, **models) -> None:
+    await wait_version(http, proxy, head.publish(**models))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+async def head():
+    h = await FakeHead().start()
+    yield h
+    await h.server.stop(None)
+
+
+@pytest.fixture(scope="module")
+async def proxy(head, tmp_path_factory):
+    p = await Proxy(head.port, tmp_path_factory.mktemp("proxy")).start()
+    yield p
+    await p.stop()
+
+
+@pytest.fixture(scope="module")
+async def http():
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
+async def replicas():
+    """Starts fake replicas on demand; stops them all after the test."""
+    started: list[FakeReplica] = []
+
+    async def make(replica_id: str, mode: str = "ok") -> FakeReplica:
+        r = await FakeReplica(replica_id, mode).start()
+        started.append(r)
+        return r
+
+    yield make
+    await asyncio.gather(*(r.server.stop(None) for r in started))
+
+
+async def chat(http, proxy, model, text, **headers):
+    async with http.post(f"{proxy.url}/v1/chat/{model}", data=text, headers=headers) as r:
+        return r.status, r.headers, await r.read()
+
+
+async def test_tokens_stream_in_separate_chunks_as_the_replica_produces_them(proxy, head, http, replicas):
+    r1 = await replicas("tiny-aaaaaa")
+    await publish(http, proxy, head, tiny=[r1])
+    arrivals = []
+    async with http.post(f"{proxy.url}/v1/chat/tiny", data="slow", headers={"X-Request-Id": "stream-test-1"}) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert r.headers["Transfer-Encoding"] == "chunked"
+        assert r.headers["X-Request-Id"] == "stream-test-1" and r.headers["X-Replica-Id"] == "tiny-aaaaaa"
+        while data := await r.content.readany():
+            arrivals.append((time.monotonic(), data.decode()))
+    assert "".join(d for _, d in arrivals) == "".join(CHUNKS)
+    assert len(arrivals) >= 3
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])]
+    assert sum(g > 0.15 for g in gaps) >= 2, gaps  # pieces came as produced (0.3 s apart), not at the end
+    sent = r1.requests[-1]
+    assert sent.request_id == "stream-test-1" and sent.chat.messages[0].role == "user"
+    await asyncio.sleep(0.2)
+    lines = [ln for ln in proxy.log_path.read_text().splitlines() if "request_id=stream-test-1" in ln]
+    assert any(" request_start " in ln for ln in lines)
+    done = [ln for ln in lines if " request_done " in ln]
+    assert done and "replica=tiny-aaaaaa" in done[0] and "status=200" in done[0] and "tokens=4" in done[0]
+
+
+async def test_json_body_reaches_the_replica_as_prompt_and_sampling_params(proxy, head, http, replicas):
+    r1 = await replicas("tiny-bbbbbb")
+    await publish(http, proxy, head, tiny=[r1])
+    body = {"prompt": "Once", "max_tokens": 8, "temperature": 0, "stop": ["\n"], "seed": 7}
+    async with http.post(f"{proxy.url}/v1/chat/tiny", json=body, headers={"X-Request-Id": "bad id!"}) as r:
+        assert r.status == 200 and await r.text() == "".join(CHUNKS)
+        generated_id = r.headers["X-Request-Id"]
+    sent = r1.requests[-1]
+    assert generated_id != "bad id!" and sent.request_id == generated_id
+    assert sent.prompt == "Once" and sent.params.max_tokens == 8 and sent.params.HasField("temperature")
+    assert list(sent.params.stop) == ["\n"] and sent.params.seed == 7
+
+
+def error_of(body: bytes) -> dict:
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "code"}
+    return err
+
+
+async def test_bad_requests_get_json_errors_with_fitting_statuses(proxy, head, http, replicas):
+    r1 = await replicas("tiny-cccccc")
+    await publish(http, proxy, head, tiny=[r1], other=[r1])
+    status, headers, body = await chat(http, proxy, "nope", "hi", **{"X-Request-Id": "rid-404"})
+    assert status == 404 and headers["X-Request-Id"] == "rid-404"
+    err = error_of(body)
+    assert err["type"] == "not_found_error" and err["code"] == 404 and "other, tiny" in err["message"]
+    cases = [
+        ("", {}, "empty"),
+        ("{broken", {"Content-Type": "application/json"}, "not valid JSON"),
+        (json.dumps({"prompt": "x", "max_tokens": 33}), {"Content-Type": "application/json"}, r"[1, 32]"),
+        (json.dumps({"prompt": "x", "top_p": 0}), {"Content-Type": "application/json"}, "(0, 1]"),
+        (json.dumps({"messages": "hi"}), {"Content-Type": "application/json"}, "non-empty list"),
+    ]
+    for data, headers, needle in cases:
+        async with http.post(f"{proxy.url}/v1/chat/tiny", data=data, headers=headers) as r:
+            err = error_of(await r.read())
+            assert r.status == 400 and err["type"] == "invalid_request_error", (data, err)
+            assert needle in err["message"], (needle, err)
+    assert r1.requests == []  # nothing invalid reached a replica
+    async with http.post(f"{proxy.url}/v1/chat/tiny", data="x" * 5000) as r:
+        assert r.status == 413 and error_of(await r.read())["type"] == "request_too_large"
+    async with http.get(f"{proxy.url}/no/such/path") as r:
+        assert r.status == 404 and error_of(await r.read())["type"] == "not_found_error"
+    async with http.get(f"{proxy.url}/v1/chat/tiny") as r:
+        assert r.status == 405 and "allowed: POST" in error_of(await r.read())["message"]
+
+
+async def test_replica_invalid_argument_becomes_400_with_the_replicas_message(proxy, head, http, replicas):
+    r1 = await replicas("tiny-dddddd", mode="invalid")
+    await publish(http, proxy, head, tiny=[r1])
+    status, _, body = await chat(http, proxy, "tiny", "a very long prompt")
+    err = error_of(body)
+    assert status == 400 and err["message"] == "prompt is 300 tokens but the context length is 128"
+    assert len(r1.requests) == 1  # a bad request is not retried
+
+
+async def test_no_ready_replica_is_503_with_retry_after_and_ready_says_which(proxy, head, http, replicas):
+    r1 = await replicas("tiny-eeeeee")
+    await publish(http, proxy, head, tiny=[r1], empty=[])
+    status, headers, body = await chat(http, proxy, "empty", "hi")
+    assert status == 503 and headers["Retry-After"] == "1"
+    assert error_of(body)["type"] == "service_unavailable" and "no ready replica" in error_of(body)["message"]
+    async with http.get(f"{proxy.url}/ready") as r:
+        assert r.status == 503 and error_of(await r.read())["message"].endswith("no ready replica for empty")
+    async with http.get(f"{proxy.url}/v1/models") as r:
+        models = {m["id"]: m for m in (await r.json())["data"]}
+    assert models["empty"]["ready_replicas"] == 0 and models["tiny"]["ready_replicas"] == 1
+    assert models["tiny"]["object"] == "model" and models["tiny"]["context_length"] == 128
+    await publish(http, proxy, head, tiny=[r1])
+    async with http.get(f"{proxy.url}/ready") as r:
+        assert r.status == 200 and (await r.json())["models"] == {"tiny": 1}
+    async with http.get(f"{proxy.url}/health") as r:
+        assert r.status == 200 and (await r.json())["status"] == "ok"
+
+
+async def test_all_replicas_overloaded_is_429_with_retry_after(proxy, head, http, replicas):
+    full = [await replicas(f"tiny-f0000{i}", mode="exhausted") for i in range(2)]
+    await publish(http, proxy, head, tiny=full)
+    status, headers, body = await chat(http, proxy, "tiny", "hi")
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert error_of(body)["type"] == "overloaded_error" and "queue is full" in error_of(body)["message"]
+    assert [len(r.requests) for r in full] == [1, 1]  # each replica tried once
+
+
+async def hold_stream(proxy: Proxy, request_id: str):
+    """A raw HTTP request for a stream that stays open; returns (reader, writer) after the first chunk."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write((f"POST /v1/chat/tiny HTTP/1.1\r\nHost: x\r\nX-Request-Id: {request_id}\r\n"
+                  "Content-Type: text/plain\r\nContent-Length: 4\r\n\r\nhold").encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"first" in await asyncio.wait_for(reader.read(100), 10)
+    return reader, writer
+
+
+async def wait_event(event: asyncio.Event, timeout: float = 5.0) -> None:
+    await asyncio.wait_for(event.wait(), timeout)
+
+
+async def test_failure_before_the_first_token_is_retried_on_another_replica(proxy, head, http, replicas):
+    good = await replicas("tiny-g00000")
+    await publish(http, proxy, head, tiny=[good])
+    _, holder = await hold_stream(proxy, "holder-1")  # good now has one stream in flight
+    try:
+        down = await replicas("tiny-g00001", mode="unavailable")
+        await publish(http, proxy, head, tiny=[down, f"127.0.0.1:{free_port()}", good])
+        # p2c prefers the two idle endpoints (one answers UNAVAILABLE, one refuses connections)
+        # before the busy good one, so this request must fail twice and then succeed.
+        status, headers, body = await chat(http, proxy, "tiny", "hi", **{"X-Request-Id": "retry-1"})
+        assert status == 200 and body.decode() == "".join(CHUNKS)
+        assert headers["X-Replica-Id"] == "tiny-g00000"
+        assert [r.request_id for r in down.requests] == ["retry-1"]
+    finally:
+        holder.close()
+    await wait_event(good.cancelled["holder-1"])
+
+
+async def test_a_new_endpoint_from_a_route_update_gets_traffic(proxy, head, http, replicas):
+    old = await replicas("tiny-h00000")
+    await publish(http, proxy, head, tiny=[old])
+    _, holder = await hold_stream(proxy, "holder-2")
+    try:
+        new = await replicas("tiny-h00001")
+        await publish(http, proxy, head, tiny=[old, new])
+        status, headers, _ = await chat(http, proxy, "tiny", "hi")
+        assert status == 200 and headers["X-Replica-Id"] == "tiny-h00001" and len(new.requests) == 1
+    finally:
+        holder.close()
+
+
+async def test_client_disconnect_mid_stream_cancels_the_replica_call(proxy, head, http, replicas):
+    r1 = await replicas("tiny-i00000")
+    await publish(http, proxy, head, tiny=[r1])
+    _, writer = await hold_stream(proxy, "gone-1")
+    writer.close()
+    await wait_event(r1.cancelled["gone-1"])
+
+
+async def test_client_disconnect_before_the_first_token_cancels_the_replica_call(proxy, head, http, replicas):
+    r1 = await replicas("tiny-j00000")
+    await publish(http, proxy, head, tiny=[r1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"POST /v1/chat/tiny HTTP/1.1\r\nHost: x\r\nX-Request-Id: gone-2\r\n"
+                 b"Content-Length: 9\r\n\r\nslowstart")
+    await writer.drain()
+    deadline = time.monotonic() + 5
+    while "gone-2" not in r1.cancelled:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    writer.close()
+    await wait_event(r1.cancelled["gone-2"])
+
+
+async def test_replica_dying_mid_stream_ends_the_body_with_a_json_error_line(proxy, head, http, replicas):
+    r1 = await replicas("tiny-k00000")
+    await publish(http, proxy, head, tiny=[r1])
+    status, _, body = await chat(http, proxy, "tiny", "die")
+    assert status == 200
+    text = body.decode()
+    assert text.startswith("partial\n") and text.endswith("\n")
+    err = error_of(text.splitlines()[-1].encode())
+    assert err["code"] >= 500 and "tiny-k00000 failed mid-stream" in err["message"]
+
+
+async def test_head_going_away_keeps_serving_from_the_last_snapshot(http, replicas, tmp_path):
+    head = await FakeHead().start()
+    proxy = await Proxy(head.port, tmp_path).start()
+    try:
+        r1 = await replicas("tiny-l00000")
+        await publish(http, proxy, head, tiny=[r1])
+        await head.server.stop(None)
+        await asyncio.sleep(0.5)
+        async with http.get(f"{proxy.url}/health") as r:
+            assert (await r.json())["head_connected"] is False
+        status, _, body = await chat(http, proxy, "tiny", "hi")
+        assert status == 200 and body.decode() == "".join(CHUNKS)
+
+        r2 = await replicas("tiny-l00001")  # the head comes back on its address with a new table
+        head = await FakeHead().start(head.port)
+        await publish(http, proxy, head, tiny=[r2])
+        status, headers, _ = await chat(http, proxy, "tiny", "hi")
+        assert status == 200 and headers["X-Replica-Id"] == "tiny-l00001"
+    finally:
+        rc = await proxy.stop()
+        await head.server.stop(None)
+    assert rc == 0, proxy.log_path.read_text()
+    assert "proxy_stopped" in proxy.log_path.read_text()

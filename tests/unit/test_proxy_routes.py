@@ -1,0 +1,182 @@
+"""Proxy routing table: snapshot application (stale versions too), p2c picking, channel lifetimes, the head watcher."""
+import asyncio
+import random
+
+from gridserve.common import grpcutil
+from gridserve.common.config import ModelConfig
+from gridserve.proxy.routes import RouteTable, RouteWatcher
+from gridserve.v1 import head_pb2, head_pb2_grpc
+
+
+def config_json(name: str) -> str:
+    return ModelConfig.from_dict(name, {"source": {"type": "local", "path": "/x"}, "context_length": 128,
+                                        "max_tokens_limit": 32, "sampling": {"max_new_tokens": 16}}).to_json()
+
+
+def snapshot(version: int, **models: list[str]) -> head_pb2.RoutingTable:
+    """A RoutingTable with model -> list of endpoint addresses (replica id = model-<port>)."""
+    table = head_pb2.RoutingTable(version=version)
+    for name, addresses in models.items():
+        route = table.routes.add(model=name, model_config_json=config_json(name))
+        for a in addresses:
+            route.endpoints.add(replica_id=f"{name}-{a.rsplit(':', 1)[1]}", address=a, node_id="n1")
+    return table
+
+
+def addresses(table: RouteTable, model: str) -> list[str]:
+    return [e.address for e in table.routes[model].endpoints]
+
+
+def test_snapshot_is_applied_with_configs_and_endpoints():
+    table = RouteTable()
+    assert not table.received and table.pick("m") is None
+    assert table.apply(snapshot(3, m=["h:1", "h:2"], empty=[]))
+    assert table.received and table.version == 3
+    assert addresses(table, "m") == ["h:1", "h:2"] and addresses(table, "empty") == []
+    assert table.models["m"].context_length == 128 and table.models["m"].max_tokens_limit == 32
+    assert table.routes["m"].endpoints[0].replica_id == "m-1"
+
+
+def test_older_and_equal_versions_are_ignored_on_the_same_stream():
+    table = RouteTable()
+    table.apply(snapshot(5, m=["h:1"]))
+    assert not table.apply(snapshot(4, m=["h:9"]))
+    assert not table.apply(snapshot(5, m=["h:9"]))
+    assert table.version == 5 and addresses(table, "m") == ["h:1"]
+    assert table.apply(snapshot(6, m=["h:2"]))
+    assert addresses(table, "m") == ["h:2"]
+
+
+def test_first_snapshot_of_a_fresh_stream_wins_even_with_a_lower_version():
+    table = RouteTable()
+    table.apply(snapshot(50, m=["h:1"]))
+    assert table.apply(snapshot(2, m=["h:7"]), fresh_stream=True)  # the head restarted its counter
+    assert table.version == 2 and addresses(table, "m") == ["h:7"]
+
+
+def test_removed_model_disappears_and_bad_config_keeps_the_previous_route():
+    table = RouteTable()
+    table.apply(snapshot(1, a=["h:1"], b=["h:2"]))
+    broken = snapshot(2, a=["h:3"])
+    broken.routes[0].model_config_json = "{not json"
+    broken.routes.add(model="c", model_config_json='{"name": "c"}')  # invalid and new: skipped
+    table.apply(broken)
+    assert set(table.routes) == {"a"}
+    assert addresses(table, "a") == ["h:1"]
+
+
+def test_p2c_with_two_endpoints_always_picks_the_less_loaded():
+    table = RouteTable(rng=random.Random(1))
+    table.apply(snapshot(1, m=["h:1", "h:2"]))
+    busy = table.routes["m"].endpoints[0]
+    table._inflight[busy.address] = 3
+    assert {table.pick("m").address for _ in range(50)} == {"h:2"}
+
+
+def test_p2c_never_picks_the_most_loaded_of_three_and_spreads_the_rest():
+    table = RouteTable(rng=random.Random(2))
+    table.apply(snapshot(1, m=["h:1", "h:2", "h:3"]))
+    table._inflight.update({"h:1": 0, "h:2": 1, "h:3": 5})
+    picks = [table.pick("m").address for _ in range(300)]
+    assert "h:3" not in picks
+    assert picks.count("h:1") > picks.count("h:2") > 0  # h:2 wins only against h:3
+
+
+def test_pick_excludes_endpoints_already_tried():
+    table = RouteTable()
+    table.apply(snapshot(1, m=["h:1", "h:2", "h:3"]))
+    for _ in range(30):
+        assert table.pick("m", exclude={"h:1", "h:3"}).address == "h:2"
+    assert table.pick("m", exclude={"h:1", "h:2", "h:3"}) is None
+    assert table.pick("unknown") is None
+
+
+async def test_leases_count_in_flight_and_release_once():
+    table = RouteTable()
+    table.apply(snapshot(1, m=["127.0.0.1:1"]))
+    ep = table.routes["m"].endpoints[0]
+    l1, l2 = table.acquire(ep), table.acquire(ep)
+    assert table.inflight(ep.address) == 2 and l1.channel is l2.channel  # one cached channel per address
+    l1.release()
+    l1.release()
+    assert table.inflight(ep.address) == 1
+    l2.release()
+    assert table.inflight(ep.address) == 0
+    await table.close()
+
+
+async def test_channel_of_a_departed_endpoint_closes_once_its_last_stream_ends():
+    table = RouteTable()
+    table.apply(snapshot(1, m=["127.0.0.1:1", "127.0.0.1:2"]))
+    idle, busy = table.routes["m"].endpoints
+    table.acquire(idle).release()
+    lease = table.acquire(busy)
+    table.apply(snapshot(2, m=[]))
+    assert table.open_channels() == {busy.address}  # idle one closed at once, busy one kept for its stream
+    lease.release()
+    assert table.open_channels() == set()
+    await table.close()
+
+
+class FakeHead(head_pb2_grpc.RouteServiceServicer):
+    """A RouteService that sends the current snapshot on Watch, then every published one."""
+
+    def __init__(self, current: head_pb2.RoutingTable):
+        self.current = current
+        self.queues: list[asyncio.Queue] = []
+
+    def publish(self, table: head_pb2.RoutingTable) -> None:
+        self.current = table
+        for q in self.queues:
+            q.put_nowait(table)
+
+    async def Watch(self, request, context):
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues.append(q)
+        try:
+            yield self.current
+            while True:
+                yield await q.get()
+        finally:
+            self.queues.remove(q)
+
+
+async def start_head(head: FakeHead, port: int = 0):
+    server = grpcutil.make_server()
+    head_pb2_grpc.add_RouteServiceServicer_to_server(head, server)
+    port = grpcutil.bind(server, "127.0.0.1", port)
+    await server.start()
+    return server, port
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_watcher_applies_snapshots_keeps_the_last_while_the_head_is_away_and_reconnects():
+    head = FakeHead(snapshot(1, m=["h:1"]))
+    server, port = await start_head(head)
+    table = RouteTable()
+    watcher = RouteWatcher(f"127.0.0.1:{port}", table, backoff_initial_s=0.05, backoff_max_s=0.2)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await wait_for(lambda: table.version == 1 and watcher.connected)
+        head.publish(snapshot(2, m=["h:1", "h:2"]))
+        await wait_for(lambda: table.version == 2)
+
+        await server.stop(None)  # the head goes away: the table stays as it was
+        await wait_for(lambda: not watcher.connected)
+        await asyncio.sleep(0.3)
+        assert table.version == 2 and addresses(table, "m") == ["h:1", "h:2"]
+
+        head2 = FakeHead(snapshot(1, m=["h:3"]))  # a restarted head, counting from 1 again
+        server, _ = await start_head(head2, port)
+        await wait_for(lambda: watcher.connected and addresses(table, "m") == ["h:3"])
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.stop(None)
+        await table.close()
