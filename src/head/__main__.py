@@ -1,0 +1,132 @@
+"""Entry point of the head: `python -m gridserve.head --host ... --grpc-port ... --state-dir ...`."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from gridserve.common.config import load_model_catalog
+from gridserve.common.errors import ConfigError
+from gridserve.common.grpcutil import SERVING, add_health, bind, make_server
+from gridserve.common.logs import event, setup_logging
+from gridserve.head.config import HeadConfig, parse_config
+from gridserve.head.controller import Controller
+from gridserve.head.routes import RouteTable
+from gridserve.head.servicers import add_services
+from gridserve.head.state import StateStore
+from gridserve.head.supervisor import ProxySupervisor, display_host, write_json_atomic
+
+log = logging.getLogger("gridserve.head")
+
+
+class HeadInfo:
+    """<state-dir>/head.json: where the head's gRPC server and the proxy's HTTP server listen."""
+
+    def __init__(self, path: Path, grpc_address: str):
+        self.path = path
+        self.data = {"grpc_address": grpc_address, "http_address": "", "pid": os.getpid()}
+
+    def set_http(self, address: str) -> None:
+        if address and address != self.data["http_address"]:
+            self.data["http_address"] = address
+            self.write()
+
+    def write(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+
+
+async def serve(cfg: HeadConfig) -> int:
+    catalog = load_model_catalog(cfg.model_configs)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    store = StateStore(cfg.state_dir)
+    routes = RouteTable()
+    ctl = Controller(catalog, store, routes, cfg.node_timeout, cfg.reconcile_interval)
+    server = make_server()
+    add_services(server, ctl, routes)
+    health = add_health(server)
+    tasks: list[asyncio.Task] = []
+    info = None
+    try:
+        ctl.load()
+        ctl.reconcile()
+        try:
+            port = bind(server, cfg.host, cfg.grpc_port)
+        except (OSError, RuntimeError):
+            print(f"fatal: cannot bind the head's gRPC server to {cfg.host}:{cfg.grpc_port}: "
+                  f"address in use or not available", file=sys.stderr)
+            return 1
+        await server.start()
+        await health.set("", SERVING)
+        info = HeadInfo(cfg.state_dir / "head.json", f"{display_host(cfg.host)}:{port}")
+        info.write()
+        event(log, "head_started", grpc_address=info.data["grpc_address"], state_dir=cfg.state_dir,
+              models=len(catalog.models), proxy=cfg.proxy)
+        tasks.append(asyncio.create_task(ctl.run(), name="reconcile"))
+        if cfg.proxy:
+            tasks.append(asyncio.create_task(_proxy(cfg, port, ctl, info).run(), name="proxy"))
+        await _until_signal(tasks)
+        return 0
+    finally:
+        for t in reversed(tasks):  # the proxy first: its supervisor stops it in its finally
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await server.stop(grace=1.0)
+        store.close()
+        if info is not None:
+            info.remove()
+        event(log, "head_stopped")
+
+
+def _proxy(cfg: HeadConfig, grpc_port: int, ctl: Controller, info: HeadInfo) -> ProxySupervisor:
+    def on_change(address: str, pid: int, restarts: int) -> None:
+        ctl.proxy_address, ctl.proxy_pid, ctl.proxy_restarts = address, pid, restarts
+        info.set_http(address)
+
+    return ProxySupervisor(f"{cfg.local_host}:{grpc_port}", cfg.http_host, cfg.http_port, cfg.state_dir,
+                           on_change)
+
+
+async def _until_signal(tasks: list[asyncio.Task]) -> None:
+    """Waits for SIGTERM/SIGINT (or a background task dying, which is logged)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not stopper and not t.cancelled() and t.exception():
+                event(log, "task_failed", logging.ERROR, task=t.get_name(), error=repr(t.exception()))
+        event(log, "head_stopping", signal=stop.is_set())
+    finally:
+        stopper.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        setup_logging("head", cfg.log_level)
+        return asyncio.run(serve(cfg))
+    except ConfigError as e:
+        print(f"fatal: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

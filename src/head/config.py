@@ -1,0 +1,74 @@
+"""The head's settings: a validated HeadConfig built from its command-line flags."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from gridserve.common.config import DEFAULT_MODEL_CONFIGS
+from gridserve.common.errors import ConfigError
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    state_dir: Path = Path(".gridserve/state")
+    model_configs: Path = DEFAULT_MODEL_CONFIGS
+    proxy: bool = True
+    node_timeout: float = 10.0
+    reconcile_interval: float = 1.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port)):
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name}: must be a port in 0..65535 (0 picks a free one), got {port}")
+        if not self.host:
+            raise ConfigError("--host: must not be empty")
+        if not 1.0 <= self.node_timeout <= 3600:
+            raise ConfigError(f"--node-timeout: must be between 1 and 3600 seconds, got {self.node_timeout:g}")
+        if not 0.05 <= self.reconcile_interval <= 60:
+            raise ConfigError(f"--reconcile-interval: must be between 0.05 and 60 seconds, "
+                              f"got {self.reconcile_interval:g}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}")
+
+    @property
+    def local_host(self) -> str:
+        """The address the head's own children (the proxy) use to reach its gRPC server."""
+        return "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gridserve head",
+        description="The head controller: deployments, node registry, placement, routing tables; "
+                    "starts and supervises the HTTP proxy.")
+    p.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port, 0 picks a free one (default 50051)")
+    p.add_argument("--http-host", default="127.0.0.1", help="the proxy's HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="the proxy's HTTP port, 0 picks a free one (default 8000)")
+    p.add_argument("--state-dir", type=Path, default=Path(".gridserve/state"),
+                   help="where state.db, head.json and proxy.port live (default ./.gridserve/state)")
+    p.add_argument("--model-configs", type=Path, default=DEFAULT_MODEL_CONFIGS,
+                   help="the model catalog (default: the repo's model_configs.json)")
+    p.add_argument("--no-proxy", dest="proxy", action="store_false", help="do not start the HTTP proxy")
+    p.add_argument("--node-timeout", type=float, default=10.0,
+                   help="seconds without a report before a node is marked dead (default 10)")
+    p.add_argument("--reconcile-interval", type=float, default=1.0,
+                   help="seconds between periodic reconcile passes (default 1)")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> HeadConfig:
+    """Flags -> HeadConfig; argparse errors exit 2, a bad value raises ConfigError naming the flag."""
+    args = build_parser().parse_args(argv)
+    return HeadConfig(**vars(args))

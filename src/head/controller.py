@@ -1,0 +1,353 @@
+"""The head's controller: deployments, node registry, placement and the level-triggered reconcile loop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+from gridserve.common.config import ModelCatalog
+from gridserve.common.errors import InvalidRequest, NotFound
+from gridserve.common.logs import event
+from gridserve.head.nodes import Node, Session
+from gridserve.head.placement import NodeCapacity, ReplicaView, choose_removals, pending_message, place
+from gridserve.head.routes import EndpointKey, RouteKey, RouteTable
+from gridserve.head.state import Assignment, Deployment, StateStore
+from gridserve.v1 import head_pb2
+
+log = logging.getLogger("gridserve.head")
+
+MAX_REPLICAS = 64
+TOMBSTONE_SECONDS = 120.0  # a replica the head removed is not adopted back for this long
+S = head_pb2.ReplicaState
+
+
+def new_replica_id(model: str) -> str:
+    return f"{model}-{secrets.token_hex(3)}"
+
+
+def state_name(state: int) -> str:
+    return S.Name(state).removeprefix("REPLICA_STATE_")
+
+
+class Controller:
+    """Owns desired state and the node registry; every mutation wakes the reconcile loop."""
+
+    def __init__(self, catalog: ModelCatalog, store: StateStore, routes: RouteTable, node_timeout: float = 10.0,
+                 interval: float = 1.0):
+        self.catalog = catalog
+        self.store = store
+        self.routes = routes
+        self.node_timeout = node_timeout
+        self.interval = interval
+        self.deployments: dict[str, Deployment] = {}
+        self.assignments: dict[str, Assignment] = {}
+        self.nodes: dict[str, Node] = {}
+        self.messages: dict[str, str] = {}
+        self.proxy_address = ""
+        self.proxy_pid = 0
+        self.proxy_restarts = 0
+        self._tombstones: dict[str, float] = {}
+        self._version = 0
+        self._wake = asyncio.Event()
+
+    # startup and the loop
+
+    def load(self) -> None:
+        """Reads stored deployments and placements; nodes holding placements get node_timeout to reconnect."""
+        self.deployments = self.store.load_deployments()
+        stored = self.store.load_assignments()
+        now = time.monotonic()
+        for a in stored.values():
+            if a.model not in self.deployments:
+                continue
+            self.assignments[a.replica_id] = a
+            node = self.nodes.setdefault(a.node_id, Node(a.node_id, awaiting=True, last_seen=now))
+            node.awaiting = True
+        self.store.delete_assignments([r for r in stored if r not in self.assignments])
+        event(log, "state_loaded", deployments=len(self.deployments), replicas=len(self.assignments),
+              path=self.store.path)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Reconciles on every change and at least every `interval` seconds, until cancelled."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                self.reconcile()
+            except Exception:  # a bug in one pass must not stop the controller; the next pass retries
+                log.exception("reconcile_failed")
+
+    # admin
+
+    def deploy(self, model: str, replicas: int) -> str:
+        config = self.catalog.get(model)
+        if config is None:
+            raise NotFound(f"model {model!r} is not in the catalog "
+                           f"(known models: {', '.join(sorted(self.catalog.models))})")
+        if not 1 <= replicas <= MAX_REPLICAS:
+            raise InvalidRequest(f"replicas must be between 1 and {MAX_REPLICAS}, got {replicas}")
+        old = self.deployments.get(model)
+        retried = self._drop_failed(model) if old else []
+        dep = Deployment(model, replicas, config)
+        self.store.put_deployment(dep)
+        self.deployments[model] = dep
+        event(log, "deploy", model=model, replicas=replicas, previous=old.replicas if old else 0,
+              retried_failed=len(retried))
+        self.wake()
+        if old is None:
+            return f"deployed {model} with {replicas} replica(s)"
+        note = f"; retrying {len(retried)} failed replica(s)" if retried else ""
+        return f"{model}: replicas {old.replicas} -> {replicas}{note}"
+
+    def undeploy(self, model: str) -> str:
+        if model not in self.deployments:
+            known = ", ".join(sorted(self.deployments)) or "none"
+            raise NotFound(f"model {model!r} is not deployed (deployed: {known})")
+        del self.deployments[model]
+        self.messages.pop(model, None)
+        gone = [a.replica_id for a in self.assignments.values() if a.model == model]
+        self.store.delete_deployment(model)
+        self._remove(gone, "undeployed")
+        event(log, "undeploy", model=model, replicas=len(gone))
+        self.wake()
+        return f"undeployed {model} ({len(gone)} replica(s) stopping)"
+
+    def _drop_failed(self, model: str) -> list[str]:
+        """A repeated deploy retries the model's FAILED replicas: they are replaced by new ones."""
+        failed = [a.replica_id for a in self.assignments.values()
+                  if a.model == model and self.replica_status(a).state == S.REPLICA_STATE_FAILED]
+        self._remove(failed, "redeployed after failure")
+        return failed
+
+    # node sessions
+
+    def open_session(self, hello: head_pb2.NodeHello, peer: str = "") -> Session:
+        if not hello.node_id:
+            raise InvalidRequest("hello.node_id must not be empty")
+        node = self.nodes.get(hello.node_id) or Node(hello.node_id)
+        self.nodes[hello.node_id] = node
+        if node.session is not None:
+            node.session.close("replaced by a new session")
+        session = Session(hello.node_id, peer)
+        node.hostname, node.address = hello.hostname, hello.address
+        node.capacity.CopyFrom(hello.capacity)
+        node.session, node.sent_key, node.synced = session, None, False
+        node.reports = {}  # what a previous session reported is stale; the first report says what runs
+        reconnect = node.alive or node.awaiting
+        node.alive = True
+        self._seen(node)
+        event(log, "node_joined", node=node.node_id, hostname=node.hostname, address=node.address,
+              cpus=f"{node.capacity.num_cpus:g}", gpus=f"{node.capacity.num_gpus:g}", peer=peer,
+              reconnect=reconnect)
+        self.wake()
+        return session
+
+    def on_report(self, session: Session, report: head_pb2.NodeReport) -> None:
+        node = self.nodes.get(session.node_id)
+        if node is None or node.session is not session or session.closed:
+            return
+        self._seen(node)
+        node.available.CopyFrom(report.available)
+        node.cpu_percent = report.cpu_percent
+        session.reports += 1
+        old = node.reports
+        node.reports = {r.replica_id: r for r in report.replicas}
+        for r in report.replicas:
+            prev = old.get(r.replica_id)
+            if prev is None or prev.state != r.state or prev.message != r.message:
+                event(log, "replica_state", replica=r.replica_id, node=node.node_id, state=state_name(r.state),
+                      address=r.address, pid=r.pid, restarts=r.restarts, message=r.message)
+        self._adopt(node, report.replicas)
+        node.synced = node.alive
+        self.wake()
+
+    def close_session(self, session: Session, reason: str) -> None:
+        session.close(reason)
+        node = self.nodes.get(session.node_id)
+        if node is not None and node.session is session:
+            node.session = None
+            if node.alive:
+                self._node_lost(node, reason)
+            self.wake()
+
+    def _seen(self, node: Node) -> None:
+        node.last_seen, node.last_seen_wall, node.awaiting = time.monotonic(), time.time(), False
+
+    def _adopt(self, node: Node, replicas) -> None:
+        """Takes over replicas a (re)connecting node runs that the head does not know, while the count allows."""
+        for r in replicas:
+            if r.replica_id in self.assignments or r.replica_id in self._tombstones:
+                continue
+            dep = self.deployments.get(r.model)
+            if dep is None or r.state == S.REPLICA_STATE_STOPPING:
+                continue
+            if sum(1 for a in self.assignments.values() if a.model == r.model) >= dep.replicas:
+                continue
+            a = Assignment(r.replica_id, r.model, node.node_id, time.time())
+            self.assignments[a.replica_id] = a
+            self.store.put_assignment(a)
+            event(log, "replica_adopted", replica=a.replica_id, node=node.node_id, state=state_name(r.state))
+
+    def _node_lost(self, node: Node, reason: str) -> None:
+        node.alive = node.synced = node.awaiting = False
+        node.sent_key = None
+        node.reports = {}
+        if node.session is not None:
+            node.session.close(reason)
+            node.session = None
+        gone = [a.replica_id for a in self.assignments.values() if a.node_id == node.node_id]
+        for rid in gone:
+            self.assignments.pop(rid)
+        self.store.delete_assignments(gone)
+        event(log, "node_lost", logging.WARNING, node=node.node_id, reason=reason, replicas_lost=len(gone))
+
+    # reconcile
+
+    def reconcile(self) -> None:
+        """One level-triggered pass: expire silent nodes, fit replica counts, push desired states, routes."""
+        now = time.monotonic()
+        self._tombstones = {r: t for r, t in self._tombstones.items() if now - t < TOMBSTONE_SECONDS}
+        for node in list(self.nodes.values()):
+            silent = now - node.last_seen
+            if node.alive and silent > self.node_timeout:
+                self._node_lost(node, f"no report for {silent:.1f}s")
+            elif node.awaiting and silent > self.node_timeout:
+                self._node_lost(node, f"did not reconnect within {self.node_timeout:g}s of the head starting")
+        orphans = [a.replica_id for a in self.assignments.values() if a.model not in self.deployments]
+        self._remove(orphans, "not deployed")
+        for dep in self.deployments.values():
+            self._fit(dep)
+        self._push_desired()
+        if self.routes.update(self._route_keys()):
+            event(log, "routes_changed", version=self.routes.version,
+                  endpoints=sum(len(r.endpoints) for r in self.routes.snapshot().routes))
+
+    def _fit(self, dep: Deployment) -> None:
+        """Adds or removes placements of one deployment until they match its replica count."""
+        mine = [a for a in self.assignments.values() if a.model == dep.model]
+        if len(mine) > dep.replicas:
+            views = [ReplicaView(a.replica_id, self.replica_status(a).state, a.created) for a in mine]
+            self._remove(choose_removals(views, len(mine) - dep.replicas), "scaled down")
+        pending = 0
+        res = dep.config.resources
+        if len(mine) < dep.replicas:
+            want = dep.replicas - len(mine)
+            chosen, _ = place(self._capacities(), res.num_cpus, res.num_gpus, want)
+            for node_id in chosen:
+                a = Assignment(new_replica_id(dep.model), dep.model, node_id, time.time())
+                self.assignments[a.replica_id] = a
+                self.store.put_assignment(a)
+                event(log, "replica_placed", replica=a.replica_id, model=dep.model, node=node_id)
+            pending = want - len(chosen)
+        self.messages[dep.model] = self._message(dep, pending)
+
+    def _message(self, dep: Deployment, pending: int) -> str:
+        parts = []
+        if pending:
+            res = dep.config.resources
+            parts.append(pending_message(pending, res.num_cpus, res.num_gpus))
+        failed = [s for s in (self.replica_status(a) for a in self.assignments.values() if a.model == dep.model)
+                  if s.state == S.REPLICA_STATE_FAILED]
+        if failed:
+            parts.append(f"{len(failed)} replica(s) failed: {failed[0].message or 'no message'} "
+                         f"(deploy again to retry)")
+        waiting = sorted({a.node_id for a in self.assignments.values()
+                          if a.model == dep.model and self.nodes.get(a.node_id, Node("")).awaiting})
+        if waiting:
+            parts.append(f"waiting for node(s) {', '.join(waiting)} to reconnect")
+        return "; ".join(parts)
+
+    def _capacities(self) -> list[NodeCapacity]:
+        """Alive, synced nodes with what is already placed on them."""
+        out = []
+        for n in self.nodes.values():
+            if n.alive and n.synced:
+                used = self._allocated(n.node_id)
+                out.append(NodeCapacity(n.node_id, n.capacity.num_cpus, n.capacity.num_gpus,
+                                        used.num_cpus, used.num_gpus))
+        return out
+
+    def _remove(self, replica_ids: list[str], reason: str) -> None:
+        now = time.monotonic()
+        for rid in replica_ids:
+            a = self.assignments.pop(rid, None)
+            if a is not None:
+                self._tombstones[rid] = now
+                event(log, "replica_removed", replica=rid, model=a.model, node=a.node_id, reason=reason)
+        self.store.delete_assignments(replica_ids)
+
+    def _push_desired(self) -> None:
+        for node in self.nodes.values():
+            if not (node.alive and node.synced and node.session):
+                continue
+            specs = [head_pb2.ReplicaSpec(replica_id=a.replica_id, model=a.model,
+                                          model_config_json=self.deployments[a.model].config.to_json())
+                     for a in sorted(self.assignments.values(), key=lambda a: a.replica_id)
+                     if a.node_id == node.node_id]
+            key = tuple((s.replica_id, s.model_config_json) for s in specs)
+            if key == node.sent_key:
+                continue
+            self._version += 1
+            node.session.push(head_pb2.DesiredState(version=self._version, replicas=specs))
+            node.sent_key = key
+            event(log, "desired_sent", node=node.node_id, version=self._version, replicas=len(specs))
+
+    def _route_keys(self) -> list[RouteKey]:
+        routes = []
+        for dep in self.deployments.values():
+            endpoints = []
+            for a in self.assignments.values():
+                node = self.nodes.get(a.node_id)
+                st = self.replica_status(a)
+                if a.model == dep.model and node and node.alive and st.state == S.REPLICA_STATE_READY and st.address:
+                    endpoints.append(EndpointKey(a.replica_id, st.address, a.node_id))
+            routes.append(RouteKey(dep.model, dep.config.to_json(), tuple(endpoints)))
+        return routes
+
+    # status
+
+    def replica_status(self, a: Assignment) -> head_pb2.ReplicaStatus:
+        node = self.nodes.get(a.node_id)
+        reported = node.reports.get(a.replica_id) if node else None
+        if reported is not None:
+            out = head_pb2.ReplicaStatus()
+            out.CopyFrom(reported)
+            out.node_id, out.model = a.node_id, a.model
+            return out
+        message = f"waiting for node {a.node_id} to reconnect" if node and node.awaiting else ""
+        return head_pb2.ReplicaStatus(replica_id=a.replica_id, model=a.model, node_id=a.node_id,
+                                      state=S.REPLICA_STATE_PENDING, message=message, state_since=a.created)
+
+    def _allocated(self, node_id: str) -> head_pb2.Resources:
+        out = head_pb2.Resources()
+        for a in self.assignments.values():
+            dep = self.deployments.get(a.model)
+            if a.node_id == node_id and dep:
+                out.num_cpus += dep.config.resources.num_cpus
+                out.num_gpus += dep.config.resources.num_gpus
+                out.memory_bytes += dep.config.resources.memory_mb * 1024 * 1024
+        return out
+
+    def status(self) -> head_pb2.ClusterStatus:
+        out = head_pb2.ClusterStatus(routes_version=self.routes.version, proxy_address=self.proxy_address,
+                                     proxy_pid=self.proxy_pid, proxy_restarts=self.proxy_restarts)
+        for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
+            out.nodes.append(head_pb2.NodeStatus(
+                node_id=node.node_id, hostname=node.hostname, address=node.address, capacity=node.capacity,
+                allocated=self._allocated(node.node_id), available=node.available,
+                cpu_percent=node.cpu_percent, alive=node.alive, last_seen=node.last_seen_wall))
+        for dep in sorted(self.deployments.values(), key=lambda d: d.model):
+            mine = [self.replica_status(a) for a in self.assignments.values() if a.model == dep.model]
+            ready = sum(1 for s in mine if s.state == S.REPLICA_STATE_READY)
+            out.deployments.append(head_pb2.DeploymentStatus(
+                model=dep.model, replicas=dep.replicas, ready=ready, message=self.messages.get(dep.model, "")))
+        for a in sorted(self.assignments.values(), key=lambda a: (a.model, a.created, a.replica_id)):
+            out.replicas.append(self.replica_status(a))
+        return out

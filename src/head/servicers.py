@@ -1,0 +1,100 @@
+"""The head's gRPC services: node sessions, the routing-table watch and the admin API."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+from gridserve.common.errors import InvalidRequest
+from gridserve.common.logs import event
+from gridserve.head.controller import Controller
+from gridserve.head.nodes import Session
+from gridserve.head.routes import RouteTable
+from gridserve.v1 import head_pb2, head_pb2_grpc
+
+log = logging.getLogger("gridserve.head")
+
+HELLO_TIMEOUT = 10.0
+
+
+class NodeServicer(head_pb2_grpc.NodeServiceServicer):
+    """One Session per scheduler: a hello, then reports in; desired states out."""
+
+    def __init__(self, controller: Controller):
+        self.ctl = controller
+
+    async def Session(self, request_iterator, context):
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            raise InvalidRequest("a node session must start with a hello") from None
+        if first.WhichOneof("kind") != "hello":
+            raise InvalidRequest("the first message of a node session must be a hello")
+        session = self.ctl.open_session(first.hello, context.peer())
+        reader = asyncio.create_task(self._read(request_iterator, session))
+        reason = "session ended"
+        try:
+            while (desired := await session.next(reader)) is not None:
+                yield desired
+            reason = session.close_reason or self._reader_outcome(reader)
+        except asyncio.CancelledError:
+            reason = "session closed by the node"
+            raise
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            self.ctl.close_session(session, reason)
+
+    async def _read(self, request_iterator, session: Session) -> None:
+        async for msg in request_iterator:
+            if msg.WhichOneof("kind") == "report":
+                self.ctl.on_report(session, msg.report)
+            else:
+                event(log, "node_message_ignored", logging.WARNING, node=session.node_id,
+                      kind=msg.WhichOneof("kind"))
+
+    @staticmethod
+    def _reader_outcome(reader: asyncio.Task) -> str:
+        if reader.done() and not reader.cancelled() and reader.exception() is not None:
+            return f"session broken: {reader.exception()}"
+        return "session ended by the node"
+
+
+class RouteServicer(head_pb2_grpc.RouteServiceServicer):
+    """Watch: the current RoutingTable at once, then each new version."""
+
+    def __init__(self, routes: RouteTable):
+        self.routes = routes
+
+    async def Watch(self, request, context):
+        event(log, "route_watch_started", peer=context.peer(), known_version=request.known_version)
+        try:
+            async for table in self.routes.watch():
+                yield table
+        finally:
+            event(log, "route_watch_ended", peer=context.peer())
+
+
+class AdminServicer(head_pb2_grpc.AdminServiceServicer):
+    """Deploy, Undeploy and Status for the CLI and tests."""
+
+    def __init__(self, controller: Controller):
+        self.ctl = controller
+
+    async def Deploy(self, request: head_pb2.DeployRequest, context) -> head_pb2.DeployResponse:
+        return head_pb2.DeployResponse(message=self.ctl.deploy(request.model, request.replicas))
+
+    async def Undeploy(self, request: head_pb2.UndeployRequest, context) -> head_pb2.UndeployResponse:
+        return head_pb2.UndeployResponse(message=self.ctl.undeploy(request.model))
+
+    async def Status(self, request, context) -> head_pb2.ClusterStatus:
+        return self.ctl.status()
+
+
+def add_services(server: grpc.aio.Server, controller: Controller, routes: RouteTable) -> None:
+    head_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(controller), server)
+    head_pb2_grpc.add_RouteServiceServicer_to_server(RouteServicer(routes), server)
+    head_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(controller), server)

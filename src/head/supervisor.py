@@ -1,0 +1,118 @@
+"""Runs the HTTP proxy as the head's child, restarts it when it exits, and keeps head.json current."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from gridserve.common.logs import event
+from gridserve.common.procs import python_module_cmd, stop_async
+
+log = logging.getLogger("gridserve.head.proxy")
+
+FIRST_BACKOFF = 0.25
+MAX_BACKOFF = 5.0
+STABLE_SECONDS = 10.0  # a proxy that ran this long resets the backoff
+PORT_FILE_POLL = 0.05
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_port_file(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
+
+
+def display_host(host: str) -> str:
+    """A host clients can use: wildcards become 127.0.0.1, IPv6 literals get brackets."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+class ProxySupervisor:
+    """Starts `python -m gridserve.proxy`, learns its port from the port file, restarts it with a short
+    backoff when it exits (on the port it first bound). Not tied to the head's life (no die_with_parent):
+    a graceful head shutdown stops it explicitly."""
+
+    def __init__(self, head_address: str, host: str, port: int, state_dir: Path,
+                 on_change: Callable[[str, int, int], None]):
+        self.head_address = head_address
+        self.host = host
+        self.port = port
+        self.port_file = state_dir / "proxy.port"
+        self.on_change = on_change  # (http_address, pid, restarts)
+        self.restarts = 0
+        self.address = ""
+        self.proc: asyncio.subprocess.Process | None = None
+        self._stopping = False
+
+    def command(self) -> list[str]:
+        return python_module_cmd("gridserve.proxy", "--head", self.head_address, "--host", self.host,
+                                 "--port", str(self.port), "--port-file", str(self.port_file))
+
+    async def run(self) -> None:
+        """Keeps a proxy running until cancelled; stops it in finally."""
+        backoff = FIRST_BACKOFF
+        try:
+            while not self._stopping:
+                started = time.monotonic()
+                code = await self._run_once()
+                if self._stopping:
+                    break
+                ran = time.monotonic() - started
+                if ran > STABLE_SECONDS:
+                    backoff = FIRST_BACKOFF
+                delay, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
+                self.restarts += 1
+                event(log, "proxy_exited", logging.WARNING, code=code, ran_s=f"{ran:.1f}",
+                      restart_in_s=f"{delay:.2f}", restarts=self.restarts)
+                self.on_change(self.address, 0, self.restarts)
+                await asyncio.sleep(delay)
+        finally:
+            await self.stop()
+
+    async def _run_once(self) -> int | None:
+        self.port_file.unlink(missing_ok=True)
+        # Its own process group: a terminal's Ctrl-C reaches the head, which stops the proxy in order.
+        self.proc = await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.DEVNULL,
+                                                         process_group=0)
+        event(log, "proxy_started", pid=self.proc.pid, host=self.host, port=self.port, head=self.head_address)
+        self.on_change(self.address, self.proc.pid, self.restarts)
+        waiter = asyncio.create_task(self.proc.wait())
+        try:
+            while not waiter.done():
+                port = read_port_file(self.port_file)
+                if port is not None:
+                    self._bound(port)
+                    break
+                await asyncio.wait({waiter}, timeout=PORT_FILE_POLL)
+            return await waiter
+        finally:
+            waiter.cancel()
+
+    def _bound(self, port: int) -> None:
+        self.port = port  # restarts reuse the port first bound
+        self.address = f"{display_host(self.host)}:{port}"
+        event(log, "proxy_listening", pid=self.proc.pid if self.proc else 0, address=self.address)
+        self.on_change(self.address, self.proc.pid if self.proc else 0, self.restarts)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            code = await stop_async(proc, grace=5.0)
+            event(log, "proxy_stopped", pid=proc.pid, code=code)

@@ -1,0 +1,65 @@
+"""Entry point of a scheduler: `python -m gridserve.scheduler --head HOST:PORT --node-id ID ...`."""
+from __future__ import annotations
+
+import os
+
+# Replicas are started with a preexec_fn (die_with_parent); with gRPC's fork handlers active that crashes
+# children at random. gRPC reads this once, at import, so it is set before anything imports grpc.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from gridserve.common.errors import ConfigError
+from gridserve.common.logs import event, setup_logging
+from gridserve.scheduler.agent import NodeAgent
+from gridserve.scheduler.config import SchedulerConfig, parse_config
+
+log = logging.getLogger("gridserve.scheduler")
+
+
+async def serve(cfg: SchedulerConfig) -> int:
+    (cfg.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (cfg.work_dir / "run").mkdir(parents=True, exist_ok=True)
+    agent = NodeAgent(cfg)
+    event(log, "scheduler_started", node=cfg.node_id, head=cfg.head, cpus=f"{cfg.num_cpus:g}",
+          gpus=f"{cfg.num_gpus:g}", host=cfg.host, advertise=cfg.advertise_host, work_dir=cfg.work_dir)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    session = asyncio.create_task(agent.run(), name="session")
+    try:
+        await stop.wait()
+        event(log, "scheduler_stopping", replicas=len(agent.replicas))
+        return 0
+    finally:
+        # Replicas first, while the session can still report them STOPPING; then the session.
+        try:
+            await agent.stop_all()
+        finally:
+            session.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await session
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            event(log, "scheduler_stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        setup_logging("scheduler", cfg.log_level)
+        return asyncio.run(serve(cfg))
+    except ConfigError as e:
+        print(f"fatal: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The scheduler's link to the head: one NodeService session (hello, reports), reconnects, convergence."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+
+import grpc
+import psutil
+
+from gridserve.common.grpcutil import channel
+from gridserve.common.logs import event
+from gridserve.scheduler.config import SchedulerConfig
+from gridserve.scheduler.runner import ReplicaRunner
+from gridserve.v1 import head_pb2, head_pb2_grpc
+
+log = logging.getLogger("gridserve.scheduler")
+
+FIRST_RECONNECT = 0.5
+MAX_RECONNECT = 5.0
+STABLE_SESSION = 10.0  # a session that lasted this long resets the reconnect backoff
+
+
+class NodeAgent:
+    """Registers this machine, reports its replicas, and converges them to each DesiredState.
+    A lost head never stops replicas: the agent reconnects and the head adopts what runs."""
+
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.replicas: dict[str, ReplicaRunner] = {}
+        self.retiring: dict[str, ReplicaRunner] = {}
+        self._stops: dict[str, asyncio.Task] = {}
+        self._changed = asyncio.Event()
+        self.connected = False
+        self.desired_version = 0
+        psutil.cpu_percent(None)  # primes the counter: later calls measure since the previous one
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    # messages
+
+    def hello(self) -> head_pb2.NodeHello:
+        return head_pb2.NodeHello(
+            node_id=self.cfg.node_id, hostname=socket.gethostname(), address=self.cfg.advertise_host,
+            capacity=head_pb2.Resources(num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus,
+                                        memory_bytes=self.cfg.memory_bytes))
+
+    def report(self) -> head_pb2.NodeReport:
+        cpu = psutil.cpu_percent(None)
+        logical = psutil.cpu_count() or 1
+        runners = {**self.retiring, **self.replicas}
+        return head_pb2.NodeReport(
+            available=head_pb2.Resources(num_cpus=round(logical * (100.0 - cpu) / 100.0, 2),
+                                         num_gpus=self.cfg.num_gpus,
+                                         memory_bytes=psutil.virtual_memory().available),
+            cpu_percent=cpu,
+            replicas=[r.status(self.cfg.node_id) for r in runners.values()])
+
+    # convergence
+
+    def converge(self, desired: head_pb2.DesiredState) -> None:
+        """Starts replicas that are wanted and missing, stops the ones no longer wanted (or whose config changed)."""
+        want = {s.replica_id: s for s in desired.replicas}
+        for rid, runner in list(self.replicas.items()):
+            spec = want.get(rid)
+            if spec is None or spec.model_config_json != runner.spec.model_config_json:
+                self._retire(runner, "not desired" if spec is None else "config changed")
+        for rid, spec in want.items():
+            if rid not in self.replicas:
+                runner = ReplicaRunner(spec, self.cfg, self.changed)
+                self.replicas[rid] = runner
+                runner.start(after=self._stops.get(rid))
+                event(log, "replica_added", replica=rid, model=spec.model, version=desired.version)
+        self.changed()
+
+    def _retire(self, runner: ReplicaRunner, reason: str) -> None:
+        rid = runner.replica_id
+        del self.replicas[rid]
+        self.retiring[rid] = runner
+        event(log, "replica_retiring", replica=rid, reason=reason)
+        task = asyncio.create_task(runner.stop(), name=f"stop-{rid}")
+        self._stops[rid] = task
+
+        def done(_t: asyncio.Task) -> None:
+            if self.retiring.get(rid) is runner:
+                del self.retiring[rid]
+            if self._stops.get(rid) is task:
+                del self._stops[rid]
+            self.changed()
+
+        task.add_done_callback(done)
+
+    async def stop_all(self) -> None:
+        """Stops every local replica (at shutdown), concurrently."""
+        for runner in list(self.replicas.values()):
+            self._retire(runner, "scheduler stopping")
+        tasks = list(self._stops.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # the session
+
+    async def run(self) -> None:
+        """Keeps a session with the head open, reconnecting with exponential backoff and jitter."""
+        backoff = FIRST_RECONNECT
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session()
+                reason = "the head ended the session"
+            except grpc.aio.AioRpcError as e:
+                reason = f"{e.code().name}: {e.details()}"
+            finally:
+                self.connected = False
+            if time.monotonic() - started > STABLE_SESSION:
+                backoff = FIRST_RECONNECT
+            delay = backoff * random.uniform(0.5, 1.5)
+            backoff = min(backoff * 2, MAX_RECONNECT)
+            event(log, "head_disconnected", logging.WARNING, head=self.cfg.head, reason=reason,
+                  retry_in_s=f"{delay:.2f}", replicas_kept=len(self.replicas))
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        async with channel(self.cfg.head) as ch:
+            call = head_pb2_grpc.NodeServiceStub(ch).Session()
+            try:
+                await call.write(head_pb2.NodeMessage(hello=self.hello()))
+                await call.write(head_pb2.NodeMessage(report=self.report()))
+                self.connected = True
+                event(log, "head_connected", head=self.cfg.head, node=self.cfg.node_id,
+                      replicas=len(self.replicas))
+                reader = asyncio.create_task(self._read(call))
+                sender = asyncio.create_task(self._send(call))
+                try:
+                    done, _ = await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for t in (reader, sender):
+                        t.cancel()
+                    await asyncio.gather(reader, sender, return_exceptions=True)
+                for t in done:
+                    if not t.cancelled() and t.exception() is not None:
+                        raise t.exception()
+            finally:
+                call.cancel()
+
+    async def _read(self, call) -> None:
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                return
+            self.desired_version = msg.version
+            event(log, "desired_received", version=msg.version, replicas=len(msg.replicas))
+            self.converge(msg)
+
+    async def _send(self, call) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self.cfg.report_interval)
+            self._changed.clear()
+            await call.write(head_pb2.NodeMessage(report=self.report()))

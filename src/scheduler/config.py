@@ -1,0 +1,110 @@
+"""The scheduler's settings: a validated SchedulerConfig built from its command-line flags."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from gridserve.common.config import parse_hostport
+from gridserve.common.errors import ConfigError
+from gridserve.common.procs import python_module_cmd
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    head: str
+    node_id: str
+    num_cpus: float
+    num_gpus: float = 0.0
+    memory_bytes: int = 0
+    host: str = "127.0.0.1"
+    advertise_host: str = "127.0.0.1"
+    work_dir: Path = Path(".gridserve/node")
+    replica_command: tuple[str, ...] = field(default_factory=lambda: tuple(python_module_cmd("gridserve.replica")))
+    cache_dir: str = ""
+    report_interval: float = 1.0
+    probe_interval: float = 1.0
+    stop_grace: float = 10.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.head)
+        if not self.node_id or any(c.isspace() for c in self.node_id):
+            raise ConfigError(f"--node-id: must be a non-empty name without spaces, got {self.node_id!r}")
+        if not 0 < self.num_cpus <= 4096:
+            raise ConfigError(f"--num-cpus: must be a number in (0, 4096], got {self.num_cpus:g}")
+        if not 0 <= self.num_gpus <= 256:
+            raise ConfigError(f"--num-gpus: must be a number in [0, 256], got {self.num_gpus:g}")
+        if not self.replica_command:
+            raise ConfigError("--replica-command: must not be empty")
+        for name, value, lo, hi in (("--report-interval", self.report_interval, 0.05, 60),
+                                    ("--probe-interval", self.probe_interval, 0.05, 60),
+                                    ("--stop-grace", self.stop_grace, 0.1, 600)):
+            if not lo <= value <= hi:
+                raise ConfigError(f"{name}: must be between {lo:g} and {hi:g} seconds, got {value:g}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}")
+
+    @property
+    def probe_host(self) -> str:
+        """Where this machine reaches its own replicas for health probes."""
+        return "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+
+
+def route_address_to(host: str, port: int) -> str:
+    """The local address of the route to host:port (UDP connect sends nothing); 127.0.0.1 if none."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gridserve scheduler",
+        description="One per machine: registers with the head, runs the replicas it is given, reports them.")
+    p.add_argument("--head", default="127.0.0.1:50051", help="the head's gRPC address (default 127.0.0.1:50051)")
+    p.add_argument("--node-id", default="", help="this node's name (default: the hostname)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs the head may place (default: all logical CPUs)")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs the head may place (default 0)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address of the replicas (default 127.0.0.1)")
+    p.add_argument("--advertise-host", default="",
+                   help="host others reach the replicas at (default: --host if specific, else the local "
+                        "address of the route to the head)")
+    p.add_argument("--work-dir", type=Path, default=Path(".gridserve/node"),
+                   help="replica logs and port files go here (default ./.gridserve/node)")
+    p.add_argument("--cache-dir", default="", help="passed to replicas as --cache-dir (model download cache)")
+    p.add_argument("--replica-command", default="",
+                   help="command that starts a replica, before its flags (default: python -m gridserve.replica)")
+    p.add_argument("--report-interval", type=float, default=1.0, help="seconds between heartbeats (default 1)")
+    p.add_argument("--probe-interval", type=float, default=1.0,
+                   help="seconds between health probes of a READY replica (default 1)")
+    p.add_argument("--stop-grace", type=float, default=10.0,
+                   help="seconds a replica gets to exit after SIGTERM before SIGKILL (default 10)")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
+    """Flags -> SchedulerConfig, filling machine defaults (CPU count, memory, advertise address)."""
+    a = build_parser().parse_args(argv)
+    head_host, head_port = parse_hostport(a.head)
+    advertise = a.advertise_host or (a.host if a.host not in WILDCARD_HOSTS else route_address_to(head_host, head_port))
+    command = tuple(shlex.split(a.replica_command)) if a.replica_command else None
+    extra = {"replica_command": command} if command else {}
+    return SchedulerConfig(
+        head=a.head, node_id=a.node_id or socket.gethostname(),
+        num_cpus=float(a.num_cpus if a.num_cpus is not None else (psutil.cpu_count() or 1)),
+        num_gpus=a.num_gpus, memory_bytes=psutil.virtual_memory().total, host=a.host, advertise_host=advertise,
+        work_dir=a.work_dir, cache_dir=a.cache_dir, report_interval=a.report_interval,
+        probe_interval=a.probe_interval, stop_grace=a.stop_grace, log_level=a.log_level, **extra)

@@ -1,0 +1,237 @@
+"""One local replica process: spawn it, learn its port, probe its health, restart it with backoff or give up."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+from gridserve.common.config import ModelConfig
+from gridserve.common.errors import GridserveError
+from gridserve.common.grpcutil import SERVING, channel, check_health
+from gridserve.common.logs import event
+from gridserve.common.procs import die_with_parent, stop_async
+from gridserve.scheduler.config import SchedulerConfig
+from gridserve.v1 import head_pb2
+
+log = logging.getLogger("gridserve.scheduler")
+
+S = head_pb2.ReplicaState
+FATAL_EXIT_CODE = 3
+CRASH_LIMIT = 5          # more crashes than this within CRASH_WINDOW -> FAILED
+CRASH_WINDOW = 60.0
+FIRST_BACKOFF = 1.0
+MAX_BACKOFF = 30.0
+UNHEALTHY_AFTER = 3      # consecutive failed probes of a live process
+STARTING_PROBE = 0.25    # probe faster until READY, so readiness is reported quickly
+MESSAGE_LIMIT = 600
+
+
+def tail_message(log_path: Path, offset: int = 0, lines: int = 3) -> str:
+    """What went wrong, from a replica's log after `offset`: its last `fatal:` line, else its last lines."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, 2)
+            start = max(offset, f.tell() - 16384)
+            f.seek(start)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    rows = [r.strip() for r in text.splitlines() if r.strip()]
+    fatal = [r for r in rows if r.startswith("fatal:")]
+    msg = fatal[-1] if fatal else " | ".join(rows[-lines:])
+    return msg[-MESSAGE_LIMIT:]
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exited"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class CrashWindow:
+    """Counts crashes in a sliding window; `add` says whether the limit is now exceeded."""
+
+    def __init__(self, limit: int = CRASH_LIMIT, window: float = CRASH_WINDOW):
+        self.limit, self.window = limit, window
+        self.times: collections.deque[float] = collections.deque()
+
+    def add(self, now: float) -> bool:
+        self.times.append(now)
+        while self.times and now - self.times[0] > self.window:
+            self.times.popleft()
+        return len(self.times) > self.limit
+
+
+def backoff_delay(attempt: int, first: float = FIRST_BACKOFF, cap: float = MAX_BACKOFF) -> float:
+    """1 s, 2 s, 4 s ... capped; attempt counts from 0."""
+    return min(first * (2 ** min(attempt, 30)), cap)
+
+
+class ReplicaRunner:
+    """Keeps one replica (spec from the head) running on this node and tracks its state."""
+
+    def __init__(self, spec: head_pb2.ReplicaSpec, cfg: SchedulerConfig, on_change: Callable[[], None]):
+        self.spec = spec
+        self.replica_id = spec.replica_id
+        self.cfg = cfg
+        self.on_change = on_change
+        self.state = S.REPLICA_STATE_PENDING
+        self.state_since = time.time()
+        self.message = ""
+        self.address = ""
+        self.pid = 0
+        self.restarts = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self.task: asyncio.Task | None = None
+        self.stopping = False
+        self.log_path = cfg.work_dir / "logs" / f"{self.replica_id}.log"
+        self.port_file = cfg.work_dir / "run" / f"{self.replica_id}.port"
+
+    # state
+
+    def _set(self, state: int, message: str | None = None) -> None:
+        if message is None:
+            message = self.message
+        if state == self.state and message == self.message:
+            return
+        if state != self.state:
+            self.state_since = time.time()
+        self.state, self.message = state, message
+        event(log, "replica_state", logging.WARNING if state in (S.REPLICA_STATE_FAILED, S.REPLICA_STATE_UNHEALTHY)
+              else logging.INFO, replica=self.replica_id, state=S.Name(state).removeprefix("REPLICA_STATE_"),
+              pid=self.pid, address=self.address, restarts=self.restarts, message=message)
+        self.on_change()
+
+    def status(self, node_id: str) -> head_pb2.ReplicaStatus:
+        return head_pb2.ReplicaStatus(
+            replica_id=self.replica_id, model=self.spec.model, node_id=node_id, address=self.address,
+            state=self.state, pid=self.pid, restarts=self.restarts, message=self.message,
+            state_since=self.state_since)
+
+    # lifecycle
+
+    def start(self, after: asyncio.Task | None = None) -> None:
+        self.task = asyncio.create_task(self._supervise(after), name=f"replica-{self.replica_id}")
+
+    async def stop(self) -> None:
+        """Ends supervision (no restart from here on), then SIGTERM, grace, SIGKILL."""
+        self.stopping = True
+        self._set(S.REPLICA_STATE_STOPPING, "")
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+        if self.proc is not None and self.proc.returncode is None:
+            code = await stop_async(self.proc, self.cfg.stop_grace)
+            event(log, "replica_stopped", replica=self.replica_id, pid=self.pid, code=code)
+
+    async def _supervise(self, after: asyncio.Task | None) -> None:
+        if after is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await after
+        try:
+            num_threads = max(1, math.ceil(ModelConfig.from_json(self.spec.model_config_json).resources.num_cpus))
+        except GridserveError as e:
+            self._set(S.REPLICA_STATE_FAILED, f"bad model config from the head: {e.message}")
+            return
+        crashes, attempt = CrashWindow(), 0
+        while not self.stopping:
+            started = time.monotonic()
+            code, offset = await self._run_once(num_threads)
+            if self.stopping:
+                return
+            tail = tail_message(self.log_path, offset)
+            if code == FATAL_EXIT_CODE:
+                self._set(S.REPLICA_STATE_FAILED, tail or f"fatal error ({describe_exit(code)})")
+                return
+            if crashes.add(time.monotonic()):
+                self._set(S.REPLICA_STATE_FAILED, f"crash loop: {len(crashes.times)} exits within "
+                          f"{CRASH_WINDOW:g}s, gave up; last: {describe_exit(code)}: {tail}")
+                return
+            attempt = 0 if time.monotonic() - started > CRASH_WINDOW else attempt
+            delay = backoff_delay(attempt)
+            attempt += 1
+            self.restarts += 1
+            why = f"{describe_exit(code)}; restart in {delay:g}s: {tail}"
+            self._set(S.REPLICA_STATE_RESTARTING, why[:MESSAGE_LIMIT])
+            await asyncio.sleep(delay)
+
+    def _command(self, num_threads: int) -> list[str]:
+        cmd = [*self.cfg.replica_command, "--replica-id", self.replica_id,
+               "--model-config-json", self.spec.model_config_json, "--host", self.cfg.host, "--port", "0",
+               "--port-file", str(self.port_file), "--num-threads", str(num_threads)]
+        if self.cfg.cache_dir:
+            cmd += ["--cache-dir", self.cfg.cache_dir]
+        return cmd
+
+    async def _run_once(self, num_threads: int) -> tuple[int | None, int]:
+        """Runs the process until it exits; returns its exit code and where its log output began."""
+        self.port_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.port_file.unlink(missing_ok=True)
+        with open(self.log_path, "ab") as logf:
+            offset = logf.tell()
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    *self._command(num_threads), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
+                    stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent())
+            except OSError as e:
+                self._set(S.REPLICA_STATE_RESTARTING, f"cannot start {self.cfg.replica_command[0]}: {e}")
+                return None, offset
+        self.pid, self.address = self.proc.pid, ""
+        self._set(S.REPLICA_STATE_STARTING, "")
+        event(log, "replica_spawned", replica=self.replica_id, pid=self.pid, log=self.log_path)
+        prober = asyncio.create_task(self._probe())
+        try:
+            code = await self.proc.wait()
+        finally:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await prober
+        self.address, self.pid = "", 0
+        return code, offset
+
+    async def _probe(self) -> None:
+        """Waits for the port file, then probes grpc.health.v1 until cancelled."""
+        while (port := _read_port(self.port_file)) is None:
+            await asyncio.sleep(0.05)
+        self.address = f"{_bracket(self.cfg.advertise_host)}:{port}"
+        self.on_change()
+        failures = 0
+        async with channel(f"{_bracket(self.cfg.probe_host)}:{port}") as ch:
+            while True:
+                try:
+                    status = await check_health(ch, timeout=2.0)
+                    failures = 0
+                    self._set(S.REPLICA_STATE_READY if status == SERVING else S.REPLICA_STATE_STARTING, "")
+                except grpc.aio.AioRpcError as e:
+                    failures += 1
+                    if failures >= UNHEALTHY_AFTER:
+                        self._set(S.REPLICA_STATE_UNHEALTHY,
+                                  f"{failures} health probes failed: {e.code().name} {e.details() or ''}".strip())
+                ready = self.state == S.REPLICA_STATE_READY
+                await asyncio.sleep(self.cfg.probe_interval if ready else min(STARTING_PROBE, self.cfg.probe_interval))
+
+
+def _read_port(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -1,0 +1,84 @@
+"""The `gridserve` CLI: status rendering, JSON output, argument checks, and a clean error when the head is down."""
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from gridserve.cli import render_status, status_json
+from gridserve.v1 import head_pb2 as pb
+
+GRIDSERVE = str(Path(sys.executable).parent / "gridserve")
+
+
+def cluster_status() -> pb.ClusterStatus:
+    return pb.ClusterStatus(
+        nodes=[pb.NodeStatus(node_id="n1", address="10.0.0.5", capacity=pb.Resources(num_cpus=4, num_gpus=1),
+                             allocated=pb.Resources(num_cpus=1.5), available=pb.Resources(memory_bytes=3 << 30),
+                             alive=True),
+               pb.NodeStatus(node_id="n2", address="10.0.0.6", capacity=pb.Resources(num_cpus=2), alive=False)],
+        deployments=[pb.DeploymentStatus(model="smollm2", replicas=2, ready=1),
+                     pb.DeploymentStatus(model="gpt2", replicas=1, message="1 replica(s) failed: fatal: no hub")],
+        replicas=[pb.ReplicaStatus(replica_id="smollm2-a1b2c3", model="smollm2", node_id="n1",
+                                   address="10.0.0.5:40001", state=pb.REPLICA_STATE_READY, pid=11, restarts=2),
+                  pb.ReplicaStatus(replica_id="gpt2-d4e5f6", model="gpt2", node_id="n1",
+                                   state=pb.REPLICA_STATE_FAILED, message="fatal: no hub")],
+        routes_version=7, proxy_address="127.0.0.1:8000", proxy_pid=99, proxy_restarts=1)
+
+
+def row(text: str, first: str) -> list[str]:
+    return next(line.split() for line in text.splitlines() if line.startswith(first + " "))
+
+
+def test_status_table_shows_nodes_deployments_and_replicas():
+    text = render_status(cluster_status())
+    assert row(text, "n1") == ["n1", "10.0.0.5", "1.5/4", "0/1", "3.0GiB", "yes"]
+    assert row(text, "n2")[-1] == "no"
+    assert row(text, "smollm2")[:2] == ["smollm2", "1/2"]
+    assert " ".join(row(text, "gpt2")) == "gpt2 0/1 1 replica(s) failed: fatal: no hub"
+    assert row(text, "smollm2-a1b2c3") == ["smollm2-a1b2c3", "smollm2", "n1", "10.0.0.5:40001", "READY", "2", "-"]
+    assert " ".join(row(text, "gpt2-d4e5f6")) == "gpt2-d4e5f6 gpt2 n1 - FAILED 0 fatal: no hub"
+    assert "127.0.0.1:8000 pid=99 restarts=1" in text
+
+
+def test_empty_cluster_renders_without_tables():
+    text = render_status(pb.ClusterStatus())
+    assert text.count("(none)") == 3 and "PROXY  (not running)" in text
+
+
+def test_status_json_keeps_proto_field_names_and_zero_values():
+    data = json.loads(status_json(cluster_status()))
+    assert data["replicas"][1]["state"] == "REPLICA_STATE_FAILED"
+    assert data["replicas"][1]["restarts"] == 0
+    assert data["nodes"][0]["node_id"] == "n1"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_commands_against_a_head_that_is_down_print_one_line_and_exit_1():
+    head = f"127.0.0.1:{closed_port()}"
+    for args in (["status"], ["deploy", "smollm2"], ["undeploy", "smollm2"]):
+        res = subprocess.run([GRIDSERVE, *args, "--head", head], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 1, res
+        assert res.stdout == ""
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"cannot reach the head at {head}: "), res.stderr
+
+
+def test_bad_arguments_are_rejected_before_calling_the_head():
+    res = subprocess.run([GRIDSERVE, "deploy", "smollm2", "--replicas", "0"], capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 2 and "must be >= 1" in res.stderr
+    res = subprocess.run([GRIDSERVE, "status", "--output", "yaml"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_help_lists_every_command():
+    res = subprocess.run([GRIDSERVE, "--help"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0
+    for command in ("head", "scheduler", "replica", "proxy", "deploy", "undeploy", "status", "up"):
+        assert f"    {command}" in res.stdout

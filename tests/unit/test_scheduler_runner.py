@@ -1,0 +1,46 @@
+"""The scheduler's replica bookkeeping: failure messages from logs, crash-loop window, restart backoff."""
+from gridserve.scheduler.runner import CrashWindow, backoff_delay, describe_exit, tail_message
+
+
+def test_the_fatal_line_is_the_message_of_a_fatal_exit(tmp_path):
+    log = tmp_path / "r.log"
+    log.write_text("loading model\nTraceback (most recent call last):\n  File x\n"
+                   "fatal: cannot load gpt2 from the hub: offline\nsome shutdown noise\n")
+    assert tail_message(log) == "fatal: cannot load gpt2 from the hub: offline"
+
+
+def test_without_a_fatal_line_the_last_lines_are_the_message(tmp_path):
+    log = tmp_path / "r.log"
+    log.write_text("one\ntwo\n\nthree\nfour\n")
+    assert tail_message(log) == "two | three | four"
+
+
+def test_only_output_of_the_latest_run_counts(tmp_path):
+    log = tmp_path / "r.log"
+    log.write_text("fatal: from an earlier run\n")
+    offset = log.stat().st_size
+    with open(log, "a") as f:
+        f.write("Segmentation fault\n")
+    assert tail_message(log, offset) == "Segmentation fault"
+    assert tail_message(tmp_path / "missing.log") == ""
+
+
+def test_more_than_five_crashes_within_a_minute_is_a_crash_loop():
+    window = CrashWindow(limit=5, window=60)
+    assert not any(window.add(t) for t in (0, 1, 3, 7, 15))
+    assert window.add(31)
+
+
+def test_crashes_spread_over_more_than_a_minute_are_not_a_loop():
+    window = CrashWindow(limit=5, window=60)
+    assert not any(window.add(t) for t in range(0, 600, 20))
+
+
+def test_restart_backoff_doubles_and_is_capped():
+    assert [backoff_delay(i) for i in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert backoff_delay(1000) == 30
+
+
+def test_exit_descriptions_name_signals():
+    assert describe_exit(1) == "exited with code 1"
+    assert describe_exit(-9) == "killed by SIGKILL"
