@@ -48,7 +48,7 @@ test-e2e: install
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 bench: install
-	$(PY) bench/throughput.py
+	$(PY) bench/startup.py
 
 clean:
 	rm -rf $(VENV) build src/v1/*_pb2*.py src/v1/*_pb2*.pyi $(GEN_STAMP) .pytest_cache

@@ -1,0 +1,167 @@
+"""Runs real gridserve processes (head, proxy, schedulers) on 127.0.0.1 for integration and e2e tests."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from gridserve.v1 import head_pb2, head_pb2_grpc
+
+READY = head_pb2.REPLICA_STATE_READY
+FAILED = head_pb2.REPLICA_STATE_FAILED
+GRIDSERVE = str(Path(sys.executable).parent / "gridserve")
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Polls predicate() until it returns something truthy; fails the test with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:  # the thing polled may not be up yet
+            last_error = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Cluster:
+    """A head (with its proxy) and schedulers as subprocesses, their logs under `root`."""
+
+    def __init__(self, root: Path, model_configs: Path, env: dict | None = None):
+        self.root = Path(root)
+        self.model_configs = model_configs
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.grpc_address = ""
+        self.http_address = ""
+        self._channel = None
+
+    # processes
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")
+        proc = subprocess.Popen([GRIDSERVE, *args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_head(self, extra: list[str] = ()) -> None:
+        state = self.root / "state"
+        (state / "head.json").unlink(missing_ok=True)
+        self._spawn("head", ["head", "--host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1",
+                             "--http-port", "0", "--state-dir", str(state),
+                             "--model-configs", str(self.model_configs), *extra])
+        info = wait_for(lambda: self._head_json(state, "http_address"), 60, "head.json with both addresses")
+        self.grpc_address, self.http_address = info["grpc_address"], info["http_address"]
+        self._channel = grpc.insecure_channel(self.grpc_address)
+
+    def restart_head(self) -> None:
+        self.kill("head")
+        self.start_head()
+
+    @staticmethod
+    def _head_json(state: Path, key: str):
+        info = json.loads((state / "head.json").read_text())
+        return info if info.get(key) else None
+
+    def start_scheduler(self, node_id: str, num_cpus: float = 2, num_gpus: float = 0) -> None:
+        self._spawn(f"scheduler-{node_id}", ["scheduler", "--head", self.grpc_address, "--node-id", node_id,
+                                             "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus),
+                                             "--host", "127.0.0.1", "--work-dir", str(self.root / node_id)])
+        wait_for(lambda: any(n.node_id == node_id and n.alive for n in self.status().nodes), 30,
+                 f"node {node_id} to register")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(sig)
+        proc.wait(30)
+
+    def stop(self) -> None:
+        """Schedulers first (they stop their replicas), then the head (it stops the proxy)."""
+        for name in sorted(self.procs, key=lambda n: n == "head"):
+            proc = self.procs[name]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        self.procs.clear()
+        if self._channel:
+            self._channel.close()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.root.glob("*.log"))
+
+    # the head's admin API and the CLI
+
+    def status(self) -> head_pb2.ClusterStatus:
+        return head_pb2_grpc.AdminServiceStub(self._channel).Status(head_pb2.StatusRequest(), timeout=5)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        res = subprocess.run([GRIDSERVE, *args, "--head", self.grpc_address], capture_output=True, text=True,
+                             env=self.env, timeout=60)
+        if check and res.returncode != 0:
+            raise AssertionError(f"gridserve {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+        return res
+
+    def replicas(self, model: str | None = None, state: int | None = None) -> list:
+        return [r for r in self.status().replicas
+                if (model is None or r.model == model) and (state is None or r.state == state)]
+
+    def wait_ready(self, model: str, count: int, timeout: float = 120) -> list:
+        return wait_for(lambda: (lambda rs: rs if len(rs) >= count else None)(self.replicas(model, READY)),
+                        timeout, f"{count} READY replica(s) of {model}")
+
+    def url(self, path: str) -> str:
+        return f"http://{self.http_address}{path}"
+
+
+def http(method: str, url: str, body: bytes | str | None = None, headers: dict | None = None,
+         timeout: float = 120) -> tuple[int, dict, list[bytes]]:
+    """One HTTP request; returns status, headers and the body as the pieces it arrived in."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, parts.path, body=body.encode() if isinstance(body, str) else body,
+                     headers=headers or {})
+        resp = conn.getresponse()
+        pieces = []
+        while piece := resp.read1(65536):
+            pieces.append(piece)
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, pieces
+    finally:
+        conn.close()
+
+
+def chat(cluster: Cluster, model: str, body: dict | str, **kw) -> tuple[int, dict, str]:
+    """POST /v1/chat/<model> with a JSON (dict) or text/plain (str) body; returns status, headers, text."""
+    if isinstance(body, dict):
+        data, ctype = json.dumps(body), "application/json"
+    else:
+        data, ctype = body, "text/plain"
+    status, headers, pieces = http("POST", cluster.url(f"/v1/chat/{model}"), data, {"Content-Type": ctype}, **kw)
+    return status, headers, b"".join(pieces).decode()
