@@ -1,7 +1,6 @@
 """The `gridserve` command: run a role (head, scheduler, replica, proxy), manage deployments, or `up`."""
 from __future__ import annotations
 
-# grpc is imported inside functions, after main() has set GRPC_ENABLE_FORK_SUPPORT (see fork_safe_grpc).
 import argparse
 import importlib
 import json
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from gridserve.common.procs import die_with_parent, python_module_cmd, stop_sync
+from gridserve.common.procs import python_module_cmd, stop_sync, tied_child_env
 from gridserve.v1 import head_pb2
 
 DEFAULT_HEAD = "127.0.0.1:50051"
@@ -30,12 +29,6 @@ RPC_TIMEOUT = 10.0
 
 class CliError(Exception):
     """A failure to show as one line on stderr, exit code 1."""
-
-
-def fork_safe_grpc() -> None:
-    """Children started with a preexec_fn (die_with_parent) from a process where gRPC's fork handlers
-    are active crash at random (SIGSEGV); gRPC reads this switch once, when it is first imported."""
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 
 # talking to the head
@@ -141,7 +134,7 @@ class LocalCluster:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(python_module_cmd(module, *argv), stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+                                    stderr=subprocess.STDOUT, process_group=0, env=tied_child_env())
         self.procs[name] = (proc, log_path)
         return proc
 
@@ -378,7 +371,6 @@ def run_role(role: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    fork_safe_grpc()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ROLES:
         return run_role(argv[0], argv[1:])

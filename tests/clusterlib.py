@@ -27,6 +27,8 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
             value = predicate()
             if value:
                 return value
+        except AssertionError:  # the predicate saw something that will not get better
+            raise
         except Exception as e:  # the thing polled may not be up yet
             last_error = e
         time.sleep(interval)
@@ -68,16 +70,21 @@ class Cluster:
     def start_head(self, extra: list[str] = ()) -> None:
         state = self.root / "state"
         (state / "head.json").unlink(missing_ok=True)
-        self._spawn("head", ["head", "--host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1",
+        head = self._spawn("head", ["head", "--host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1",
                              "--http-port", "0", "--state-dir", str(state),
                              "--model-configs", str(self.model_configs), *extra])
-        info = wait_for(lambda: self._head_json(state, "http_address"), 60, "head.json with both addresses")
+        info = wait_for(lambda: self._exited_early(head) or self._head_json(state, "http_address"), 60,
+                        "head.json with both addresses")
         self.grpc_address, self.http_address = info["grpc_address"], info["http_address"]
         self._channel = grpc.insecure_channel(self.grpc_address)
 
     def restart_head(self) -> None:
         self.kill("head")
         self.start_head()
+
+    def _exited_early(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with code {proc.returncode}:\n{self.logs()}")
 
     @staticmethod
     def _head_json(state: Path, key: str):
@@ -88,7 +95,9 @@ class Cluster:
         self._spawn(f"scheduler-{node_id}", ["scheduler", "--head", self.grpc_address, "--node-id", node_id,
                                              "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus),
                                              "--host", "127.0.0.1", "--work-dir", str(self.root / node_id)])
-        wait_for(lambda: any(n.node_id == node_id and n.alive for n in self.status().nodes), 30,
+        proc = self.procs[f"scheduler-{node_id}"]
+        wait_for(lambda: self._exited_early(proc) or any(n.node_id == node_id and n.alive
+                                                          for n in self.status().nodes), 30,
                  f"node {node_id} to register")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

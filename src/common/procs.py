@@ -9,16 +9,31 @@ import subprocess
 import sys
 
 _PR_SET_PDEATHSIG = 1
+PARENT_ENV = "GRIDSERVE_PARENT_PID"
 
 
-def die_with_parent(sig: int = signal.SIGTERM):
-    """A preexec_fn that makes the child receive `sig` when its parent dies (Linux), so no orphans."""
-    def preexec() -> None:
-        os.setpgid(0, 0)  # own process group: a terminal's Ctrl-C reaches the parent, which stops us in order
-        if sys.platform.startswith("linux"):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    return preexec
+def tied_child_env(base: dict | None = None) -> dict:
+    """The environment for a child that should die with this process (see exit_with_parent).
+
+    The child arms the tie itself: a preexec_fn would run Python between fork and exec, which is
+    unsafe once gRPC has started its threads (children crashed at random with SIGSEGV)."""
+    env = dict(os.environ if base is None else base)
+    env[PARENT_ENV] = str(os.getpid())
+    return env
+
+
+def exit_with_parent() -> None:
+    """Called first by a role's main(): if its spawner asked for it, get SIGTERM when the spawner dies.
+
+    The variable is removed so this process's own children (the head's proxy) are not tied by accident."""
+    parent = os.environ.pop(PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(parent):  # the spawner died before the tie was armed
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def python_module_cmd(module: str, *args: str) -> list[str]:

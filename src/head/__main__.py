@@ -14,6 +14,7 @@ from gridserve.common.config import load_model_catalog
 from gridserve.common.errors import ConfigError
 from gridserve.common.grpcutil import SERVING, add_health, bind, make_server
 from gridserve.common.logs import event, setup_logging
+from gridserve.common.procs import exit_with_parent
 from gridserve.head.config import HeadConfig, parse_config
 from gridserve.head.controller import Controller
 from gridserve.head.routes import RouteTable
@@ -117,6 +118,7 @@ async def _until_signal(tasks: list[asyncio.Task]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_with_parent()
     try:
         cfg = parse_config(argv)
         setup_logging("head", cfg.log_level)

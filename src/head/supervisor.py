@@ -45,7 +45,7 @@ def display_host(host: str) -> str:
 
 class ProxySupervisor:
     """Starts `python -m gridserve.proxy`, learns its port from the port file, restarts it with a short
-    backoff when it exits (on the port it first bound). Not tied to the head's life (no die_with_parent):
+    backoff when it exits (on the port it first bound). Not tied to the head's life (no tied_child_env):
     a graceful head shutdown stops it explicitly."""
 
     def __init__(self, head_address: str, host: str, port: int, state_dir: Path,

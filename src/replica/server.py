@@ -14,6 +14,7 @@ from pathlib import Path
 from gridserve.common.errors import FatalError, GridserveError, InvalidRequest, Unavailable
 from gridserve.common.grpcutil import NOT_SERVING, SERVING, add_health, bind, make_server
 from gridserve.common.logs import event, setup_logging
+from gridserve.common.procs import exit_with_parent
 from gridserve.replica.config import ReplicaConfig, parse_config
 from gridserve.replica.params import resolve_input, resolve_sampling
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
@@ -205,6 +206,7 @@ class ReplicaProcess:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m gridserve.replica`; 0 on a clean stop, 3 on a fatal config/load error."""
+    exit_with_parent()
     try:
         cfg = parse_config(argv)
     except FatalError as e:

@@ -1,20 +1,15 @@
 """Entry point of a scheduler: `python -m gridserve.scheduler --head HOST:PORT --node-id ID ...`."""
 from __future__ import annotations
 
-import os
-
-# Replicas are started with a preexec_fn (die_with_parent); with gRPC's fork handlers active that crashes
-# children at random. gRPC reads this once, at import, so it is set before anything imports grpc.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
-
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
 
 from gridserve.common.errors import ConfigError
 from gridserve.common.logs import event, setup_logging
+from gridserve.common.procs import exit_with_parent
 from gridserve.scheduler.agent import NodeAgent
 from gridserve.scheduler.config import SchedulerConfig, parse_config
 
@@ -50,6 +45,7 @@ async def serve(cfg: SchedulerConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_with_parent()
     try:
         cfg = parse_config(argv)
         setup_logging("scheduler", cfg.log_level)

@@ -17,7 +17,7 @@ from gridserve.common.config import ModelConfig
 from gridserve.common.errors import GridserveError
 from gridserve.common.grpcutil import SERVING, channel, check_health
 from gridserve.common.logs import event
-from gridserve.common.procs import die_with_parent, stop_async
+from gridserve.common.procs import stop_async, tied_child_env
 from gridserve.scheduler.config import SchedulerConfig
 from gridserve.v1 import head_pb2
 
@@ -186,7 +186,7 @@ class ReplicaRunner:
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     *self._command(num_threads), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
-                    stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent())
+                    stderr=asyncio.subprocess.STDOUT, process_group=0, env=tied_child_env())
             except OSError as e:
                 self._set(S.REPLICA_STATE_RESTARTING, f"cannot start {self.cfg.replica_command[0]}: {e}")
                 return None, offset
