@@ -8,6 +8,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gridserve.common.errors import GridserveError
 from gridserve.common.logs import event
+from gridserve.common.security import (Security, TokenInterceptor, channel_credentials, client_interceptors,
+                                       server_credentials)
 
 log = logging.getLogger("gridserve.grpc")
 
@@ -81,9 +83,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-def make_server() -> grpc.aio.Server:
-    """A grpc.aio server with the error interceptor and keepalive settings every role uses."""
-    return grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+def make_server(security: Security | None = None) -> grpc.aio.Server:
+    """A grpc.aio server with the token check (when the cluster has a token), the error interceptor and
+    the keepalive settings every role uses."""
+    interceptors = [TokenInterceptor(security.token)] if security and security.token else []
+    return grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=SERVER_OPTIONS)
 
 
 def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
@@ -97,17 +101,24 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Binds host:port (port 0 picks a free one) and returns the port actually bound."""
+def bind(server: grpc.aio.Server, host: str, port: int, security: Security | None = None) -> int:
+    """Binds host:port (port 0 picks a free one), with TLS when configured; returns the port bound."""
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(target)
+    creds = server_credentials(security) if security else None
+    bound = server.add_secure_port(target, creds) if creds else server.add_insecure_port(target)
     if bound == 0:
         raise OSError(f"could not bind gRPC server to {target}")
     return bound
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, security: Security | None = None, options: list | tuple = ()) -> grpc.aio.Channel:
+    """An aio channel that carries the cluster token and uses TLS when the cluster does."""
+    opts = [*CHANNEL_OPTIONS, *options]
+    interceptors = client_interceptors(security)
+    creds = channel_credentials(security) if security else None
+    if creds:
+        return grpc.aio.secure_channel(address, creds, options=opts, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)
 
 
 async def check_health(ch: grpc.aio.Channel, service: str = "", timeout: float = 2.0) -> int:
