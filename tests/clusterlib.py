@@ -67,15 +67,15 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
-    def start_head(self, extra: list[str] = ()) -> None:
+    def start_head(self, extra: list[str] = (), wait_for_proxy: bool = True) -> None:
         state = self.root / "state"
         (state / "head.json").unlink(missing_ok=True)
         head = self._spawn("head", ["head", "--host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1",
                              "--http-port", "0", "--state-dir", str(state),
                              "--model-configs", str(self.model_configs), *extra])
-        info = wait_for(lambda: self._exited_early(head) or self._head_json(state, "http_address"), 60,
-                        "head.json with both addresses")
-        self.grpc_address, self.http_address = info["grpc_address"], info["http_address"]
+        key = "http_address" if wait_for_proxy else "grpc_address"
+        info = wait_for(lambda: self._exited_early(head) or self._head_json(state, key), 60, f"head.json with {key}")
+        self.grpc_address, self.http_address = info["grpc_address"], info.get("http_address", "")
         self._channel = grpc.insecure_channel(self.grpc_address)
 
     def restart_head(self) -> None:
@@ -91,10 +91,11 @@ class Cluster:
         info = json.loads((state / "head.json").read_text())
         return info if info.get(key) else None
 
-    def start_scheduler(self, node_id: str, num_cpus: float = 2, num_gpus: float = 0) -> None:
+    def start_scheduler(self, node_id: str, num_cpus: float = 2, num_gpus: float = 0, extra: list[str] = ()) -> None:
         self._spawn(f"scheduler-{node_id}", ["scheduler", "--head", self.grpc_address, "--node-id", node_id,
                                              "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus),
-                                             "--host", "127.0.0.1", "--work-dir", str(self.root / node_id)])
+                                             "--host", "127.0.0.1", "--work-dir", str(self.root / node_id),
+                                             *extra])
         proc = self.procs[f"scheduler-{node_id}"]
         wait_for(lambda: self._exited_early(proc) or any(n.node_id == node_id and n.alive
                                                           for n in self.status().nodes), 30,

@@ -15,6 +15,7 @@ from gridserve.common.errors import ConfigError
 from gridserve.common.grpcutil import SERVING, add_health, bind, make_server
 from gridserve.common.logs import event, setup_logging
 from gridserve.common.procs import exit_with_parent
+from gridserve.common.proxy_keys import KEY_FILE_NAME, write_key_file
 from gridserve.head.config import HeadConfig, parse_config
 from gridserve.head.controller import Controller
 from gridserve.head.routes import RouteTable
@@ -71,7 +72,7 @@ async def serve(cfg: HeadConfig) -> int:
         info = HeadInfo(cfg.state_dir / "head.json", f"{display_host(cfg.host)}:{port}")
         info.write()
         event(log, "head_started", grpc_address=info.data["grpc_address"], state_dir=cfg.state_dir,
-              models=len(catalog.models), proxy=cfg.proxy)
+              models=len(catalog.models), proxy=cfg.proxy, api_keys=len(cfg.api_keys))
         tasks.append(asyncio.create_task(ctl.run(), name="reconcile"))
         if cfg.proxy:
             tasks.append(asyncio.create_task(_proxy(cfg, port, ctl, info).run(), name="proxy"))
@@ -94,8 +95,10 @@ def _proxy(cfg: HeadConfig, grpc_port: int, ctl: Controller, info: HeadInfo) -> 
         ctl.proxy_address, ctl.proxy_pid, ctl.proxy_restarts = address, pid, restarts
         info.set_http(address)
 
+    key_file = cfg.state_dir / KEY_FILE_NAME
+    write_key_file(key_file, cfg.api_keys)  # 0600; removed when the head has no keys
     return ProxySupervisor(f"{cfg.local_host}:{grpc_port}", cfg.http_host, cfg.http_port, cfg.state_dir,
-                           on_change)
+                           on_change, key_file if cfg.api_keys else None)
 
 
 async def _until_signal(tasks: list[asyncio.Task]) -> None:

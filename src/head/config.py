@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gridserve.common.config import DEFAULT_MODEL_CONFIGS
 from gridserve.common.errors import ConfigError
+from gridserve.common.proxy_keys import add_api_key_args, keys_from_args
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -24,6 +25,7 @@ class HeadConfig:
     node_timeout: float = 10.0
     reconcile_interval: float = 1.0
     log_level: str = "INFO"
+    api_keys: tuple[str, ...] = ()  # handed to the proxy in a 0600 file under state_dir, never on argv
 
     def __post_init__(self) -> None:
         for name, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port)):
@@ -65,10 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconcile-interval", type=float, default=1.0,
                    help="seconds between periodic reconcile passes (default 1)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    add_api_key_args(p)
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> HeadConfig:
     """Flags -> HeadConfig; argparse errors exit 2, a bad value raises ConfigError naming the flag."""
     args = build_parser().parse_args(argv)
-    return HeadConfig(**vars(args))
+    keys = keys_from_args(args)
+    del args.api_key, args.api_key_file
+    return HeadConfig(**vars(args), api_keys=keys)

@@ -7,8 +7,9 @@ import secrets
 import time
 
 from gridserve.common.config import ModelCatalog
-from gridserve.common.errors import InvalidRequest, NotFound
+from gridserve.common.errors import InvalidRequest, NotFound, Unavailable
 from gridserve.common.logs import event
+from gridserve.head.logrelay import LogRelay
 from gridserve.head.nodes import Node, Session
 from gridserve.head.placement import NodeCapacity, ReplicaView, choose_removals, pending_message, place
 from gridserve.head.routes import EndpointKey, RouteKey, RouteTable
@@ -48,6 +49,7 @@ class Controller:
         self.proxy_pid = 0
         self.proxy_restarts = 0
         self._tombstones: dict[str, float] = {}
+        self.logs = LogRelay()
         self._version = 0
         self._wake = asyncio.Event()
 
@@ -86,25 +88,50 @@ class Controller:
 
     # admin
 
-    def deploy(self, model: str, replicas: int) -> str:
+    def deploy(self, model: str, replicas: int, node: str = "") -> str:
+        """Creates or replaces a deployment: model, replica count and node pin (empty: any node)."""
         config = self.catalog.get(model)
         if config is None:
             raise NotFound(f"model {model!r} is not in the catalog "
                            f"(known models: {', '.join(sorted(self.catalog.models))})")
-        if not 1 <= replicas <= MAX_REPLICAS:
-            raise InvalidRequest(f"replicas must be between 1 and {MAX_REPLICAS}, got {replicas}")
+        self._check_replicas(replicas)
+        if node and node not in self.nodes:
+            raise NotFound(f"node {node!r} is not known to the head "
+                           f"(nodes: {', '.join(sorted(self.nodes)) or 'none'})")
         old = self.deployments.get(model)
         retried = self._drop_failed(model) if old else []
-        dep = Deployment(model, replicas, config)
+        dep = Deployment(model, replicas, config, node=node)
         self.store.put_deployment(dep)
         self.deployments[model] = dep
-        event(log, "deploy", model=model, replicas=replicas, previous=old.replicas if old else 0,
+        event(log, "deploy", model=model, replicas=replicas, node=node, previous=old.replicas if old else 0,
               retried_failed=len(retried))
         self.wake()
+        pin = f" on node {node}" if node else ""
         if old is None:
-            return f"deployed {model} with {replicas} replica(s)"
+            return f"deployed {model} with {replicas} replica(s){pin}"
         note = f"; retrying {len(retried)} failed replica(s)" if retried else ""
-        return f"{model}: replicas {old.replicas} -> {replicas}{note}"
+        moved = f"; pinned to node {node}" if node and node != old.node else ""
+        moved = moved or ("; unpinned" if old.node and not node else "")
+        return f"{model}: replicas {old.replicas} -> {replicas}{moved}{note}"
+
+    def scale(self, model: str, replicas: int) -> str:
+        """Changes the replica count of a deployed model; the rest of its spec stays."""
+        dep = self.deployments.get(model)
+        if dep is None:
+            known = ", ".join(sorted(self.deployments)) or "none"
+            raise NotFound(f"model {model!r} is not deployed (deployed: {known}); use deploy first")
+        self._check_replicas(replicas)
+        old = dep.replicas
+        dep.replicas = replicas
+        self.store.put_deployment(dep)
+        event(log, "scale", model=model, replicas=replicas, previous=old)
+        self.wake()
+        return f"{model}: replicas {old} -> {replicas}"
+
+    @staticmethod
+    def _check_replicas(replicas: int) -> None:
+        if not 1 <= replicas <= MAX_REPLICAS:
+            raise InvalidRequest(f"replicas must be between 1 and {MAX_REPLICAS}, got {replicas}")
 
     def undeploy(self, model: str) -> str:
         if model not in self.deployments:
@@ -127,6 +154,25 @@ class Controller:
         return failed
 
     # node sessions
+
+    def log_session(self, replica_id: str, node_id: str = "") -> Session:
+        """The session of the node that holds `replica_id`'s log (the one it is placed on, the one that
+        reports it, or `node_id` for a replica the head no longer tracks)."""
+        if not node_id:
+            a = self.assignments.get(replica_id)
+            reporting = [n.node_id for n in self.nodes.values() if replica_id in n.reports]
+            node_id = a.node_id if a else (reporting[0] if reporting else "")
+        if not node_id:
+            raise NotFound(f"replica {replica_id!r} is not known to the head (see `gridserve replicas`); "
+                           f"for a removed replica pass the node it ran on")
+        node = self.nodes.get(node_id)
+        if node is None:
+            known = ", ".join(sorted(self.nodes)) or "none"
+            raise NotFound(f"node {node_id!r} is not known to the head (nodes: {known})")
+        if not node.alive or node.session is None:
+            raise Unavailable(f"node {node_id} is not connected; the log is on that machine under "
+                              f"<work-dir>/logs/{replica_id}.log")
+        return node.session
 
     def open_session(self, hello: head_pb2.NodeHello, peer: str = "") -> Session:
         if not hello.node_id:
@@ -170,6 +216,7 @@ class Controller:
 
     def close_session(self, session: Session, reason: str) -> None:
         session.close(reason)
+        self.logs.node_gone(session.node_id, reason)
         node = self.nodes.get(session.node_id)
         if node is not None and node.session is session:
             node.session = None
@@ -202,6 +249,7 @@ class Controller:
         if node.session is not None:
             node.session.close(reason)
             node.session = None
+            self.logs.node_gone(node.node_id, reason)
         gone = [a.replica_id for a in self.assignments.values() if a.node_id == node.node_id]
         for rid in gone:
             self.assignments.pop(rid)
@@ -232,6 +280,9 @@ class Controller:
     def _fit(self, dep: Deployment) -> None:
         """Adds or removes placements of one deployment until they match its replica count."""
         mine = [a for a in self.assignments.values() if a.model == dep.model]
+        if dep.node:
+            self._remove([a.replica_id for a in mine if a.node_id != dep.node], f"pinned to node {dep.node}")
+            mine = [a for a in mine if a.node_id == dep.node]
         if len(mine) > dep.replicas:
             views = [ReplicaView(a.replica_id, self.replica_status(a).state, a.created) for a in mine]
             self._remove(choose_removals(views, len(mine) - dep.replicas), "scaled down")
@@ -239,7 +290,8 @@ class Controller:
         res = dep.config.resources
         if len(mine) < dep.replicas:
             want = dep.replicas - len(mine)
-            chosen, _ = place(self._capacities(), res.num_cpus, res.num_gpus, want)
+            nodes = [c for c in self._capacities() if not dep.node or c.node_id == dep.node]
+            chosen, _ = place(nodes, res.num_cpus, res.num_gpus, want)
             for node_id in chosen:
                 a = Assignment(new_replica_id(dep.model), dep.model, node_id, time.time())
                 self.assignments[a.replica_id] = a
@@ -252,7 +304,8 @@ class Controller:
         parts = []
         if pending:
             res = dep.config.resources
-            parts.append(pending_message(pending, res.num_cpus, res.num_gpus))
+            parts.append(pending_message(pending, res.num_cpus, res.num_gpus, dep.node,
+                                         dep.node in self.nodes and self.nodes[dep.node].alive))
         failed = [s for s in (self.replica_status(a) for a in self.assignments.values() if a.model == dep.model)
                   if s.state == S.REPLICA_STATE_FAILED]
         if failed:
@@ -347,7 +400,20 @@ class Controller:
             mine = [self.replica_status(a) for a in self.assignments.values() if a.model == dep.model]
             ready = sum(1 for s in mine if s.state == S.REPLICA_STATE_READY)
             out.deployments.append(head_pb2.DeploymentStatus(
-                model=dep.model, replicas=dep.replicas, ready=ready, message=self.messages.get(dep.model, "")))
+                model=dep.model, replicas=dep.replicas, ready=ready, message=self.messages.get(dep.model, ""),
+                node=dep.node))
         for a in sorted(self.assignments.values(), key=lambda a: (a.model, a.created, a.replica_id)):
             out.replicas.append(self.replica_status(a))
+        return out
+
+    def catalog_models(self) -> head_pb2.ModelsResponse:
+        """Every model of the catalog, with its deployment (desired and ready replicas) if it has one."""
+        ready = {d.model: d.ready for d in self.status().deployments}
+        out = head_pb2.ModelsResponse(catalog_path=self.catalog.path)
+        for name, config in sorted(self.catalog.models.items()):
+            dep = self.deployments.get(name)
+            out.models.append(head_pb2.CatalogModel(
+                name=name, model_config_json=config.to_json(), deployed=dep is not None,
+                replicas=dep.replicas if dep else 0, ready=ready.get(name, 0),
+                is_default=name == self.catalog.default_model))
         return out

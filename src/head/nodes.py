@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 from dataclasses import dataclass, field
 
@@ -11,8 +12,9 @@ _session_ids = itertools.count(1)
 
 
 class Session:
-    """One open NodeService.Session stream: the newest DesiredState waiting to be sent, and a close flag.
-    Desired states are level-triggered, so an unsent older one is simply replaced by a newer one."""
+    """One open NodeService.Session stream: the newest DesiredState waiting to be sent, log requests to
+    send in order, and a close flag. Desired states are level-triggered, so an unsent older one is simply
+    replaced by a newer one; log requests and cancels are each sent once."""
 
     def __init__(self, node_id: str, peer: str = ""):
         self.id = next(_session_ids)
@@ -22,10 +24,16 @@ class Session:
         self.close_reason = ""
         self.reports = 0
         self._pending: head_pb2.DesiredState | None = None
+        self._control: collections.deque[head_pb2.HeadMessage] = collections.deque()
         self._wake = asyncio.Event()
 
     def push(self, desired: head_pb2.DesiredState) -> None:
         self._pending = desired
+        self._wake.set()
+
+    def send(self, message: head_pb2.HeadMessage) -> None:
+        """Queues a log request or cancel; sent after any pending desired state."""
+        self._control.append(message)
         self._wake.set()
 
     def close(self, reason: str) -> None:
@@ -38,13 +46,15 @@ class Session:
         msg, self._pending = self._pending, None
         return msg
 
-    async def next(self, reader: asyncio.Task) -> head_pb2.DesiredState | None:
-        """The next DesiredState to send; None once the session is closed or its reader has ended."""
+    async def next(self, reader: asyncio.Task) -> head_pb2.HeadMessage | None:
+        """The next message to send; None once the session is closed or its reader has ended."""
         while True:
             if self.closed:
                 return None
             if self._pending is not None:
-                return self.take()
+                return head_pb2.HeadMessage(desired=self.take())
+            if self._control:
+                return self._control.popleft()
             if reader.done():
                 return None
             waiter = asyncio.ensure_future(self._wake.wait())

@@ -58,11 +58,16 @@ def _amount(n: float, unit: str) -> str:
     return f"{text} free {unit}" + ("" if n == 1 else "s")
 
 
-def pending_message(pending: int, cpus: float, gpus: float) -> str:
-    """Why `pending` replicas wait: '1 replica(s) pending: no alive node has 4 free CPUs and 1 free GPU'."""
+def pending_message(pending: int, cpus: float, gpus: float, node: str = "", node_alive: bool = True) -> str:
+    """Why `pending` replicas wait: '1 replica(s) pending: no alive node has 4 free CPUs and 1 free GPU'
+    (or, pinned, 'node n1 does not have ...' / 'node n1 is not alive')."""
     need = _amount(cpus, "CPU")
     if gpus > 0:
         need += " and " + _amount(gpus, "GPU")
+    if node and not node_alive:
+        return f"{pending} replica(s) pending: node {node} (pinned) is not alive"
+    if node:
+        return f"{pending} replica(s) pending: node {node} (pinned) does not have {need}"
     return f"{pending} replica(s) pending: no alive node has {need}"
 
 

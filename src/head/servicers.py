@@ -50,8 +50,11 @@ class NodeServicer(head_pb2_grpc.NodeServiceServicer):
 
     async def _read(self, request_iterator, session: Session) -> None:
         async for msg in request_iterator:
-            if msg.WhichOneof("kind") == "report":
+            kind = msg.WhichOneof("kind")
+            if kind == "report":
                 self.ctl.on_report(session, msg.report)
+            elif kind == "log_chunk":
+                self.ctl.logs.deliver(session.node_id, msg.log_chunk)
             else:
                 event(log, "node_message_ignored", logging.WARNING, node=session.node_id,
                       kind=msg.WhichOneof("kind"))
@@ -79,13 +82,27 @@ class RouteServicer(head_pb2_grpc.RouteServiceServicer):
 
 
 class AdminServicer(head_pb2_grpc.AdminServiceServicer):
-    """Deploy, Undeploy and Status for the CLI and tests."""
+    """Deploy, Scale, Undeploy, Status, Models and Logs for the CLI, the proxy's metrics and tests."""
 
     def __init__(self, controller: Controller):
         self.ctl = controller
 
     async def Deploy(self, request: head_pb2.DeployRequest, context) -> head_pb2.DeployResponse:
-        return head_pb2.DeployResponse(message=self.ctl.deploy(request.model, request.replicas))
+        return head_pb2.DeployResponse(message=self.ctl.deploy(request.model, request.replicas, request.node))
+
+    async def Scale(self, request: head_pb2.ScaleRequest, context) -> head_pb2.DeployResponse:
+        return head_pb2.DeployResponse(message=self.ctl.scale(request.model, request.replicas))
+
+    async def Models(self, request, context) -> head_pb2.ModelsResponse:
+        return self.ctl.catalog_models()
+
+    async def Logs(self, request: head_pb2.LogsRequest, context):
+        """The replica's log file from its node: what is there, then (with follow) what is appended."""
+        if not request.replica_id:
+            raise InvalidRequest("replica_id must not be empty")
+        session = self.ctl.log_session(request.replica_id, request.node)
+        async for data in self.ctl.logs.stream(session, request.replica_id, request.follow, request.tail_lines):
+            yield head_pb2.LogsResponse(data=data)
 
     async def Undeploy(self, request: head_pb2.UndeployRequest, context) -> head_pb2.UndeployResponse:
         return head_pb2.UndeployResponse(message=self.ctl.undeploy(request.model))

@@ -18,7 +18,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     model TEXT PRIMARY KEY,
     replicas INTEGER NOT NULL,
     config_json TEXT NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    node TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS assignments (
     replica_id TEXT PRIMARY KEY,
@@ -27,6 +28,8 @@ CREATE TABLE IF NOT EXISTS assignments (
     created REAL NOT NULL
 );
 """
+# Columns added after the first release; ALTER TABLE brings older state.db files up to date.
+MIGRATIONS = (("deployments", "node", "ALTER TABLE deployments ADD COLUMN node TEXT NOT NULL DEFAULT ''"),)
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Deployment:
     replicas: int
     config: ModelConfig
     updated: float = 0.0
+    node: str = ""                # pinned: replicas go only to this node
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,15 @@ class StateStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.Error as e:
             raise ConfigError(f"{path}: cannot open the state database: {e}") from None
+
+    def _migrate(self) -> None:
+        for table, column, statement in MIGRATIONS:
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._db.execute(statement)
 
     def close(self) -> None:
         self._db.close()
@@ -70,10 +81,10 @@ class StateStore:
     def load_deployments(self) -> dict[str, Deployment]:
         """Every stored deployment; a row whose config no longer validates is logged and skipped."""
         out: dict[str, Deployment] = {}
-        rows = self._db.execute("SELECT model, replicas, config_json, updated FROM deployments ORDER BY model")
-        for model, replicas, config_json, updated in rows:
+        rows = self._db.execute("SELECT model, replicas, config_json, updated, node FROM deployments ORDER BY model")
+        for model, replicas, config_json, updated, node in rows:
             try:
-                out[model] = Deployment(model, int(replicas), ModelConfig.from_json(config_json), updated)
+                out[model] = Deployment(model, int(replicas), ModelConfig.from_json(config_json), updated, node)
             except GridserveError as e:
                 event(log, "state_row_skipped", logging.ERROR, model=model, error=e.message)
         return out
@@ -81,10 +92,10 @@ class StateStore:
     def put_deployment(self, dep: Deployment) -> None:
         dep.updated = time.time()
         self._db.execute(
-            "INSERT INTO deployments (model, replicas, config_json, updated) VALUES (?, ?, ?, ?) "
+            "INSERT INTO deployments (model, replicas, config_json, updated, node) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT(model) DO UPDATE SET replicas=excluded.replicas, config_json=excluded.config_json, "
-            "updated=excluded.updated",
-            (dep.model, dep.replicas, dep.config.to_json(), dep.updated))
+            "updated=excluded.updated, node=excluded.node",
+            (dep.model, dep.replicas, dep.config.to_json(), dep.updated, dep.node))
 
     def delete_deployment(self, model: str) -> None:
         with self._tx():

@@ -49,11 +49,12 @@ class ProxySupervisor:
     a graceful head shutdown stops it explicitly."""
 
     def __init__(self, head_address: str, host: str, port: int, state_dir: Path,
-                 on_change: Callable[[str, int, int], None]):
+                 on_change: Callable[[str, int, int], None], api_key_file: Path | None = None):
         self.head_address = head_address
         self.host = host
         self.port = port
         self.port_file = state_dir / "proxy.port"
+        self.api_key_file = api_key_file  # the proxy reads its keys here (0600), not from its argv
         self.on_change = on_change  # (http_address, pid, restarts)
         self.restarts = 0
         self.address = ""
@@ -61,8 +62,9 @@ class ProxySupervisor:
         self._stopping = False
 
     def command(self) -> list[str]:
+        keys = ["--api-key-file", str(self.api_key_file)] if self.api_key_file else []
         return python_module_cmd("gridserve.proxy", "--head", self.head_address, "--host", self.host,
-                                 "--port", str(self.port), "--port-file", str(self.port_file))
+                                 "--port", str(self.port), "--port-file", str(self.port_file), *keys)
 
     async def run(self) -> None:
         """Keeps a proxy running until cancelled; stops it in finally."""

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gridserve.common.config import parse_hostport
 from gridserve.common.errors import ConfigError
+from gridserve.common.proxy_keys import add_api_key_args, keys_from_args
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -21,6 +22,8 @@ class ProxyConfig:
     retry_attempts: int = 3          # replicas tried before the first token
     retry_deadline_s: float = 10.0
     shutdown_grace_s: float = 5.0    # how long open streams may finish on SIGTERM
+    metrics_interval_s: float = 5.0  # how often /metrics' cluster gauges are refreshed from the head
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: /v1/* is open
 
     def __post_init__(self) -> None:
         parse_hostport(self.head)
@@ -36,6 +39,9 @@ class ProxyConfig:
             raise ConfigError(f"--retry-attempts: must be >= 1, got {self.retry_attempts}")
         if self.retry_deadline_s <= 0 or self.shutdown_grace_s < 0:
             raise ConfigError("--retry-deadline must be > 0 and --shutdown-grace >= 0")
+        if not 0.5 <= self.metrics_interval_s <= 300:
+            raise ConfigError(f"--metrics-interval: must be between 0.5 and 300 seconds, "
+                              f"got {self.metrics_interval_s:g}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-attempts", type=int, default=3, help="replicas tried before the first token")
     p.add_argument("--retry-deadline", type=float, default=10.0, help="seconds spent retrying at most")
     p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds open streams get on SIGTERM")
+    p.add_argument("--metrics-interval", type=float, default=5.0,
+                   help="seconds between polls of the head and replicas for /metrics' cluster gauges")
+    add_api_key_args(p)
     return p
 
 
@@ -60,6 +69,7 @@ def parse_config(argv: list[str] | None = None) -> ProxyConfig:
         return ProxyConfig(head=args.head, host=args.host, port=args.port, port_file=args.port_file,
                            log_level=args.log_level, max_body_bytes=args.max_body_bytes,
                            retry_attempts=args.retry_attempts, retry_deadline_s=args.retry_deadline,
-                           shutdown_grace_s=args.shutdown_grace)
+                           shutdown_grace_s=args.shutdown_grace, metrics_interval_s=args.metrics_interval,
+                           api_keys=keys_from_args(args))
     except ConfigError as e:
         parser.error(e.message)

@@ -121,10 +121,14 @@ class RouteTable:
         """Counts a stream as in flight on `endpoint` and hands it the endpoint's (cached) channel."""
         address = endpoint.address
         self._inflight[address] = self.inflight(address) + 1
+        return Lease(self, endpoint, self.channel(address))
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The cached channel to a replica (opened on first use; closed when it leaves the table)."""
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = open_channel(address)
-        return Lease(self, endpoint, channel)
+        return channel
 
     def _release(self, address: str) -> None:
         left = self.inflight(address) - 1

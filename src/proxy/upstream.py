@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 from tenacity import (AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay,
@@ -60,9 +60,11 @@ def _retryable(e: BaseException) -> bool:
 
 
 async def open_stream(table: RouteTable, model: str, request: replica_pb2.GenerateRequest,
-                      policy: RetryPolicy = RetryPolicy()) -> UpstreamStream:
+                      policy: RetryPolicy = RetryPolicy(), on_retry: Callable[[], None] = lambda: None
+                      ) -> UpstreamStream:
     """Picks a replica and waits for its first chunk; on UNAVAILABLE/RESOURCE_EXHAUSTED before it,
-    backs off and tries another replica. Raises HttpError (no replica, all failed, bad request)."""
+    backs off and tries another replica (calling `on_retry` for each such try).
+    Raises HttpError (no replica, all failed, bad request)."""
     tried: set[str] = set()
     last: list[HttpError] = []
     retrying = AsyncRetrying(
@@ -75,6 +77,8 @@ async def open_stream(table: RouteTable, model: str, request: replica_pb2.Genera
             endpoint = table.pick(model, exclude=tried)
             if endpoint is None:
                 raise _no_endpoint(model, last)
+            if attempt.retry_state.attempt_number > 1:
+                on_retry()
             tried.add(endpoint.address)
             try:
                 return await _open_on(table, endpoint, request)

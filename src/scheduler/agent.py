@@ -1,8 +1,7 @@
-"""The scheduler's link to the head: one NodeService session (hello, reports), reconnects, convergence."""
+"""The scheduler's link to the head: one NodeService session (hello, reports, logs), reconnects, convergence."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
@@ -14,6 +13,7 @@ import psutil
 from gridserve.common.grpcutil import channel
 from gridserve.common.logs import event
 from gridserve.scheduler.config import SchedulerConfig
+from gridserve.scheduler.logs import LogStreams
 from gridserve.scheduler.runner import ReplicaRunner
 from gridserve.v1 import head_pb2, head_pb2_grpc
 
@@ -127,14 +127,15 @@ class NodeAgent:
     async def _session(self) -> None:
         async with channel(self.cfg.head) as ch:
             call = head_pb2_grpc.NodeServiceStub(ch).Session()
+            logs = LogStreams(self.cfg.work_dir)
             try:
                 await call.write(head_pb2.NodeMessage(hello=self.hello()))
                 await call.write(head_pb2.NodeMessage(report=self.report()))
                 self.connected = True
                 event(log, "head_connected", head=self.cfg.head, node=self.cfg.node_id,
                       replicas=len(self.replicas))
-                reader = asyncio.create_task(self._read(call))
-                sender = asyncio.create_task(self._send(call))
+                reader = asyncio.create_task(self._read(call, logs))
+                sender = asyncio.create_task(self._send(call, logs.outbox))
                 try:
                     done, _ = await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -146,19 +147,45 @@ class NodeAgent:
                         raise t.exception()
             finally:
                 call.cancel()
+                await logs.close()
 
-    async def _read(self, call) -> None:
+    async def _read(self, call, logs: LogStreams) -> None:
         while True:
             msg = await call.read()
             if msg is grpc.aio.EOF:
                 return
-            self.desired_version = msg.version
-            event(log, "desired_received", version=msg.version, replicas=len(msg.replicas))
-            self.converge(msg)
+            kind = msg.WhichOneof("kind")
+            if kind == "desired":
+                self.desired_version = msg.desired.version
+                event(log, "desired_received", version=msg.desired.version, replicas=len(msg.desired.replicas))
+                self.converge(msg.desired)
+            elif kind == "log_request":
+                logs.open(msg.log_request)
+            elif kind == "log_cancel":
+                logs.cancel(msg.log_cancel.stream_id)
 
-    async def _send(self, call) -> None:
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self.cfg.report_interval)
-            self._changed.clear()
-            await call.write(head_pb2.NodeMessage(report=self.report()))
+    async def _send(self, call, outbox: asyncio.Queue) -> None:
+        """Writes log chunks as they come and a report on every change and at least every report_interval
+        (one writer: a gRPC stream takes one write at a time)."""
+        getter: asyncio.Future | None = None
+        last = time.monotonic()
+        try:
+            while True:
+                getter = getter or asyncio.ensure_future(outbox.get())
+                changed = asyncio.ensure_future(self._changed.wait())
+                timeout = max(0.0, self.cfg.report_interval - (time.monotonic() - last))
+                try:
+                    done, _ = await asyncio.wait({getter, changed}, timeout=timeout,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                if getter in done:
+                    msg, getter = getter.result(), None
+                    await call.write(msg)
+                if self._changed.is_set() or time.monotonic() - last >= self.cfg.report_interval:
+                    self._changed.clear()
+                    last = time.monotonic()
+                    await call.write(head_pb2.NodeMessage(report=self.report()))
+        finally:
+            if getter is not None:
+                getter.cancel()

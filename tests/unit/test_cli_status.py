@@ -1,14 +1,20 @@
-"""The `gridserve` CLI: status rendering, JSON output, argument checks, and a clean error when the head is down."""
+"""The `gridserve` CLI: tables, JSON output, argument checks, the machine commands, and a clean error when the
+head is down."""
 import json
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from gridserve.cli import render_status, status_json
+from gridserve.cli.render import models_data, models_table, render_status, status_json
+from gridserve.common.config import ModelConfig
 from gridserve.v1 import head_pb2 as pb
 
 GRIDSERVE = str(Path(sys.executable).parent / "gridserve")
+BASE = {"source": {"type": "local", "path": "/x"}, "context_length": 64, "max_tokens_limit": 32,
+        "sampling": {"max_new_tokens": 16}}
+MODEL_JSON = ModelConfig.from_dict("m", BASE).to_json()
 
 
 def cluster_status() -> pb.ClusterStatus:
@@ -17,7 +23,7 @@ def cluster_status() -> pb.ClusterStatus:
                              allocated=pb.Resources(num_cpus=1.5), available=pb.Resources(memory_bytes=3 << 30),
                              alive=True),
                pb.NodeStatus(node_id="n2", address="10.0.0.6", capacity=pb.Resources(num_cpus=2), alive=False)],
-        deployments=[pb.DeploymentStatus(model="smollm2", replicas=2, ready=1),
+        deployments=[pb.DeploymentStatus(model="smollm2", replicas=2, ready=1, node="n1"),
                      pb.DeploymentStatus(model="gpt2", replicas=1, message="1 replica(s) failed: fatal: no hub")],
         replicas=[pb.ReplicaStatus(replica_id="smollm2-a1b2c3", model="smollm2", node_id="n1",
                                    address="10.0.0.5:40001", state=pb.REPLICA_STATE_READY, pid=11, restarts=2),
@@ -32,12 +38,13 @@ def row(text: str, first: str) -> list[str]:
 
 def test_status_table_shows_nodes_deployments_and_replicas():
     text = render_status(cluster_status())
-    assert row(text, "n1") == ["n1", "10.0.0.5", "1.5/4", "0/1", "3.0GiB", "yes"]
-    assert row(text, "n2")[-1] == "no"
-    assert row(text, "smollm2")[:2] == ["smollm2", "1/2"]
-    assert " ".join(row(text, "gpt2")) == "gpt2 0/1 1 replica(s) failed: fatal: no hub"
-    assert row(text, "smollm2-a1b2c3") == ["smollm2-a1b2c3", "smollm2", "n1", "10.0.0.5:40001", "READY", "2", "-"]
-    assert " ".join(row(text, "gpt2-d4e5f6")) == "gpt2-d4e5f6 gpt2 n1 - FAILED 0 fatal: no hub"
+    assert row(text, "n1") == ["n1", "10.0.0.5", "1.5/4", "0/1", "3.0GiB", "yes", "-"]
+    assert row(text, "n2")[-2] == "no"
+    assert row(text, "smollm2")[:3] == ["smollm2", "1/2", "n1"]
+    assert " ".join(row(text, "gpt2")) == "gpt2 0/1 - 1 replica(s) failed: fatal: no hub"
+    assert row(text, "smollm2-a1b2c3") == ["smollm2-a1b2c3", "smollm2", "n1", "10.0.0.5:40001", "READY", "2", "-",
+                                           "-"]
+    assert " ".join(row(text, "gpt2-d4e5f6")) == "gpt2-d4e5f6 gpt2 n1 - FAILED 0 - fatal: no hub"
     assert "127.0.0.1:8000 pid=99 restarts=1" in text
 
 
@@ -59,9 +66,14 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+HEAD_COMMANDS = (["status"], ["nodes"], ["deployments"], ["replicas"], ["deploy", "smollm2"],
+                 ["deploy", "smollm2", "--node", "n1"], ["scale", "smollm2", "2"], ["undeploy", "smollm2"],
+                 ["models"], ["logs", "smollm2-abcdef"], ["logs", "smollm2-abcdef", "--follow"])
+
+
 def test_commands_against_a_head_that_is_down_print_one_line_and_exit_1():
     head = f"127.0.0.1:{closed_port()}"
-    for args in (["status"], ["deploy", "smollm2"], ["undeploy", "smollm2"]):
+    for args in HEAD_COMMANDS:
         res = subprocess.run([GRIDSERVE, *args, "--head", head], capture_output=True, text=True, timeout=30)
         assert res.returncode == 1, res
         assert res.stdout == ""
@@ -75,10 +87,57 @@ def test_bad_arguments_are_rejected_before_calling_the_head():
     assert res.returncode == 2 and "must be >= 1" in res.stderr
     res = subprocess.run([GRIDSERVE, "status", "--output", "yaml"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "invalid choice" in res.stderr
+    res = subprocess.run([GRIDSERVE, "scale", "smollm2", "zero"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "expected a whole number" in res.stderr
 
 
 def test_help_lists_every_command():
     res = subprocess.run([GRIDSERVE, "--help"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0
-    for command in ("head", "scheduler", "replica", "proxy", "deploy", "undeploy", "status", "up"):
-        assert f"    {command}" in res.stdout
+    for command in ("head", "scheduler", "replica", "proxy", "status", "nodes", "deployments", "replicas", "deploy",
+                    "scale", "undeploy", "models", "logs", "hardware", "recommend", "up"):
+        assert f"    {command}" in res.stdout, command
+
+
+def test_models_view_marks_the_default_and_shows_deployed_counts():
+    resp = pb.ModelsResponse(catalog_path="/x/model_configs.json", models=[
+        pb.CatalogModel(name="smollm2", is_default=True, deployed=True, replicas=2, ready=1,
+                        model_config_json=MODEL_JSON.replace('"m"', '"smollm2"')),
+        pb.CatalogModel(name="gpt2", model_config_json=MODEL_JSON.replace('"m"', '"gpt2"'))])
+    data = models_data(resp)
+    assert [m["name"] for m in data["models"]] == ["smollm2", "gpt2"]
+    assert data["models"][0]["config"]["context_length"] == 64 and "name" not in data["models"][0]["config"]
+    text = models_table(data)
+    assert row(text, "smollm2")[:3] == ["smollm2", "*", "1/2"] and row(text, "gpt2")[1] == "-"
+
+
+def run_json(*args: str) -> dict:
+    res = subprocess.run([GRIDSERVE, *args, "--output", "json"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_hardware_reports_cores_memory_disk_and_gpus_as_json():
+    hw = run_json("hardware")
+    assert hw["cpus_logical"] >= 1 and hw["memory_total_bytes"] >= hw["memory_available_bytes"] > 0
+    assert hw["disk_total_bytes"] >= hw["disk_free_bytes"] > 0 and isinstance(hw["gpus"], list)
+    assert hw["torch"]
+
+
+def test_recommend_puts_the_largest_fitting_model_first_and_says_why_others_do_not_fit(tmp_path):
+    cpus = os.cpu_count() or 1
+    configs = {"default_model": "small", "models": {
+        "small": {**BASE, "resources": {"num_cpus": 1, "memory_mb": 10}},
+        "bigger": {**BASE, "resources": {"num_cpus": 1, "memory_mb": 200}},
+        "too-many-cpus": {**BASE, "resources": {"num_cpus": cpus + 1, "memory_mb": 10}},
+        "needs-gpu": {**BASE, "resources": {"num_cpus": 1, "num_gpus": 64}},
+        "too-much-memory": {**BASE, "resources": {"num_cpus": 1, "memory_mb": 2**30}}}}
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(configs))
+    data = run_json("recommend", "--model-configs", str(path))
+    rows = {r["model"]: r for r in data["models"]}
+    assert [r["model"] for r in data["models"]][:2] == ["bigger", "small"]
+    assert rows["small"]["fits"] and rows["small"]["replicas"] == cpus
+    assert "CPUs" in rows["too-many-cpus"]["why_not"] and "GPU" in rows["needs-gpu"]["why_not"]
+    assert "memory" in rows["too-much-memory"]["why_not"] and not rows["too-much-memory"]["fits"]
+    assert data["machine"]["cpus_logical"] == cpus

@@ -2,7 +2,7 @@
 import pytest
 
 from gridserve.common.config import ModelCatalog
-from gridserve.common.errors import InvalidRequest, NotFound
+from gridserve.common.errors import InvalidRequest, NotFound, Unavailable
 from gridserve.head.controller import Controller
 from gridserve.head.routes import RouteTable
 from gridserve.head.state import StateStore
@@ -194,3 +194,68 @@ def test_admin_errors_name_the_problem(tmp_path):
     assert ctl.deploy("m", 3) == "m: replicas 1 -> 3"
     assert "undeployed m" in ctl.undeploy("m")
     assert ctl.status().deployments == []
+
+
+def test_a_pinned_deployment_places_only_on_its_node_and_says_why_it_waits(tmp_path):
+    ctl = controller(tmp_path)
+    join(ctl, "n1", cpus=8)
+    s2 = join(ctl, "n2", cpus=1)
+    with pytest.raises(NotFound, match=r"node 'n9' is not known to the head \(nodes: n1, n2\)"):
+        ctl.deploy("m", 1, node="n9")
+    assert ctl.deploy("m", 2, node="n2") == "deployed m with 2 replica(s) on node n2"
+    ctl.reconcile()
+    st = ctl.status()
+    assert [r.node_id for r in st.replicas] == ["n2"]  # n1 has room, but the pin says n2
+    assert st.deployments[0].node == "n2"
+    assert st.deployments[0].message == "1 replica(s) pending: node n2 (pinned) does not have 1 free CPU"
+    ctl.close_session(s2, "gone")
+    ctl.reconcile()
+    assert ctl.status().deployments[0].message == "2 replica(s) pending: node n2 (pinned) is not alive"
+
+
+def test_repinning_moves_replicas_and_scale_keeps_the_pin(tmp_path):
+    ctl = controller(tmp_path)
+    join(ctl, "n1")
+    join(ctl, "n2")
+    ctl.deploy("m", 2)
+    ctl.reconcile()
+    assert sorted(r.node_id for r in ctl.status().replicas) == ["n1", "n2"]
+    assert ctl.deploy("m", 2, node="n1") == "m: replicas 2 -> 2; pinned to node n1"
+    ctl.reconcile()
+    assert [r.node_id for r in ctl.status().replicas] == ["n1", "n1"]
+    assert ctl.scale("m", 3) == "m: replicas 2 -> 3"
+    ctl.reconcile()
+    assert [r.node_id for r in ctl.status().replicas] == ["n1", "n1", "n1"]
+    assert ctl.deploy("m", 3) == "m: replicas 3 -> 3; unpinned"
+    with pytest.raises(NotFound, match="'other' is not deployed"):
+        ctl.scale("other", 1)
+    with pytest.raises(InvalidRequest, match="between 1 and"):
+        ctl.scale("m", 0)
+
+
+def test_catalog_models_list_every_model_with_its_deployment(tmp_path):
+    ctl = controller(tmp_path)
+    session = join(ctl, "n1")
+    ctl.deploy("m", 1)
+    ctl.reconcile()
+    report_all(ctl, session, READY)
+    models = {m.name: m for m in ctl.catalog_models().models}
+    assert sorted(models) == ["gpu", "m", "other"]
+    assert (models["m"].deployed, models["m"].replicas, models["m"].ready, models["m"].is_default) == (True, 1, 1, True)
+    assert not models["other"].deployed and '"context_length": 64' in models["other"].model_config_json
+
+
+def test_log_requests_go_to_the_session_of_the_replicas_node(tmp_path):
+    ctl = controller(tmp_path)
+    join(ctl, "n1")
+    s2 = join(ctl, "n2")
+    ctl.deploy("m", 1, node="n2")
+    ctl.reconcile()
+    rid = ctl.status().replicas[0].replica_id
+    assert ctl.log_session(rid) is s2
+    assert ctl.log_session("m-gone00", node_id="n2") is s2  # a replica the head no longer tracks
+    with pytest.raises(NotFound, match="not known to the head"):
+        ctl.log_session("m-gone00")
+    ctl.close_session(s2, "gone")
+    with pytest.raises(Unavailable, match="node n2 is not connected"):
+        ctl.log_session(rid, node_id="n2")

@@ -55,5 +55,20 @@ def test_a_row_whose_config_no_longer_validates_is_skipped_not_fatal(tmp_path):
     store.put_deployment(Deployment("good", 1, config("good")))
     store.close()
     with sqlite3.connect(tmp_path / "state.db") as db:
-        db.execute("INSERT INTO deployments VALUES ('broken', 1, '{\"name\": \"broken\"}', 0)")
+        db.execute("INSERT INTO deployments (model, replicas, config_json, updated) "
+                   "VALUES ('broken', 1, '{\"name\": \"broken\"}', 0)")
     assert list(StateStore(tmp_path).load_deployments()) == ["good"]
+
+
+def test_a_node_pin_round_trips_and_an_older_database_gains_the_column(tmp_path):
+    with sqlite3.connect(tmp_path / "state.db") as db:  # the schema before deployments had a node pin
+        db.execute("CREATE TABLE deployments (model TEXT PRIMARY KEY, replicas INTEGER NOT NULL, "
+                   "config_json TEXT NOT NULL, updated REAL NOT NULL)")
+        db.execute("INSERT INTO deployments VALUES ('old', 2, ?, 0)", (config("old").to_json(),))
+    db.close()
+    store = StateStore(tmp_path)
+    assert store.load_deployments()["old"].node == ""
+    store.put_deployment(Deployment("pinned", 1, config("pinned"), node="n7"))
+    store.close()
+    loaded = StateStore(tmp_path).load_deployments()
+    assert loaded["pinned"].node == "n7" and loaded["old"].replicas == 2

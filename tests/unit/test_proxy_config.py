@@ -24,3 +24,32 @@ def test_bad_flags_exit_2_with_a_message_naming_the_problem(argv, needle, capsys
         parse_config(argv)
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_api_keys_come_from_flags_and_files_and_stay_out_of_the_repr(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nsk-file-0001\n\nsk-flag-0002\n")
+    cfg = parse_config(["--head", "h:1", "--api-key", "sk-flag-0002", "--api-key-file", str(keys)])
+    assert cfg.api_keys == ("sk-flag-0002", "sk-file-0001")
+    assert "sk-" not in repr(cfg)
+
+
+@pytest.mark.parametrize("content,needle", [("", "holds no key"), ("# only a comment\n", "holds no key"),
+                                            ("short\n", "at least 8")])
+def test_bad_key_files_are_refused(tmp_path, capsys, content, needle):
+    keys = tmp_path / "keys"
+    keys.write_text(content)
+    with pytest.raises(SystemExit):
+        parse_config(["--head", "h:1", "--api-key-file", str(keys)])
+    assert needle in capsys.readouterr().err
+
+
+def test_the_key_file_the_head_writes_is_0600_and_removed_when_there_are_no_keys(tmp_path):
+    from gridserve.common.proxy_keys import read_key_file, write_key_file
+
+    path = tmp_path / "state" / "api-keys"
+    write_key_file(path, ("sk-aaaaaaaa", "sk-bbbbbbbb"))
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert read_key_file(path) == ["sk-aaaaaaaa", "sk-bbbbbbbb"]
+    write_key_file(path, ())
+    assert not path.exists()

@@ -1,0 +1,84 @@
+"""The CLI's cluster commands: status, nodes, deployments, replicas, deploy, scale, undeploy, models, logs."""
+from __future__ import annotations
+
+import json
+import sys
+
+from gridserve.cli import render
+from gridserve.cli.headclient import call_head, stream_logs
+from gridserve.v1 import head_pb2
+
+
+def _status(args) -> head_pb2.ClusterStatus:
+    return call_head(args.head, "Status", head_pb2.StatusRequest())
+
+
+def _print(args, data, text: str) -> int:
+    print(render.dumps(data) if args.output == "json" else text)
+    return 0
+
+
+def cmd_status(args) -> int:
+    st = _status(args)
+    return _print(args, render.to_dict(st), render.render_status(st))
+
+
+def cmd_nodes(args) -> int:
+    st = _status(args)
+    return _print(args, {"nodes": [render.to_dict(n) for n in st.nodes]}, render.nodes_table(st))
+
+
+def cmd_deployments(args) -> int:
+    st = _status(args)
+    return _print(args, {"deployments": [render.to_dict(d) for d in st.deployments]}, render.deployments_table(st))
+
+
+def cmd_replicas(args) -> int:
+    mine = head_pb2.ClusterStatus(replicas=[r for r in _status(args).replicas
+                                            if not args.model or r.model == args.model])
+    return _print(args, {"replicas": [render.to_dict(r) for r in mine.replicas]}, render.replicas_table(mine))
+
+
+def cmd_deploy(args) -> int:
+    resp = call_head(args.head, "Deploy", head_pb2.DeployRequest(model=args.model, replicas=args.replicas,
+                                                                  node=args.node or ""))
+    return _print(args, {"message": resp.message}, resp.message)
+
+
+def cmd_scale(args) -> int:
+    resp = call_head(args.head, "Scale", head_pb2.ScaleRequest(model=args.model, replicas=args.replicas))
+    return _print(args, {"message": resp.message}, resp.message)
+
+
+def cmd_undeploy(args) -> int:
+    resp = call_head(args.head, "Undeploy", head_pb2.UndeployRequest(model=args.model))
+    return _print(args, {"message": resp.message}, resp.message)
+
+
+def cmd_models(args) -> int:
+    data = render.models_data(call_head(args.head, "Models", head_pb2.ModelsRequest()))
+    return _print(args, data, render.models_table(data))
+
+
+def cmd_logs(args) -> int:
+    """Copies the log to stdout as it arrives; with --output json, one {"replica", "line"} object per line."""
+    request = head_pb2.LogsRequest(replica_id=args.replica, follow=args.follow, tail_lines=args.tail,
+                                   node=args.node or "")
+    out = sys.stdout.buffer
+    pending = b""
+    for data in stream_logs(args.head, request):
+        if args.output != "json":
+            out.write(data)
+            out.flush()
+            continue
+        lines = (pending + data).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            _json_line(args.replica, line)
+    if pending:
+        _json_line(args.replica, pending)
+    return 0
+
+
+def _json_line(replica: str, line: bytes) -> None:
+    print(json.dumps({"replica": replica, "line": line.decode("utf-8", "replace")}), flush=True)

@@ -1,0 +1,146 @@
+"""The `gridserve` command line: every subcommand's flags, and the dispatch that turns failures into one line."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from gridserve.cli import admin, machine
+from gridserve.cli.headclient import DEFAULT_HEAD, CliError
+
+ROLES = {
+    "head": "the head controller (deployments, placement, routes; starts the HTTP proxy)",
+    "scheduler": "a node scheduler (one per machine; runs the replicas the head places)",
+    "replica": "one model replica process (normally started by a scheduler)",
+    "proxy": "the HTTP proxy (normally started by the head)",
+}
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _output(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--output", "-o", choices=("table", "json"), default="table",
+                    help="table for people (default) or json for programs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gridserve", description="A distributed model-serving cluster.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for role, text in ROLES.items():
+        sub.add_parser(role, help=f"run {text}; see `gridserve {role} --help`", add_help=False)
+    add_admin_parsers(sub)
+    add_machine_parsers(sub)
+    add_up_parser(sub)
+    return p
+
+
+def add_admin_parsers(sub) -> None:
+    def admin_cmd(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--head", default=DEFAULT_HEAD, help=f"the head's gRPC address (default {DEFAULT_HEAD})")
+        _output(sp)
+        sp.set_defaults(func=func)
+        return sp
+
+    admin_cmd("status", "show nodes, deployments, replicas and the proxy", admin.cmd_status)
+    admin_cmd("nodes", "list the nodes (schedulers) and their resources", admin.cmd_nodes)
+    admin_cmd("deployments", "list the deployments and how many replicas are ready", admin.cmd_deployments)
+    sp = admin_cmd("replicas", "list the replicas and their states", admin.cmd_replicas)
+    sp.add_argument("--model", default="", help="only this model's replicas")
+    sp = admin_cmd("deploy", "deploy a model from the catalog (or replace its deployment)", admin.cmd_deploy)
+    sp.add_argument("model", help="model name from model_configs.json (see `gridserve models`)")
+    sp.add_argument("--replicas", type=positive_int, default=1, help="desired replicas (default 1)")
+    sp.add_argument("--node", default="", help="place replicas only on this node (see `gridserve nodes`)")
+    sp = admin_cmd("scale", "change the replica count of a deployed model", admin.cmd_scale)
+    sp.add_argument("model")
+    sp.add_argument("replicas", type=positive_int, help="desired replicas")
+    sp = admin_cmd("undeploy", "remove a deployment and stop its replicas", admin.cmd_undeploy)
+    sp.add_argument("model")
+    admin_cmd("models", "list the models the catalog offers and which are deployed", admin.cmd_models)
+    sp = admin_cmd("logs", "print a replica's log (relayed by the head from its node)", admin.cmd_logs)
+    sp.add_argument("replica", help="replica id (see `gridserve replicas`)")
+    sp.add_argument("--follow", "-f", action="store_true", help="keep printing what is appended (Ctrl-C stops)")
+    sp.add_argument("--tail", type=int, default=-1, help="only the last N lines (default: the whole log)")
+    sp.add_argument("--node", default="", help="the node the replica ran on, for one the head no longer tracks")
+
+
+def add_machine_parsers(sub) -> None:
+    sp = sub.add_parser("hardware", help="show this machine's CPUs, memory, disk and the GPUs torch sees")
+    sp.add_argument("--path", default=".", help="whose filesystem the disk line describes (default .)")
+    _output(sp)
+    sp.set_defaults(func=machine.cmd_hardware)
+    sp = sub.add_parser("recommend", help="which catalog models fit this machine, best first")
+    sp.add_argument("--model-configs", default="", help="model catalog (default: the repo's model_configs.json)")
+    _output(sp)
+    sp.set_defaults(func=machine.cmd_recommend)
+
+
+def add_up_parser(sub) -> None:
+    from gridserve.cli.up import cmd_up
+
+    sp = sub.add_parser("up", help="start a local cluster (head, proxy, one scheduler) and deploy a model",
+                        description="Start a head (which starts the proxy) and one local scheduler, deploy a "
+                                    "model, wait until it is READY, then stay in the foreground; Ctrl-C stops "
+                                    "everything.")
+    sp.add_argument("--model", default="", help="model to deploy (default: the catalog's default_model)")
+    sp.add_argument("--replicas", type=positive_int, default=1, help="replicas to deploy (default 1)")
+    sp.add_argument("--host", default="127.0.0.1", help="bind address of every process (default 127.0.0.1)")
+    sp.add_argument("--grpc-port", type=int, default=50051, help="the head's gRPC port (default 50051)")
+    sp.add_argument("--http-port", type=int, default=8000, help="the proxy's HTTP port (default 8000)")
+    sp.add_argument("--state-dir", default=".gridserve/state", help="head state (default ./.gridserve/state)")
+    sp.add_argument("--work-dir", default=".gridserve/node", help="scheduler work dir (default ./.gridserve/node)")
+    sp.add_argument("--num-cpus", type=positive_float, default=None, help="CPUs the local node offers (default: all)")
+    sp.add_argument("--model-configs", default="", help="model catalog (default: the repo's model_configs.json)")
+    sp.add_argument("--api-key-file", action="append", default=[], metavar="PATH",
+                    help="API keys for the proxy, one per line; /v1/* then needs Authorization: Bearer <key>")
+    sp.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds to wait for the model to become READY (default 600)")
+    sp.set_defaults(func=cmd_up)
+
+
+def run_role(role: str, argv: list[str]) -> int:
+    try:
+        module = importlib.import_module(f"gridserve.{role}.__main__")
+    except ImportError as e:
+        print(f"gridserve {role}: not available in this installation: {e}", file=sys.stderr)
+        return 1
+    return module.main(argv) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ROLES:
+        return run_role(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(e, file=sys.stderr)
+        return 1
+    except OSError as e:  # a state/work dir that cannot be created, a log that cannot be opened ...
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `gridserve status | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

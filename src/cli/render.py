@@ -1,0 +1,109 @@
+"""How the CLI shows things: aligned tables for people, JSON (`--output json`) for programs."""
+from __future__ import annotations
+
+import json
+import time
+
+from google.protobuf import json_format
+
+from gridserve.v1 import head_pb2
+
+STATE_NAMES = {v: k.removeprefix("REPLICA_STATE_") for k, v in head_pb2.ReplicaState.items()}
+
+
+def num(x: float) -> str:
+    return f"{x:g}"
+
+
+def mem(n: int | float) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit in ("B", "KiB") else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def ago(unix: float) -> str:
+    if not unix:
+        return "-"
+    s = max(0, int(time.time() - unix))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart; the last column is not padded."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def table_or_none(headers: list[str], rows: list[list[str]]) -> str:
+    return table(headers, rows) if rows else "(none)"
+
+
+def to_dict(msg) -> dict:
+    """A proto message as JSON-ready data: proto field names, zero values kept, enums by name."""
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+def dumps(data) -> str:
+    return json.dumps(data, indent=2)
+
+
+# the cluster, as the head's Status tells it
+
+def nodes_table(st: head_pb2.ClusterStatus) -> str:
+    rows = [[n.node_id, n.address or "-", f"{num(n.allocated.num_cpus)}/{num(n.capacity.num_cpus)}",
+             f"{num(n.allocated.num_gpus)}/{num(n.capacity.num_gpus)}", mem(n.available.memory_bytes),
+             "yes" if n.alive else "no", ago(n.last_seen)] for n in st.nodes]
+    return table_or_none(["NODE", "ADDRESS", "CPUS", "GPUS", "MEM FREE", "ALIVE", "SEEN"], rows)
+
+
+def deployments_table(st: head_pb2.ClusterStatus) -> str:
+    rows = [[d.model, f"{d.ready}/{d.replicas}", d.node or "-", d.message or "-"] for d in st.deployments]
+    return table_or_none(["MODEL", "READY", "NODE", "MESSAGE"], rows)
+
+
+def replicas_table(st: head_pb2.ClusterStatus) -> str:
+    rows = [[r.replica_id, r.model, r.node_id or "-", r.address or "-", STATE_NAMES.get(r.state, str(r.state)),
+             str(r.restarts), ago(r.state_since), r.message or "-"] for r in st.replicas]
+    return table_or_none(["REPLICA", "MODEL", "NODE", "ADDRESS", "STATE", "RESTARTS", "SINCE", "MESSAGE"], rows)
+
+
+def render_status(st: head_pb2.ClusterStatus) -> str:
+    """The human view of a ClusterStatus: nodes, deployments, replicas, proxy."""
+    proxy = (f"{st.proxy_address or '(not listening)'} pid={st.proxy_pid or '-'} restarts={st.proxy_restarts}"
+             if st.proxy_pid or st.proxy_address else "(not running)")
+    return "\n".join(["NODES", nodes_table(st), "", "DEPLOYMENTS", deployments_table(st), "",
+                      "REPLICAS", replicas_table(st), "", f"PROXY  {proxy}", f"ROUTES version {st.routes_version}"])
+
+
+def status_json(st: head_pb2.ClusterStatus) -> str:
+    return dumps(to_dict(st))
+
+
+# the catalog, as the head's Models tells it
+
+def models_data(resp: head_pb2.ModelsResponse) -> dict:
+    models = []
+    for m in resp.models:
+        config = json.loads(m.model_config_json)
+        config.pop("name", None)
+        models.append({"name": m.name, "default": m.is_default, "deployed": m.deployed, "replicas": m.replicas,
+                       "ready": m.ready, "config": config})
+    return {"catalog_path": resp.catalog_path, "models": models}
+
+
+def models_table(data: dict) -> str:
+    rows = []
+    for m in data["models"]:
+        c, res = m["config"], m["config"]["resources"]
+        deployed = f"{m['ready']}/{m['replicas']}" if m["deployed"] else "-"
+        rows.append([m["name"] + (" *" if m["default"] else ""), deployed, num(res["num_cpus"]),
+                     num(res["num_gpus"]), mem(res["memory_mb"] * 1024 * 1024), str(c["context_length"]),
+                     c.get("description") or "-"])
+    out = table_or_none(["MODEL", "DEPLOYED", "CPUS", "GPUS", "MEMORY", "CONTEXT", "DESCRIPTION"], rows)
+    return f"{out}\n(* the default model; catalog {data['catalog_path'] or '-'})"

@@ -1,0 +1,61 @@
+"""API keys of the HTTP proxy: the flags, reading key files, and the 0600 file the head hands to its proxy."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from gridserve.common.errors import ConfigError
+
+KEY_FILE_NAME = "api-keys"  # under the head's state dir: what the head passes to the proxy it starts
+MIN_KEY_LENGTH = 8
+
+
+def add_api_key_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("API keys (when any is set, /v1/* needs Authorization: Bearer <key>)")
+    g.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="an accepted API key; repeatable (prefer --api-key-file: a flag is visible in `ps`)")
+    g.add_argument("--api-key-file", action="append", default=[], metavar="PATH",
+                   help="a file of accepted API keys, one per line ('#' starts a comment); repeatable")
+
+
+def check_key(key: str, where: str) -> str:
+    if len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key) or not key.isprintable():
+        raise ConfigError(f"{where}: an API key must be at least {MIN_KEY_LENGTH} printable characters "
+                          f"without spaces")
+    return key
+
+
+def read_key_file(path: str | Path) -> list[str]:
+    """The keys in a file, one per line; blank lines and '#' comments are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--api-key-file {path}: {getattr(e, 'strerror', None) or e}") from None
+    keys = [line.strip() for line in text.splitlines()]
+    keys = [check_key(k, f"--api-key-file {path}") for k in keys if k and not k.startswith("#")]
+    if not keys:
+        raise ConfigError(f"--api-key-file {path}: the file holds no key")
+    return keys
+
+
+def keys_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """Every key given by --api-key and --api-key-file, without duplicates, in order."""
+    keys = [check_key(k.strip(), "--api-key") for k in args.api_key]
+    for path in args.api_key_file:
+        keys += read_key_file(path)
+    return tuple(dict.fromkeys(keys))
+
+
+def write_key_file(path: Path, keys: tuple[str, ...] | list[str]) -> None:
+    """Writes the keys readable by their owner only (0600), atomically; removes the file when there are none."""
+    if not keys:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when a leftover tmp file had other permissions
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{k}\n" for k in keys))
+    os.replace(tmp, path)

@@ -1,0 +1,127 @@
+"""Cluster gauges for /metrics: nodes and replicas from the head's Status, queue depth and batch size from
+each READY replica's Info, polled every few seconds and served from the last poll."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+import grpc
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gridserve.common.logs import event
+from gridserve.proxy.routes import RouteTable, open_channel
+from gridserve.v1 import head_pb2, head_pb2_grpc, replica_pb2, replica_pb2_grpc
+
+log = logging.getLogger("gridserve.proxy.metrics")
+
+RPC_TIMEOUT_S = 2.0
+STATES = [name.removeprefix("REPLICA_STATE_") for name in head_pb2.ReplicaState.keys()
+          if name != "REPLICA_STATE_UNSPECIFIED"]
+
+
+def _field(info: replica_pb2.InfoResponse, name: str) -> float | None:
+    """An Info field by name, or None on a replica (or proto) that does not have it."""
+    return getattr(info, name) if name in info.DESCRIPTOR.fields_by_name else None
+
+
+class ClusterCollector(Collector):
+    """Builds the gauges from the last poll at scrape time, so replicas that are gone leave no stale series."""
+
+    def __init__(self) -> None:
+        self.head_up = False
+        self.polled_at = 0.0
+        self.status: head_pb2.ClusterStatus | None = None
+        self.infos: dict[str, replica_pb2.InfoResponse] = {}
+
+    def describe(self):
+        return []  # registering must not trigger a collect
+
+    def collect(self):
+        yield GaugeMetricFamily("gridserve_head_up", "1 if the last Status poll of the head succeeded",
+                                value=1.0 if self.head_up else 0.0)
+        if self.status is not None:
+            yield from self._cluster(self.status)
+        yield from self._replicas()
+
+    @staticmethod
+    def _cluster(st: head_pb2.ClusterStatus):
+        nodes = GaugeMetricFamily("gridserve_cluster_nodes", "Nodes the head knows, by alive", labels=["alive"])
+        alive = sum(1 for n in st.nodes if n.alive)
+        nodes.add_metric(["true"], alive)
+        nodes.add_metric(["false"], len(st.nodes) - alive)
+        yield nodes
+        counts = {(d.model, s): 0 for d in st.deployments for s in STATES}
+        for r in st.replicas:
+            key = (r.model, head_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_"))
+            counts[key] = counts.get(key, 0) + 1
+        replicas = GaugeMetricFamily("gridserve_cluster_replicas", "Replicas by model and state",
+                                     labels=["model", "state"])
+        for (model, state), n in sorted(counts.items()):
+            replicas.add_metric([model, state], n)
+        yield replicas
+        desired = GaugeMetricFamily("gridserve_deployment_desired_replicas", "Replicas each deployment wants",
+                                    labels=["model"])
+        for d in st.deployments:
+            desired.add_metric([d.model], d.replicas)
+        yield desired
+
+    def _replicas(self):
+        labels = ["model", "replica"]
+        queue = GaugeMetricFamily("gridserve_replica_queue_depth", "Requests waiting for a batch row (Info.waiting)",
+                                  labels=labels)
+        batch = GaugeMetricFamily("gridserve_replica_batch_size", "Requests in the running batch (Info.running)",
+                                  labels=labels)
+        mean = GaugeMetricFamily("gridserve_replica_mean_batch_size", "Rows per forward pass over the last few "
+                                 "seconds (Info.mean_batch_size, where the replica reports it)", labels=labels)
+        for rid, info in sorted(self.infos.items()):
+            queue.add_metric([info.model, rid], info.waiting)
+            size = _field(info, "batch_size")
+            batch.add_metric([info.model, rid], info.running if size is None else size)
+            if (value := _field(info, "mean_batch_size")) is not None:
+                mean.add_metric([info.model, rid], value)
+        yield from (queue, batch, mean)
+
+
+class ClusterPoller:
+    """Every `interval` seconds: the head's Status and the Info of every READY replica in the route table."""
+
+    def __init__(self, head_address: str, table: RouteTable, collector: ClusterCollector, interval: float,
+                 on_poll: Callable[[], None] = lambda: None):
+        self.head_address = head_address
+        self.table = table
+        self.collector = collector
+        self.interval = interval
+        self.on_poll = on_poll
+
+    async def run(self) -> None:
+        channel = open_channel(self.head_address)
+        try:
+            while True:
+                await self.poll_once(head_pb2_grpc.AdminServiceStub(channel))
+                await asyncio.sleep(self.interval)
+        finally:
+            await channel.close()
+
+    async def poll_once(self, head: head_pb2_grpc.AdminServiceStub) -> None:
+        c = self.collector
+        try:
+            c.status, c.head_up = await head.Status(head_pb2.StatusRequest(), timeout=RPC_TIMEOUT_S), True
+        except grpc.aio.AioRpcError as e:
+            if c.head_up:
+                event(log, "metrics_status_failed", logging.WARNING, head=self.head_address, code=e.code().name)
+            c.status, c.head_up = None, False
+        endpoints = [e for route in self.table.routes.values() for e in route.endpoints]
+        infos = await asyncio.gather(*(self._info(e.address) for e in endpoints))
+        c.infos = {e.replica_id: info for e, info in zip(endpoints, infos) if info is not None}
+        c.polled_at = time.time()
+        self.on_poll()
+
+    async def _info(self, address: str) -> replica_pb2.InfoResponse | None:
+        try:
+            stub = replica_pb2_grpc.ReplicaStub(self.table.channel(address))
+            return await stub.Info(replica_pb2.InfoRequest(), timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return None

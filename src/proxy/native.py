@@ -1,0 +1,47 @@
+"""The native wire format: POST /v1/chat/{model} with a text or JSON body, answered as streamed text/plain."""
+from __future__ import annotations
+
+import json
+from typing import Mapping
+
+from gridserve.common.config import ModelConfig
+from gridserve.proxy.http_errors import HttpError
+from gridserve.proxy.relay import Job, Result, Wire
+from gridserve.proxy.requests import lookup_model, parse_generate
+
+
+def error_body(err: HttpError) -> dict:
+    """The native error shape: {"error": {"message", "type", "code"}} with the HTTP status as the code."""
+    return {"error": {"message": err.message, "type": err.error_type, "code": err.status}}
+
+
+def parse(body: bytes, content_type: str, path_model: str, models: Mapping[str, ModelConfig],
+          request_id: str) -> Job:
+    config = lookup_model(models, path_model)
+    return Job(path_model, parse_generate(body, content_type, config, request_id))
+
+
+class TextAnswer:
+    """The reply as plain text, written as it comes; a failure after it began is one JSON error line."""
+    media_type = "text/plain"
+
+    def __init__(self, job: Job, request_id: str):
+        pass
+
+    def head(self) -> bytes:
+        return b""
+
+    def delta(self, text: str) -> bytes:
+        return text.encode()
+
+    def tail(self, result: Result) -> bytes:
+        return b""
+
+    def failure(self, err: HttpError) -> bytes:
+        return ("\n" + json.dumps(error_body(err)) + "\n").encode()
+
+    def whole(self, text: str, result: Result) -> dict:
+        raise AssertionError("the native chat format always streams")
+
+
+WIRE = Wire(api="chat", parse=parse, answer=TextAnswer, error_body=error_body)

@@ -1,0 +1,191 @@
+"""Fakes for proxy tests: a head (routes, status) and replicas as real grpc.aio servers, and the proxy process."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from gridserve.common import grpcutil
+from gridserve.common.config import ModelConfig
+from gridserve.common.errors import InvalidRequest, Overloaded, Unavailable
+from gridserve.v1 import head_pb2, head_pb2_grpc, replica_pb2, replica_pb2_grpc
+
+CHUNKS = ["Hello", ", ", "world", "!"]
+MODEL_JSON = ModelConfig.from_dict("tiny", {
+    "source": {"type": "local", "path": "/x"}, "context_length": 128, "max_tokens_limit": 32,
+    "sampling": {"max_new_tokens": 16}, "description": "fake"}).to_json()
+_versions = itertools.count(1)
+
+
+class FakeReplica(replica_pb2_grpc.ReplicaServicer):
+    """A replica whose instance `mode` fails every call, or whose reply depends on the user text:
+    "slow" (chunks 0.3 s apart), "hold" (one chunk, then waits), "slowstart" (waits before the first
+    chunk), "die" (two chunks, then the whole server stops), "long" (CHUNKS, finish LENGTH), anything
+    else: CHUNKS at once, finish STOP. Info reports `running` and `waiting` as set on the instance."""
+
+    def __init__(self, replica_id: str, mode: str = "ok"):
+        self.replica_id, self.mode = replica_id, mode
+        self.running, self.waiting = 0, 0
+        self.requests: list[replica_pb2.GenerateRequest] = []
+        self.cancelled: dict[str, asyncio.Event] = {}
+        self.server = None
+        self.address = ""
+
+    async def start(self) -> "FakeReplica":
+        self.server = grpcutil.make_server()
+        replica_pb2_grpc.add_ReplicaServicer_to_server(self, self.server)
+        self.address = f"127.0.0.1:{grpcutil.bind(self.server, '127.0.0.1', 0)}"
+        await self.server.start()
+        return self
+
+    async def Generate(self, request, context):
+        self.requests.append(request)
+        self.cancelled[request.request_id] = cancelled = asyncio.Event()
+        if self.mode == "unavailable":
+            raise Unavailable("replica is shutting down")
+        if self.mode == "exhausted":
+            raise Overloaded("engine queue is full (64 waiting)")
+        if self.mode == "invalid":
+            raise InvalidRequest("prompt is 300 tokens but the context length is 128")
+        text = request.prompt or request.chat.messages[-1].content
+        try:
+            async for chunk in self._reply(text):
+                yield chunk
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def _reply(self, text: str):
+        if text == "slowstart":
+            await asyncio.sleep(30)
+        if text == "hold":
+            yield replica_pb2.GenerateResponse(text="first", token_ids=[1])
+            await asyncio.sleep(30)
+        if text == "die":
+            yield replica_pb2.GenerateResponse(text="par", token_ids=[1])
+            yield replica_pb2.GenerateResponse(text="tial", token_ids=[2])
+            await asyncio.sleep(0.2)
+            asyncio.get_running_loop().create_task(self.server.stop(None))
+            await asyncio.sleep(30)
+        for i, piece in enumerate(CHUNKS):
+            if i and text == "slow":
+                await asyncio.sleep(0.3)
+            yield replica_pb2.GenerateResponse(text=piece, token_ids=[i])
+        finish = replica_pb2.FINISH_REASON_LENGTH if text == "long" else replica_pb2.FINISH_REASON_STOP
+        yield replica_pb2.GenerateResponse(finish_reason=finish,
+                                           usage=replica_pb2.Usage(prompt_tokens=3, completion_tokens=4))
+
+    async def Info(self, request, context):
+        return replica_pb2.InfoResponse(replica_id=self.replica_id, model=self.replica_id.rsplit("-", 1)[0],
+                                        loaded=True, running=self.running, waiting=self.waiting)
+
+
+class FakeHead(head_pb2_grpc.RouteServiceServicer, head_pb2_grpc.AdminServiceServicer):
+    """A head's RouteService (sends the current snapshot on Watch, then each published one) and its
+    AdminService.Status (answers `status`)."""
+
+    def __init__(self):
+        self.current = head_pb2.RoutingTable(version=0)
+        self.status = head_pb2.ClusterStatus()
+        self.queues: list[asyncio.Queue] = []
+        self.server = None
+        self.port = 0
+
+    async def start(self, port: int = 0) -> "FakeHead":
+        self.server = grpcutil.make_server()
+        head_pb2_grpc.add_RouteServiceServicer_to_server(self, self.server)
+        head_pb2_grpc.add_AdminServiceServicer_to_server(self, self.server)
+        self.port = grpcutil.bind(self.server, "127.0.0.1", port)
+        await self.server.start()
+        return self
+
+    def publish(self, **models: list[FakeReplica | str]) -> int:
+        """Publishes model -> endpoints (replicas, or bare addresses) as a new version; returns it."""
+        table = head_pb2.RoutingTable(version=next(_versions))
+        for name, endpoints in models.items():
+            route = table.routes.add(model=name, model_config_json=MODEL_JSON.replace('"tiny"', f'"{name}"'))
+            for ep in endpoints:
+                rid, addr = (ep.replica_id, ep.address) if isinstance(ep, FakeReplica) else (f"dead-{ep}", ep)
+                route.endpoints.add(replica_id=rid, address=addr, node_id="n1")
+        self.current = table
+        for q in self.queues:
+            q.put_nowait(table)
+        return table.version
+
+    async def Watch(self, request, context):
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues.append(q)
+        try:
+            yield self.current
+            while True:
+                yield await q.get()
+        finally:
+            self.queues.remove(q)
+
+    async def Status(self, request, context):
+        return self.status
+
+
+class Proxy:
+    """`python -m gridserve.proxy` as a child process, with its stderr in a log file."""
+
+    def __init__(self, head_port: int, workdir: Path, extra: tuple[str, ...] = ()):
+        self.head_port, self.workdir, self.extra = head_port, workdir, tuple(extra)
+        self.log_path = workdir / "proxy.log"
+        self.proc = None
+        self.url = ""
+
+    async def start(self) -> "Proxy":
+        port_file = self.workdir / "proxy.port"
+        self.log = open(self.log_path, "wb")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gridserve.proxy", "--head", f"127.0.0.1:{self.head_port}",
+            "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--max-body-bytes", "4096",
+            *self.extra, stderr=self.log, stdin=asyncio.subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not port_file.exists():
+            assert self.proc.returncode is None, self.log_path.read_text()
+            assert time.monotonic() < deadline, "proxy did not write its port file"
+            await asyncio.sleep(0.05)
+        self.port = int(port_file.read_text())
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    async def stop(self) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+async def wait_version(http: aiohttp.ClientSession, proxy: Proxy, version: int) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        async with http.get(f"{proxy.url}/health") as r:
+            if (await r.json())["routes_version"] == version:
+                return
+        assert time.monotonic() < deadline, f"proxy never applied routes version {version}"
+        await asyncio.sleep(0.05)
+
+
+async def publish(http, proxy: Proxy, head: FakeHead, **models) -> None:
+    await wait_version(http, proxy, head.publish(**models))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
