@@ -61,7 +61,8 @@ def one_start(root: Path, label: str, cache: Path) -> dict:
         t_first = t_ready + ttft
         _, chunks, total = stream(url, {"messages": msgs, "max_tokens": 64, "temperature": 0})
         status = json.loads(subprocess.run([GRIDSERVE, "status", "--output", "json", "--head",
-                                            f"127.0.0.1:{grpc_port}"], capture_output=True, text=True).stdout)
+                                            f"127.0.0.1:{grpc_port}", "--state-dir", str(root / "state")],
+                                           capture_output=True, text=True).stdout)
         rss = sum(psutil.Process(r["pid"]).memory_info().rss for r in status["replicas"] if r.get("pid"))
         return {"start": label, "curl_line_s": round(t_ready, 2), "first_token_s": round(t_first, 2),
                 "stream_chunks": chunks, "stream_s": round(total, 2), "replica_rss_mib": round(rss / 2**20)}

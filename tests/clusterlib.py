@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from gridserve.common.security import METADATA_KEY
 from gridserve.v1 import head_pb2, head_pb2_grpc
 
 READY = head_pb2.REPLICA_STATE_READY
@@ -49,8 +50,9 @@ def pid_alive(pid: int) -> bool:
 class Cluster:
     """A head (with its proxy) and schedulers as subprocesses, their logs under `root`."""
 
-    def __init__(self, root: Path, model_configs: Path, env: dict | None = None):
+    def __init__(self, root: Path, model_configs: Path, env: dict | None = None, tls: dict | None = None):
         self.root = Path(root)
+        self.tls = tls  # {"ca", "cert", "key"} paths: every process serves and dials TLS
         self.model_configs = model_configs
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -72,15 +74,25 @@ class Cluster:
         (state / "head.json").unlink(missing_ok=True)
         head = self._spawn("head", ["head", "--host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1",
                              "--http-port", "0", "--state-dir", str(state),
-                             "--model-configs", str(self.model_configs), *extra])
+                             "--model-configs", str(self.model_configs), *self.tls_flags(), *extra])
         key = "http_address" if wait_for_proxy else "grpc_address"
         info = wait_for(lambda: self._exited_early(head) or self._head_json(state, key), 60, f"head.json with {key}")
         self.grpc_address, self.http_address = info["grpc_address"], info.get("http_address", "")
-        self._channel = grpc.insecure_channel(self.grpc_address)
+        self._channel = (grpc.secure_channel(self.grpc_address, grpc.ssl_channel_credentials(
+            Path(self.tls["ca"]).read_bytes())) if self.tls else grpc.insecure_channel(self.grpc_address))
+        self.token_file = state / "cluster-token"  # the head made it; every call carries it
+        self.metadata = ((METADATA_KEY, self.token_file.read_text().strip()),)
 
     def restart_head(self) -> None:
         self.kill("head")
         self.start_head()
+
+    def tls_flags(self, serve: bool = True) -> list[str]:
+        """What a process needs for the cluster's TLS: its cert and key when it serves, the CA always."""
+        if not self.tls:
+            return []
+        own = ["--tls-cert", self.tls["cert"], "--tls-key", self.tls["key"]] if serve else []
+        return [*own, "--tls-ca", self.tls["ca"]]
 
     def _exited_early(self, proc: subprocess.Popen) -> None:
         if proc.poll() is not None:
@@ -95,7 +107,8 @@ class Cluster:
         self._spawn(f"scheduler-{node_id}", ["scheduler", "--head", self.grpc_address, "--node-id", node_id,
                                              "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus),
                                              "--host", "127.0.0.1", "--work-dir", str(self.root / node_id),
-                                             *extra])
+                                             "--cluster-token-file", str(self.token_file),
+                                             *self.tls_flags(), *extra])
         proc = self.procs[f"scheduler-{node_id}"]
         wait_for(lambda: self._exited_early(proc) or any(n.node_id == node_id and n.alive
                                                           for n in self.status().nodes), 30,
@@ -126,10 +139,13 @@ class Cluster:
     # the head's admin API and the CLI
 
     def status(self) -> head_pb2.ClusterStatus:
-        return head_pb2_grpc.AdminServiceStub(self._channel).Status(head_pb2.StatusRequest(), timeout=5)
+        return head_pb2_grpc.AdminServiceStub(self._channel).Status(head_pb2.StatusRequest(), timeout=5,
+                                                                    metadata=self.metadata)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        res = subprocess.run([GRIDSERVE, *args, "--head", self.grpc_address], capture_output=True, text=True,
+        res = subprocess.run([GRIDSERVE, *args, "--head", self.grpc_address,
+                              "--cluster-token-file", str(self.token_file), *self.tls_flags(serve=False)],
+                             capture_output=True, text=True,
                              env=self.env, timeout=60)
         if check and res.returncode != 0:
             raise AssertionError(f"gridserve {' '.join(args)} failed ({res.returncode}): {res.stderr}")

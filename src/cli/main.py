@@ -5,9 +5,12 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from gridserve.cli import admin, machine
-from gridserve.cli.headclient import DEFAULT_HEAD, CliError
+from gridserve.cli.headclient import DEFAULT_HEAD, DEFAULT_STATE_DIR, CliError, Head
+from gridserve.common.errors import ConfigError
+from gridserve.common.security import add_security_args, security_from_args
 
 ROLES = {
     "head": "the head controller (deployments, placement, routes; starts the HTTP proxy)",
@@ -57,6 +60,10 @@ def add_admin_parsers(sub) -> None:
     def admin_cmd(name: str, help_text: str, func) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("--head", default=DEFAULT_HEAD, help=f"the head's gRPC address (default {DEFAULT_HEAD})")
+        sp.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                        help="the head's state dir, where its cluster token is found when no token flag is "
+                             f"given (default ./{DEFAULT_STATE_DIR})")
+        add_security_args(sp)
         _output(sp)
         sp.set_defaults(func=func)
         return sp
@@ -132,9 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_role(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "cluster_token_file") and hasattr(args, "head"):
+            args.head = Head(args.head, security_from_args(args, state_dir=Path(args.state_dir)))
         return args.func(args)
     except CliError as e:
         print(e, file=sys.stderr)
+        return 1
+    except ConfigError as e:
+        print(f"error: {e.message}", file=sys.stderr)
         return 1
     except OSError as e:  # a state/work dir that cannot be created, a log that cannot be opened ...
         print(f"error: {e}", file=sys.stderr)

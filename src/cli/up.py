@@ -1,6 +1,7 @@
 """`gridserve up`: a local cluster (head, proxy, one scheduler) serving a model, in the foreground."""
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import socket
@@ -8,9 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from gridserve.cli.headclient import DEFAULT_HEAD, CliError, call_head
+from gridserve.cli.headclient import DEFAULT_HEAD, DEFAULT_STATE_DIR, CliError, Head, call_head
 from gridserve.cli.render import STATE_NAMES
 from gridserve.common.procs import python_module_cmd, stop_sync, tied_child_env
+from gridserve.common.security import security_from_args
 from gridserve.v1 import head_pb2
 
 
@@ -96,7 +98,7 @@ def cmd_up(args) -> int:
               flush=True)
         wait_model_ready(cluster, head, model, args.timeout)
         http = wait_head_json(cluster, Path(args.state_dir), "http_address", 60.0)["http_address"]
-        print_ready(model, head, http, bool(args.api_key_file))
+        print_ready(model, head, http, args.state_dir, bool(args.api_key_file))
         while True:
             time.sleep(0.5)
             cluster.check()
@@ -111,7 +113,7 @@ def cmd_up(args) -> int:
                 signal.signal(sig, handler)
 
 
-def start_head(cluster: LocalCluster, args) -> str:
+def start_head(cluster: LocalCluster, args) -> Head:
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     (state / "head.json").unlink(missing_ok=True)
@@ -123,7 +125,15 @@ def start_head(cluster: LocalCluster, args) -> str:
         argv += ["--api-key-file", path]
     proc = cluster.spawn("head", "gridserve.head", argv, state / "head.log")
     print(f"starting the head on {args.host}:{args.grpc_port} (pid {proc.pid}, log {state / 'head.log'})", flush=True)
-    return wait_head_json(cluster, state, "grpc_address", 60.0)["grpc_address"]
+    address = wait_head_json(cluster, state, "grpc_address", 60.0)["grpc_address"]
+    # The head made (or reused) the cluster token in its state dir before it wrote head.json.
+    return Head(address, security_from_args(security_defaults(), state_dir=state))
+
+
+def security_defaults() -> argparse.Namespace:
+    """No security flags given: the token comes from the head's state dir."""
+    return argparse.Namespace(cluster_token=None, cluster_token_file=None, tls_cert=None, tls_key=None,
+                              tls_ca=None)
 
 
 def wait_head_json(cluster: LocalCluster, state: Path, key: str, timeout: float) -> dict:
@@ -142,9 +152,9 @@ def wait_head_json(cluster: LocalCluster, state: Path, key: str, timeout: float)
     raise CliError(f"error: the head did not report its {key} within {timeout:g}s (see {state / 'head.log'})")
 
 
-def start_scheduler(cluster: LocalCluster, args, head: str) -> None:
+def start_scheduler(cluster: LocalCluster, args, head: Head) -> None:
     work = Path(args.work_dir)
-    argv = ["--head", head, "--host", args.host, "--work-dir", str(work)]
+    argv = ["--head", head.address, "--host", args.host, "--work-dir", str(work), *head.security.child_args()]
     if args.num_cpus is not None:
         argv += ["--num-cpus", f"{args.num_cpus:g}"]
     proc = cluster.spawn("scheduler", "gridserve.scheduler", argv, work / "scheduler.log")
@@ -158,7 +168,7 @@ def start_scheduler(cluster: LocalCluster, args, head: str) -> None:
     raise CliError(f"error: the scheduler did not register with the head within 60s (see {work / 'scheduler.log'})")
 
 
-def wait_model_ready(cluster: LocalCluster, head: str, model: str, timeout: float) -> None:
+def wait_model_ready(cluster: LocalCluster, head: Head, model: str, timeout: float) -> None:
     """Polls Status until a replica of `model` is READY, printing a line whenever something changes."""
     started = time.monotonic()
     last, last_print = None, 0.0
@@ -182,8 +192,10 @@ def wait_model_ready(cluster: LocalCluster, head: str, model: str, timeout: floa
     raise CliError(f"error: {model} was not READY within {timeout:g}s (see `gridserve status --head {head}`)")
 
 
-def print_ready(model: str, head: str, http: str, keys: bool = False) -> None:
-    head_flag = "" if head == DEFAULT_HEAD else f" --head {head}"
+def print_ready(model: str, head: Head, http: str, state_dir: str, keys: bool = False) -> None:
+    head_flag = "" if head.address == DEFAULT_HEAD else f" --head {head.address}"
+    if Path(state_dir).resolve() != Path(DEFAULT_STATE_DIR).resolve():
+        head_flag += f" --state-dir {state_dir}"  # where the CLI finds the cluster token
     auth = ' -H "Authorization: Bearer $GRIDSERVE_API_KEY"' if keys else ""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "stream": True})
     print(f"\n{model} is ready. Try:\n"

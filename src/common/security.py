@@ -87,12 +87,16 @@ def write_token_file(path: Path, token: str) -> None:
 def security_from_args(args: argparse.Namespace, state_dir: Path | None = None,
                        create: bool = False) -> Security:
     """Builds Security from the flags. With neither token flag, look in state_dir (the head's, on its own
-    machine); `create` (the head) makes a new token there when none exists yet."""
+    machine). `create` (the head) makes a new token there when none exists yet, and writes a token
+    given by value there too, so its children and tools on its machine read it from a file."""
     token, token_file = "", ""
     if args.cluster_token and args.cluster_token_file:
         raise ConfigError("give --cluster-token or --cluster-token-file, not both")
     if args.cluster_token:
         token = args.cluster_token.strip()
+        if create and state_dir is not None and len(token) >= 16:
+            token_file = str((Path(state_dir) / TOKEN_FILE_NAME).resolve())
+            write_token_file(Path(token_file), token)
     elif args.cluster_token_file:
         token, token_file = read_token_file(args.cluster_token_file), str(Path(args.cluster_token_file).resolve())
     elif state_dir is not None:

@@ -53,7 +53,7 @@ async def serve(cfg: HeadConfig) -> int:
     store = StateStore(cfg.state_dir)
     routes = RouteTable()
     ctl = Controller(catalog, store, routes, cfg.node_timeout, cfg.reconcile_interval)
-    server = make_server()
+    server = make_server(cfg.security)
     add_services(server, ctl, routes)
     health = add_health(server)
     tasks: list[asyncio.Task] = []
@@ -62,7 +62,7 @@ async def serve(cfg: HeadConfig) -> int:
         ctl.load()
         ctl.reconcile()
         try:
-            port = bind(server, cfg.host, cfg.grpc_port)
+            port = bind(server, cfg.host, cfg.grpc_port, cfg.security)
         except (OSError, RuntimeError):
             print(f"fatal: cannot bind the head's gRPC server to {cfg.host}:{cfg.grpc_port}: "
                   f"address in use or not available", file=sys.stderr)
@@ -72,13 +72,17 @@ async def serve(cfg: HeadConfig) -> int:
         info = HeadInfo(cfg.state_dir / "head.json", f"{display_host(cfg.host)}:{port}")
         info.write()
         event(log, "head_started", grpc_address=info.data["grpc_address"], state_dir=cfg.state_dir,
-              models=len(catalog.models), proxy=cfg.proxy, api_keys=len(cfg.api_keys))
+              models=len(catalog.models), proxy=cfg.proxy, api_keys=len(cfg.api_keys), tls=cfg.security.tls,
+              cluster_token_file=cfg.security.token_file or "(given on the command line)")
+        print(f"cluster token: {cfg.security.token_file or '(from --cluster-token)'}; give it to every scheduler "
+              f"with --cluster-token-file (copy the file to each machine)", file=sys.stderr, flush=True)
         tasks.append(asyncio.create_task(ctl.run(), name="reconcile"))
         if cfg.proxy:
             tasks.append(asyncio.create_task(_proxy(cfg, port, ctl, info).run(), name="proxy"))
         await _until_signal(tasks)
         return 0
     finally:
+        ctl.stopping = True
         for t in reversed(tasks):  # the proxy first: its supervisor stops it in its finally
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -98,7 +102,7 @@ def _proxy(cfg: HeadConfig, grpc_port: int, ctl: Controller, info: HeadInfo) -> 
     key_file = cfg.state_dir / KEY_FILE_NAME
     write_key_file(key_file, cfg.api_keys)  # 0600; removed when the head has no keys
     return ProxySupervisor(f"{cfg.local_host}:{grpc_port}", cfg.http_host, cfg.http_port, cfg.state_dir,
-                           on_change, key_file if cfg.api_keys else None)
+                           on_change, key_file if cfg.api_keys else None, cfg.security.child_args())
 
 
 async def _until_signal(tasks: list[asyncio.Task]) -> None:

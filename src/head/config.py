@@ -8,6 +8,7 @@ from pathlib import Path
 from gridserve.common.config import DEFAULT_MODEL_CONFIGS
 from gridserve.common.errors import ConfigError
 from gridserve.common.proxy_keys import add_api_key_args, keys_from_args
+from gridserve.common.security import Security, add_security_args, security_from_args
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -26,6 +27,7 @@ class HeadConfig:
     reconcile_interval: float = 1.0
     log_level: str = "INFO"
     api_keys: tuple[str, ...] = ()  # handed to the proxy in a 0600 file under state_dir, never on argv
+    security: Security = Security()  # always has a token: the head makes one in state_dir if none is given
 
     def __post_init__(self) -> None:
         for name, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port)):
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between periodic reconcile passes (default 1)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     add_api_key_args(p)
+    add_security_args(p)
     return p
 
 
@@ -75,5 +78,7 @@ def parse_config(argv: list[str] | None = None) -> HeadConfig:
     """Flags -> HeadConfig; argparse errors exit 2, a bad value raises ConfigError naming the flag."""
     args = build_parser().parse_args(argv)
     keys = keys_from_args(args)
-    del args.api_key, args.api_key_file
-    return HeadConfig(**vars(args), api_keys=keys)
+    security = security_from_args(args, state_dir=args.state_dir, create=True)
+    for name in ("api_key", "api_key_file", "cluster_token", "cluster_token_file", "tls_cert", "tls_key", "tls_ca"):
+        delattr(args, name)
+    return HeadConfig(**vars(args), api_keys=keys, security=security)

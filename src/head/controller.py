@@ -45,6 +45,7 @@ class Controller:
         self.assignments: dict[str, Assignment] = {}
         self.nodes: dict[str, Node] = {}
         self.messages: dict[str, str] = {}
+        self.stopping = False  # set on head shutdown: closing sessions then is not losing nodes
         self.proxy_address = ""
         self.proxy_pid = 0
         self.proxy_restarts = 0
@@ -217,6 +218,8 @@ class Controller:
     def close_session(self, session: Session, reason: str) -> None:
         session.close(reason)
         self.logs.node_gone(session.node_id, reason)
+        if self.stopping:  # the head is going down, not the node: keep its replicas' assignments for adoption
+            return
         node = self.nodes.get(session.node_id)
         if node is not None and node.session is session:
             node.session = None

@@ -49,12 +49,14 @@ class ProxySupervisor:
     a graceful head shutdown stops it explicitly."""
 
     def __init__(self, head_address: str, host: str, port: int, state_dir: Path,
-                 on_change: Callable[[str, int, int], None], api_key_file: Path | None = None):
+                 on_change: Callable[[str, int, int], None], api_key_file: Path | None = None,
+                 security_args: list[str] = ()):
         self.head_address = head_address
         self.host = host
         self.port = port
         self.port_file = state_dir / "proxy.port"
         self.api_key_file = api_key_file  # the proxy reads its keys here (0600), not from its argv
+        self.security_args = list(security_args)  # the cluster token by file, TLS files
         self.on_change = on_change  # (http_address, pid, restarts)
         self.restarts = 0
         self.address = ""
@@ -64,7 +66,8 @@ class ProxySupervisor:
     def command(self) -> list[str]:
         keys = ["--api-key-file", str(self.api_key_file)] if self.api_key_file else []
         return python_module_cmd("gridserve.proxy", "--head", self.head_address, "--host", self.host,
-                                 "--port", str(self.port), "--port-file", str(self.port_file), *keys)
+                                 "--port", str(self.port), "--port-file", str(self.port_file), *keys,
+                                 *self.security_args)
 
     async def run(self) -> None:
         """Keeps a proxy running until cancelled; stops it in finally."""

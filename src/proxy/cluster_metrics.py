@@ -97,7 +97,7 @@ class ClusterPoller:
         self.on_poll = on_poll
 
     async def run(self) -> None:
-        channel = open_channel(self.head_address)
+        channel = open_channel(self.head_address, self.table.security)
         try:
             while True:
                 await self.poll_once(head_pb2_grpc.AdminServiceStub(channel))

@@ -12,6 +12,7 @@ from gridserve.common import grpcutil
 from gridserve.common.config import ModelConfig
 from gridserve.common.errors import ConfigError
 from gridserve.common.logs import event
+from gridserve.common.security import Security
 from gridserve.v1 import head_pb2, head_pb2_grpc
 
 log = logging.getLogger("gridserve.proxy.routes")
@@ -25,8 +26,9 @@ RECONNECT_OPTIONS = [
 ]
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=grpcutil.CHANNEL_OPTIONS + RECONNECT_OPTIONS)
+def open_channel(address: str, security: Security | None = None) -> grpc.aio.Channel:
+    """A channel with the cluster token (and TLS) and a short reconnect backoff."""
+    return grpcutil.channel(address, security, RECONNECT_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class Lease:
 class RouteTable:
     """What the head last said is deployed and READY, plus per-endpoint in-flight counts and channels."""
 
-    def __init__(self, rng: random.Random | None = None):
+    def __init__(self, rng: random.Random | None = None, security: Security | None = None):
+        self.security = security  # what every channel to the head and the replicas carries
         self.version = 0
         self.received = False           # False until the first snapshot arrives
         self.routes: dict[str, ModelRoute] = {}
@@ -127,7 +130,7 @@ class RouteTable:
         """The cached channel to a replica (opened on first use; closed when it leaves the table)."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address)
+            channel = self._channels[address] = open_channel(address, self.security)
         return channel
 
     def _release(self, address: str) -> None:
@@ -172,7 +175,7 @@ class RouteWatcher:
         self.connected = False
 
     async def run(self) -> None:
-        channel = open_channel(self.head_address)
+        channel = open_channel(self.head_address, self.table.security)
         stub = head_pb2_grpc.RouteServiceStub(channel)
         delay = self.backoff_initial_s
         try:

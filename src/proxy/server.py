@@ -134,7 +134,7 @@ async def _until_signalled() -> str:
 async def serve(cfg: ProxyConfig) -> int:
     """Runs the proxy until SIGTERM/SIGINT; open streams get cfg.shutdown_grace_s to finish."""
     disable_created_metrics()  # no *_created series: they double the exposition for little use
-    table = RouteTable()
+    table = RouteTable(security=cfg.security)
     watcher = RouteWatcher(cfg.head, table)
     policy = RetryPolicy(attempts=cfg.retry_attempts, deadline_s=cfg.retry_deadline_s)
     state = ProxyState(table, policy, cfg.max_body_bytes, watcher, ProxyMetrics())

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gridserve.common.config import ModelConfig
 from gridserve.common.errors import ConfigError
+from gridserve.common.security import Security, add_security_args, security_from_args
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SHUTDOWN_GRACE_S = 5.0  # how long in-flight streams may finish after SIGTERM before they are cancelled
@@ -24,6 +25,7 @@ class ReplicaConfig:
     cache_dir: Path
     log_level: str = "INFO"
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    security: Security = field(default=Security(), repr=False)  # cluster token and TLS of its gRPC server
 
     def __post_init__(self) -> None:
         if not self.replica_id.strip():
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="converted-model cache (default $XDG_CACHE_HOME/gridserve "
                                        "or ~/.cache/gridserve)")
     p.add_argument("--log-level", default="INFO", type=str.upper, help="DEBUG, INFO, WARNING or ERROR")
+    add_security_args(p)
     return p
 
 
@@ -71,4 +74,5 @@ def parse_config(argv: list[str] | None = None) -> ReplicaConfig:
         port_file=Path(args.port_file) if args.port_file else None,
         num_threads=args.num_threads, cache_dir=cache_dir,
         log_level=args.log_level,
+        security=security_from_args(args),
     )

@@ -151,11 +151,11 @@ class ReplicaProcess:
 
     async def run(self) -> int:
         cfg = self.cfg
-        server = make_server()
+        server = make_server(cfg.security)
         replica_pb2_grpc.add_ReplicaServicer_to_server(self.service, server)
         health = add_health(server)
         await self._set_health(health, NOT_SERVING)
-        port = bind(server, cfg.host, cfg.port)
+        port = bind(server, cfg.host, cfg.port, cfg.security)
         await server.start()
         if cfg.port_file:
             write_port_file(cfg.port_file, port)

@@ -22,6 +22,9 @@ log = logging.getLogger("gridserve.scheduler")
 FIRST_RECONNECT = 0.5
 MAX_RECONNECT = 5.0
 STABLE_SESSION = 10.0  # a session that lasted this long resets the reconnect backoff
+# The head answers a hello at once. Without an answer in this time the link is not there (writes are
+# only queued while gRPC is still connecting, and a cut link can keep it connecting for minutes).
+SESSION_OPEN_TIMEOUT = 10.0
 
 
 class NodeAgent:
@@ -112,8 +115,13 @@ class NodeAgent:
             try:
                 await self._session()
                 reason = "the head ended the session"
+            except asyncio.TimeoutError:
+                reason = f"no answer to the hello within {SESSION_OPEN_TIMEOUT:g}s"
             except grpc.aio.AioRpcError as e:
                 reason = f"{e.code().name}: {e.details()}"
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    event(log, "head_refused_token", logging.ERROR, head=self.cfg.head,
+                          hint="pass the head's token with --cluster-token-file (its state dir holds it)")
             finally:
                 self.connected = False
             if time.monotonic() - started > STABLE_SESSION:
@@ -125,13 +133,15 @@ class NodeAgent:
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
-        async with channel(self.cfg.head) as ch:
+        async with channel(self.cfg.head, self.cfg.security) as ch:
             call = head_pb2_grpc.NodeServiceStub(ch).Session()
             logs = LogStreams(self.cfg.work_dir)
             try:
-                await call.write(head_pb2.NodeMessage(hello=self.hello()))
-                await call.write(head_pb2.NodeMessage(report=self.report()))
+                first = await asyncio.wait_for(self._open(call), SESSION_OPEN_TIMEOUT)
+                if first is grpc.aio.EOF:
+                    return
                 self.connected = True
+                self._handle(first, logs)
                 event(log, "head_connected", head=self.cfg.head, node=self.cfg.node_id,
                       replicas=len(self.replicas))
                 reader = asyncio.create_task(self._read(call, logs))
@@ -149,20 +159,29 @@ class NodeAgent:
                 call.cancel()
                 await logs.close()
 
+    async def _open(self, call):
+        """Sends the hello and a first report; returns the head's first answer (or EOF)."""
+        await call.write(head_pb2.NodeMessage(hello=self.hello()))
+        await call.write(head_pb2.NodeMessage(report=self.report()))
+        return await call.read()
+
     async def _read(self, call, logs: LogStreams) -> None:
         while True:
             msg = await call.read()
             if msg is grpc.aio.EOF:
                 return
-            kind = msg.WhichOneof("kind")
-            if kind == "desired":
-                self.desired_version = msg.desired.version
-                event(log, "desired_received", version=msg.desired.version, replicas=len(msg.desired.replicas))
-                self.converge(msg.desired)
-            elif kind == "log_request":
-                logs.open(msg.log_request)
-            elif kind == "log_cancel":
-                logs.cancel(msg.log_cancel.stream_id)
+            self._handle(msg, logs)
+
+    def _handle(self, msg: head_pb2.HeadMessage, logs: LogStreams) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "desired":
+            self.desired_version = msg.desired.version
+            event(log, "desired_received", version=msg.desired.version, replicas=len(msg.desired.replicas))
+            self.converge(msg.desired)
+        elif kind == "log_request":
+            logs.open(msg.log_request)
+        elif kind == "log_cancel":
+            logs.cancel(msg.log_cancel.stream_id)
 
     async def _send(self, call, outbox: asyncio.Queue) -> None:
         """Writes log chunks as they come and a report on every change and at least every report_interval

@@ -12,6 +12,7 @@ import psutil
 from gridserve.common.config import parse_hostport
 from gridserve.common.errors import ConfigError
 from gridserve.common.procs import python_module_cmd
+from gridserve.common.security import Security, add_security_args, security_from_args
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -33,6 +34,8 @@ class SchedulerConfig:
     probe_interval: float = 1.0
     stop_grace: float = 10.0
     log_level: str = "INFO"
+    port_range: tuple[int, int] = (0, 0)  # replica ports; (0, 0): any free port
+    security: Security = field(default=Security(), repr=False)
 
     def __post_init__(self) -> None:
         parse_hostport(self.head)
@@ -51,6 +54,9 @@ class SchedulerConfig:
                 raise ConfigError(f"{name}: must be between {lo:g} and {hi:g} seconds, got {value:g}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}")
+        lo, hi = self.port_range
+        if (lo, hi) != (0, 0) and not 1024 <= lo <= hi <= 65535:
+            raise ConfigError(f"--port-range: must be LOW-HIGH within 1024..65535, got {lo}-{hi}")
 
     @property
     def probe_host(self) -> str:
@@ -77,10 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", default="", help="this node's name (default: the hostname)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs the head may place (default: all logical CPUs)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs the head may place (default 0)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address of the replicas (default 127.0.0.1)")
+    p.add_argument("--host", default="",
+                   help="bind address of the replicas (default: the advertised address)")
     p.add_argument("--advertise-host", default="",
-                   help="host others reach the replicas at (default: --host if specific, else the local "
-                        "address of the route to the head)")
+                   help="address the proxy reaches the replicas at (default: --host if it is a specific "
+                        "address, else the local address of the route to the head)")
+    p.add_argument("--port-range", default="", metavar="LOW-HIGH",
+                   help="ports replicas listen on, for firewalls (default: any free port)")
     p.add_argument("--work-dir", type=Path, default=Path(".gridserve/node"),
                    help="replica logs and port files go here (default ./.gridserve/node)")
     p.add_argument("--cache-dir", default="", help="passed to replicas as --cache-dir (model download cache)")
@@ -92,7 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-grace", type=float, default=10.0,
                    help="seconds a replica gets to exit after SIGTERM before SIGKILL (default 10)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    add_security_args(p)
     return p
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    if not text:
+        return (0, 0)
+    lo, sep, hi = text.partition("-")
+    if not (sep and lo.strip().isdigit() and hi.strip().isdigit()):
+        raise ConfigError(f"--port-range: expected LOW-HIGH, e.g. 41000-41099, got {text!r}")
+    return int(lo), int(hi)
 
 
 def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
@@ -100,11 +119,13 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     a = build_parser().parse_args(argv)
     head_host, head_port = parse_hostport(a.head)
     advertise = a.advertise_host or (a.host if a.host not in WILDCARD_HOSTS else route_address_to(head_host, head_port))
+    host = a.host or advertise  # nothing assumes 127.0.0.1: bind where others are told to connect
     command = tuple(shlex.split(a.replica_command)) if a.replica_command else None
     extra = {"replica_command": command} if command else {}
     return SchedulerConfig(
         head=a.head, node_id=a.node_id or socket.gethostname(),
         num_cpus=float(a.num_cpus if a.num_cpus is not None else (psutil.cpu_count() or 1)),
-        num_gpus=a.num_gpus, memory_bytes=psutil.virtual_memory().total, host=a.host, advertise_host=advertise,
+        num_gpus=a.num_gpus, memory_bytes=psutil.virtual_memory().total, host=host, advertise_host=advertise,
         work_dir=a.work_dir, cache_dir=a.cache_dir, report_interval=a.report_interval,
-        probe_interval=a.probe_interval, stop_grace=a.stop_grace, log_level=a.log_level, **extra)
+        probe_interval=a.probe_interval, stop_grace=a.stop_grace, log_level=a.log_level,
+        port_range=parse_port_range(a.port_range), security=security_from_args(a), **extra)

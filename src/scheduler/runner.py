@@ -6,7 +6,9 @@ import collections
 import contextlib
 import logging
 import math
+import random
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -14,7 +16,7 @@ from typing import Callable
 import grpc
 
 from gridserve.common.config import ModelConfig
-from gridserve.common.errors import GridserveError
+from gridserve.common.errors import GridserveError, Unavailable
 from gridserve.common.grpcutil import SERVING, channel, check_health
 from gridserve.common.logs import event
 from gridserve.common.procs import stop_async, tied_child_env
@@ -170,8 +172,10 @@ class ReplicaRunner:
 
     def _command(self, num_threads: int) -> list[str]:
         cmd = [*self.cfg.replica_command, "--replica-id", self.replica_id,
-               "--model-config-json", self.spec.model_config_json, "--host", self.cfg.host, "--port", "0",
-               "--port-file", str(self.port_file), "--num-threads", str(num_threads)]
+               "--model-config-json", self.spec.model_config_json, "--host", self.cfg.host,
+               "--port", str(pick_port(self.cfg.host, *self.cfg.port_range)),
+               "--port-file", str(self.port_file), "--num-threads", str(num_threads),
+               *self.cfg.security.child_args()]
         if self.cfg.cache_dir:
             cmd += ["--cache-dir", self.cfg.cache_dir]
         return cmd
@@ -187,7 +191,7 @@ class ReplicaRunner:
                 self.proc = await asyncio.create_subprocess_exec(
                     *self._command(num_threads), stdin=asyncio.subprocess.DEVNULL, stdout=logf,
                     stderr=asyncio.subprocess.STDOUT, process_group=0, env=tied_child_env())
-            except OSError as e:
+            except (OSError, Unavailable) as e:
                 self._set(S.REPLICA_STATE_RESTARTING, f"cannot start {self.cfg.replica_command[0]}: {e}")
                 return None, offset
         self.pid, self.address = self.proc.pid, ""
@@ -210,7 +214,7 @@ class ReplicaRunner:
         self.address = f"{_bracket(self.cfg.advertise_host)}:{port}"
         self.on_change()
         failures = 0
-        async with channel(f"{_bracket(self.cfg.probe_host)}:{port}") as ch:
+        async with channel(f"{_bracket(self.cfg.probe_host)}:{port}", self.cfg.security) as ch:
             while True:
                 try:
                     status = await check_health(ch, timeout=2.0)
@@ -223,6 +227,21 @@ class ReplicaRunner:
                                   f"{failures} health probes failed: {e.code().name} {e.details() or ''}".strip())
                 ready = self.state == S.REPLICA_STATE_READY
                 await asyncio.sleep(self.cfg.probe_interval if ready else min(STARTING_PROBE, self.cfg.probe_interval))
+
+
+def pick_port(host: str, low: int, high: int) -> int:
+    """A free port in [low, high] on host (0 when no range is set: the replica picks one itself).
+    Another process may take it before the replica binds; the replica then exits and is restarted."""
+    if (low, high) == (0, 0):
+        return 0
+    for port in random.sample(range(low, high + 1), high - low + 1):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, port))
+                return port
+            except OSError:
+                continue
+    raise Unavailable(f"no free port in --port-range {low}-{high} on {host}")
 
 
 def _read_port(path: Path) -> int | None:

@@ -27,6 +27,7 @@ class Up:
 
     def __init__(self, tmp):
         self.grpc_port, self.http_port = free_port(), free_port()
+        self.state_dir = tmp / "state"
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [GRIDSERVE, "up", "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
@@ -47,7 +48,8 @@ class Up:
         return f"http://127.0.0.1:{self.http_port}{path}"
 
     def cli(self, *args):
-        return subprocess.run([GRIDSERVE, *args, "--head", f"127.0.0.1:{self.grpc_port}"], capture_output=True,
+        return subprocess.run([GRIDSERVE, *args, "--head", f"127.0.0.1:{self.grpc_port}", "--state-dir",
+                               str(self.state_dir)], capture_output=True,
                               text=True, timeout=60)
 
 

@@ -21,7 +21,7 @@ FAKE_REPLICA = textwrap.dedent('''
         p = argparse.ArgumentParser()
         for flag in ("--replica-id", "--model-config-json", "--host", "--port", "--port-file", "--num-threads"):
             p.add_argument(flag, required=True)
-        a = p.parse_args()
+        a, _security_flags = p.parse_known_args()
         print(f"fake replica {a.replica_id} starting", file=sys.stderr, flush=True)
         if json.loads(a.model_config_json)["description"] == "fake:fatal":
             print("fatal: cannot load it: the hub is offline", file=sys.stderr, flush=True)
@@ -143,7 +143,8 @@ def test_logs_of_a_failed_replica_show_why_it_failed(cluster):
 
 def test_logs_follow_prints_what_is_appended_until_ctrl_c(cluster):
     rid = cluster.wait_ready("ok", 1, timeout=30)[0].replica_id
-    proc = subprocess.Popen([GRIDSERVE, "logs", rid, "--follow", "--tail", "1", "--head", cluster.grpc_address],
+    proc = subprocess.Popen([GRIDSERVE, "logs", rid, "--follow", "--tail", "1", "--head", cluster.grpc_address,
+                             "--cluster-token-file", str(cluster.token_file)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stdout.readline()
@@ -161,7 +162,8 @@ def test_logs_follow_prints_what_is_appended_until_ctrl_c(cluster):
 def test_follow_ends_with_an_error_line_when_the_node_goes_away(cluster):
     rid = cluster.wait_ready("ok", 1, timeout=30)[0].replica_id
     node = next(r.node_id for r in cluster.replicas("ok") if r.replica_id == rid)
-    proc = subprocess.Popen([GRIDSERVE, "logs", rid, "-f", "--head", cluster.grpc_address],
+    proc = subprocess.Popen([GRIDSERVE, "logs", rid, "-f", "--head", cluster.grpc_address,
+                             "--cluster-token-file", str(cluster.token_file)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline()

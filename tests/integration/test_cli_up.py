@@ -61,8 +61,8 @@ def test_up_serves_the_model_then_ctrl_c_stops_every_process(tmp_path, tiny_conf
         assert "loading tiny ..." in out
         url = re.search(r'curl -N -X POST (http://\S+/v1/chat/tiny) -d "What is the capital of France\?"', out)
         assert url, out
-        head = re.search(r"gridserve status --head (\S+)", out).group(1)
-        status = json.loads(subprocess.run([GRIDSERVE, "status", "-o", "json", "--head", head],
+        flags = re.search(r"gridserve status (--head .*)", out).group(1).split()  # --head and --state-dir
+        status = json.loads(subprocess.run([GRIDSERVE, "status", "-o", "json", *flags],
                                            capture_output=True, text=True, timeout=30).stdout)
         pids = [status["proxy_pid"], *(r["pid"] for r in status["replicas"])]
         pids += [int(p) for p in re.findall(r"starting (?:the head|a scheduler) .*?\(pid (\d+)", out)]

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from gridserve.common.security import METADATA_KEY
 from gridserve.v1 import head_pb2 as pb
 from gridserve.v1 import head_pb2_grpc
 
@@ -25,7 +26,7 @@ FAKE_REPLICA = textwrap.dedent('''
         p = argparse.ArgumentParser()
         for flag in ("--replica-id", "--model-config-json", "--host", "--port", "--port-file", "--num-threads"):
             p.add_argument(flag, required=True)
-        a = p.parse_args()
+        a, _security_flags = p.parse_known_args()
         cfg = json.loads(a.model_config_json)
         print(f"fake replica {a.replica_id} threads={a.num_threads}", file=sys.stderr, flush=True)
         if cfg["description"] == "fake:fatal":
@@ -103,7 +104,8 @@ class Node:
     def start_scheduler(self) -> None:
         self.scheduler = self._spawn("scheduler", "scheduler", "--head", self.address, "--node-id", "n1",
                                      "--num-cpus", "4", "--work-dir", str(self.root / "node"),
-                                     "--replica-command", f"{sys.executable} {self.root / 'fake_replica.py'}")
+                                     "--replica-command", f"{sys.executable} {self.root / 'fake_replica.py'}",
+                                     "--cluster-token-file", str(self.root / "state" / "cluster-token"))
         wait_for(lambda: any(n.alive for n in self.status().nodes), 20, "the node to register")
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
@@ -113,12 +115,17 @@ class Node:
 
     def status(self) -> pb.ClusterStatus:
         with grpc.insecure_channel(self.address) as ch:
-            return head_pb2_grpc.AdminServiceStub(ch).Status(pb.StatusRequest(), timeout=5)
+            return head_pb2_grpc.AdminServiceStub(ch).Status(pb.StatusRequest(), timeout=5, metadata=self.metadata)
 
     def cli(self, *args: str) -> str:
-        res = subprocess.run([GRIDSERVE, *args, "--head", self.address], capture_output=True, text=True, timeout=30)
+        res = subprocess.run([GRIDSERVE, *args, "--head", self.address, "--state-dir", str(self.root / "state")],
+                             capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stderr
         return res.stdout
+
+    @property
+    def metadata(self) -> tuple:
+        return ((METADATA_KEY, (self.root / "state" / "cluster-token").read_text().strip()),)
 
     def replicas(self, model: str, state: int | None = None) -> list[pb.ReplicaStatus]:
         return [r for r in self.status().replicas if r.model == model and (state is None or r.state == state)]
