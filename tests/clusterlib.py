@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,13 +72,13 @@ class Cluster:
         return proc
 
     def start_head(self, extra: list[str] = (), wait_for_proxy: bool = True) -> None:
-        state = self.root / "state"
-        (state / "head.json").unlink(missing_ok=True)
+        state = self.root / "state"  # head.json stays: a restarted head adopts the proxy it names
         head = self._spawn("head", ["head", "--host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1",
                              "--http-port", "0", "--state-dir", str(state),
                              "--model-configs", str(self.model_configs), *self.tls_flags(), *extra])
         key = "http_address" if wait_for_proxy else "grpc_address"
-        info = wait_for(lambda: self._exited_early(head) or self._head_json(state, key), 60, f"head.json with {key}")
+        info = wait_for(lambda: self._exited_early(head) or self._head_json(state, key, head.pid), 60,
+                        f"head.json with {key}")
         self.grpc_address, self.http_address = info["grpc_address"], info.get("http_address", "")
         self._channel = (grpc.secure_channel(self.grpc_address, grpc.ssl_channel_credentials(
             Path(self.tls["ca"]).read_bytes())) if self.tls else grpc.insecure_channel(self.grpc_address))
@@ -99,9 +101,9 @@ class Cluster:
             raise AssertionError(f"exited with code {proc.returncode}:\n{self.logs()}")
 
     @staticmethod
-    def _head_json(state: Path, key: str):
+    def _head_json(state: Path, key: str, pid: int):
         info = json.loads((state / "head.json").read_text())
-        return info if info.get(key) else None
+        return info if info.get(key) and info.get("pid") == pid else None
 
     def start_scheduler(self, node_id: str, num_cpus: float = 2, num_gpus: float = 0, extra: list[str] = ()) -> None:
         self._spawn(f"scheduler-{node_id}", ["scheduler", "--head", self.grpc_address, "--node-id", node_id,
@@ -191,3 +193,47 @@ def chat(cluster: Cluster, model: str, body: dict | str, **kw) -> tuple[int, dic
         data, ctype = body, "text/plain"
     status, headers, pieces = http("POST", cluster.url(f"/v1/chat/{model}"), data, {"Content-Type": ctype}, **kw)
     return status, headers, b"".join(pieces).decode()
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, for processes that must come back on the same one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RequestLoad:
+    """Sends short requests one after another from a thread until the block ends; keeps (status, text,
+    seconds, replica id) of each."""
+
+    def __init__(self, cluster: Cluster, model: str = "tiny", body: dict | None = None):
+        self.cluster, self.model = cluster, model
+        self.body = body or {"prompt": "Hello", "max_tokens": 8}
+        self.results: list[tuple[int, str, float, str]] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                status, headers, text = chat(self.cluster, self.model, self.body, timeout=60)
+            except OSError as e:
+                status, headers, text = 0, {}, repr(e)
+            self.results.append((status, text, time.monotonic() - started, headers.get("x-replica-id", "")))
+            if status != 200:
+                time.sleep(0.1)  # a failing cluster answers at once: do not flood it
+
+    def wait(self, count: int, timeout: float = 60) -> None:
+        wait_for(lambda: len(self.results) >= count, timeout, f"{count} requests done")
+
+    def failures(self) -> list:
+        return [r for r in self.results if r[0] != 200 or not r[1]]
+
+    def __enter__(self) -> "RequestLoad":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join(90)

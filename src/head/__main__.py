@@ -31,11 +31,22 @@ class HeadInfo:
 
     def __init__(self, path: Path, grpc_address: str):
         self.path = path
-        self.data = {"grpc_address": grpc_address, "http_address": "", "pid": os.getpid()}
+        self.data = {"grpc_address": grpc_address, "http_address": "", "pid": os.getpid(), "proxy_pid": 0}
 
-    def set_http(self, address: str) -> None:
-        if address and address != self.data["http_address"]:
-            self.data["http_address"] = address
+    @staticmethod
+    def previous_proxy_pid(path: Path) -> int:
+        """The proxy pid a previous head recorded (it may still run after that head was killed), else 0."""
+        try:
+            pid = json.loads(path.read_text()).get("proxy_pid", 0)
+        except (OSError, ValueError, AttributeError):
+            return 0
+        return pid if isinstance(pid, int) and pid > 0 else 0
+
+    def set_proxy(self, address: str, pid: int) -> None:
+        """Records the proxy's address (kept while it restarts) and its pid (0 while none runs)."""
+        new = {"http_address": address or self.data["http_address"], "proxy_pid": pid}
+        if any(self.data[k] != v for k, v in new.items()):
+            self.data.update(new)
             self.write()
 
     def write(self) -> None:
@@ -69,7 +80,9 @@ async def serve(cfg: HeadConfig) -> int:
             return 1
         await server.start()
         await health.set("", SERVING)
-        info = HeadInfo(cfg.state_dir / "head.json", f"{display_host(cfg.host)}:{port}")
+        info_path = cfg.state_dir / "head.json"
+        previous_proxy = HeadInfo.previous_proxy_pid(info_path)
+        info = HeadInfo(info_path, f"{display_host(cfg.host)}:{port}")
         info.write()
         event(log, "head_started", grpc_address=info.data["grpc_address"], state_dir=cfg.state_dir,
               models=len(catalog.models), proxy=cfg.proxy, api_keys=len(cfg.api_keys), tls=cfg.security.tls,
@@ -78,7 +91,8 @@ async def serve(cfg: HeadConfig) -> int:
               f"with --cluster-token-file (copy the file to each machine)", file=sys.stderr, flush=True)
         tasks.append(asyncio.create_task(ctl.run(), name="reconcile"))
         if cfg.proxy:
-            tasks.append(asyncio.create_task(_proxy(cfg, port, ctl, info).run(), name="proxy"))
+            tasks.append(asyncio.create_task(_proxy(cfg, port, ctl, info).run(adopt_pid=previous_proxy),
+                                             name="proxy"))
         await _until_signal(tasks)
         return 0
     finally:
@@ -97,7 +111,7 @@ async def serve(cfg: HeadConfig) -> int:
 def _proxy(cfg: HeadConfig, grpc_port: int, ctl: Controller, info: HeadInfo) -> ProxySupervisor:
     def on_change(address: str, pid: int, restarts: int) -> None:
         ctl.proxy_address, ctl.proxy_pid, ctl.proxy_restarts = address, pid, restarts
-        info.set_http(address)
+        info.set_proxy(address, pid)
 
     key_file = cfg.state_dir / KEY_FILE_NAME
     write_key_file(key_file, cfg.api_keys)  # 0600; removed when the head has no keys

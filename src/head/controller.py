@@ -53,6 +53,7 @@ class Controller:
         self.logs = LogRelay()
         self._version = 0
         self._wake = asyncio.Event()
+        self._routes_warm = False  # see _routes_held
 
     # startup and the loop
 
@@ -276,9 +277,17 @@ class Controller:
         for dep in self.deployments.values():
             self._fit(dep)
         self._push_desired()
-        if self.routes.update(self._route_keys()):
+        if not self._routes_held() and self.routes.update(self._route_keys()):
             event(log, "routes_changed", version=self.routes.version,
                   endpoints=sum(len(r.endpoints) for r in self.routes.snapshot().routes))
+
+    def _routes_held(self) -> bool:
+        """After a restart the first table waits until every node holding stored placements has reported
+        (or is given up): an earlier one would lack their replicas and empty the proxies' routes."""
+        if not self._routes_warm:
+            holders = [self.nodes[a.node_id] for a in self.assignments.values() if a.node_id in self.nodes]
+            self._routes_warm = not any(n.awaiting or (n.alive and not n.synced) for n in holders)
+        return not self._routes_warm
 
     def _fit(self, dep: Deployment) -> None:
         """Adds or removes placements of one deployment until they match its replica count."""

@@ -51,8 +51,10 @@ class RouteTable:
             for r in self._routes])
 
     async def watch(self) -> AsyncIterator[head_pb2.RoutingTable]:
-        """The current table at once, then the newest table after every change (intermediate ones
-        may be skipped by a slow watcher: each snapshot is complete)."""
+        """The current table at once (once there is one: a restarted head holds its first), then the newest
+        table after every change (intermediate ones may be skipped by a slow watcher: each is complete)."""
+        while not self.version:
+            await self._changed.wait()
         while True:
             changed = self._changed
             yield self.snapshot()

@@ -1,10 +1,12 @@
-"""Runs the HTTP proxy as the head's child, restarts it when it exits, and keeps head.json current."""
+"""Runs the HTTP proxy as the head's child (or adopts one a previous head left running), restarts it when it
+exits, and keeps head.json current."""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +20,8 @@ FIRST_BACKOFF = 0.25
 MAX_BACKOFF = 5.0
 STABLE_SECONDS = 10.0  # a proxy that ran this long resets the backoff
 PORT_FILE_POLL = 0.05
+ADOPTED_POLL = 0.2  # an adopted proxy is not our child: its exit is noticed by polling /proc
+PROXY_MODULE = "gridserve.proxy"
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -32,6 +36,17 @@ def read_port_file(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
+
+
+def proxy_cmdline(pid: int) -> list[str]:
+    """The argv of a live gridserve proxy with this pid, else [] (gone, a zombie, or another program)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+            return []
+    except (OSError, IndexError):
+        return []
+    return argv if PROXY_MODULE in argv else []
 
 
 def display_host(host: str) -> str:
@@ -61,6 +76,7 @@ class ProxySupervisor:
         self.restarts = 0
         self.address = ""
         self.proc: asyncio.subprocess.Process | None = None
+        self.adopted_pid = 0  # a proxy a previous head started, supervised by polling
         self._stopping = False
 
     def command(self) -> list[str]:
@@ -69,13 +85,15 @@ class ProxySupervisor:
                                  "--port", str(self.port), "--port-file", str(self.port_file), *keys,
                                  *self.security_args)
 
-    async def run(self) -> None:
-        """Keeps a proxy running until cancelled; stops it in finally."""
+    async def run(self, adopt_pid: int = 0) -> None:
+        """Keeps a proxy running until cancelled (first the one at adopt_pid, if it is still alive and
+        serves this head); stops it in finally."""
         backoff = FIRST_BACKOFF
         try:
             while not self._stopping:
                 started = time.monotonic()
-                code = await self._run_once()
+                pid, adopt_pid = adopt_pid, 0
+                code = await (self._watch_adopted(pid) if pid and await self._adoptable(pid) else self._run_once())
                 if self._stopping:
                     break
                 ran = time.monotonic() - started
@@ -109,11 +127,34 @@ class ProxySupervisor:
         finally:
             waiter.cancel()
 
+    async def _adoptable(self, pid: int) -> bool:
+        """True for a live proxy of this head (same --head) with a known port; one that dials another
+        head address is stopped (it holds the HTTP port a fresh one needs)."""
+        argv = proxy_cmdline(pid)
+        port = read_port_file(self.port_file)
+        head = argv[argv.index("--head") + 1] if "--head" in argv[:-1] else ""
+        if argv and port is not None and head == self.head_address:
+            return True
+        if argv:
+            event(log, "proxy_not_adopted", logging.WARNING, pid=pid, reason="serves another head or lost its port")
+            await _stop_pid(pid, 5.0)
+        return False
+
+    async def _watch_adopted(self, pid: int) -> None:
+        """Supervises a proxy the previous head left running until it exits (no exit code: not our child)."""
+        self.adopted_pid = pid
+        event(log, "proxy_adopted", pid=pid)
+        self._bound(read_port_file(self.port_file) or self.port)
+        while proxy_cmdline(pid):  # cancelled here, adopted_pid stays set so that stop() stops it
+            await asyncio.sleep(ADOPTED_POLL)
+        self.adopted_pid = 0
+
     def _bound(self, port: int) -> None:
         self.port = port  # restarts reuse the port first bound
         self.address = f"{display_host(self.host)}:{port}"
-        event(log, "proxy_listening", pid=self.proc.pid if self.proc else 0, address=self.address)
-        self.on_change(self.address, self.proc.pid if self.proc else 0, self.restarts)
+        pid = self.proc.pid if self.proc else self.adopted_pid
+        event(log, "proxy_listening", pid=pid, address=self.address)
+        self.on_change(self.address, pid, self.restarts)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -121,3 +162,21 @@ class ProxySupervisor:
         if proc is not None and proc.returncode is None:
             code = await stop_async(proc, grace=5.0)
             event(log, "proxy_stopped", pid=proc.pid, code=code)
+        pid, self.adopted_pid = self.adopted_pid, 0
+        if pid:
+            await _stop_pid(pid, 5.0)
+            event(log, "proxy_stopped", pid=pid, adopted=True)
+
+
+async def _stop_pid(pid: int, grace: float) -> None:
+    """SIGTERM a proxy that is not our child, poll until it is gone, SIGKILL after grace."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while proxy_cmdline(pid) and time.monotonic() < deadline:
+            await asyncio.sleep(ADOPTED_POLL)
+        if not proxy_cmdline(pid):
+            return

@@ -32,7 +32,10 @@ class SchedulerConfig:
     cache_dir: str = ""
     report_interval: float = 1.0
     probe_interval: float = 1.0
+    probe_timeout: float = 2.0  # a health probe unanswered this long has failed
     stop_grace: float = 10.0
+    drain_grace: float = 30.0  # a replica being stopped gets this long to finish its streams before SIGTERM
+    unhealthy_grace: float = 10.0  # a replica UNHEALTHY (or NOT_SERVING after READY) this long is killed
     log_level: str = "INFO"
     port_range: tuple[int, int] = (0, 0)  # replica ports; (0, 0): any free port
     security: Security = field(default=Security(), repr=False)
@@ -49,7 +52,10 @@ class SchedulerConfig:
             raise ConfigError("--replica-command: must not be empty")
         for name, value, lo, hi in (("--report-interval", self.report_interval, 0.05, 60),
                                     ("--probe-interval", self.probe_interval, 0.05, 60),
-                                    ("--stop-grace", self.stop_grace, 0.1, 600)):
+                                    ("--probe-timeout", self.probe_timeout, 0.05, 60),
+                                    ("--stop-grace", self.stop_grace, 0.1, 600),
+                                    ("--unhealthy-grace", self.unhealthy_grace, 0.5, 3600),
+                                    ("--drain-grace", self.drain_grace, 0, 3600)):
             if not lo <= value <= hi:
                 raise ConfigError(f"{name}: must be between {lo:g} and {hi:g} seconds, got {value:g}")
         if self.log_level not in LOG_LEVELS:
@@ -98,8 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-interval", type=float, default=1.0, help="seconds between heartbeats (default 1)")
     p.add_argument("--probe-interval", type=float, default=1.0,
                    help="seconds between health probes of a READY replica (default 1)")
+    p.add_argument("--probe-timeout", type=float, default=2.0,
+                   help="seconds a health probe may take before it counts as failed; 3 failures in a row mark a "
+                        "replica UNHEALTHY (default 2)")
     p.add_argument("--stop-grace", type=float, default=10.0,
                    help="seconds a replica gets to exit after SIGTERM before SIGKILL (default 10)")
+    p.add_argument("--drain-grace", type=float, default=30.0,
+                   help="seconds a replica that is scaled away or undeployed gets to finish its in-flight streams "
+                        "(it is out of the routes already) before SIGTERM and --stop-grace (default 30)")
+    p.add_argument("--unhealthy-grace", type=float, default=10.0,
+                   help="seconds a replica may stay UNHEALTHY (or NOT_SERVING after it was READY) before it is "
+                        "killed and restarted as hung (default 10)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     add_security_args(p)
     return p
@@ -127,5 +142,6 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         num_cpus=float(a.num_cpus if a.num_cpus is not None else (psutil.cpu_count() or 1)),
         num_gpus=a.num_gpus, memory_bytes=psutil.virtual_memory().total, host=host, advertise_host=advertise,
         work_dir=a.work_dir, cache_dir=a.cache_dir, report_interval=a.report_interval,
-        probe_interval=a.probe_interval, stop_grace=a.stop_grace, log_level=a.log_level,
+        probe_interval=a.probe_interval, probe_timeout=a.probe_timeout, stop_grace=a.stop_grace,
+        drain_grace=a.drain_grace, unhealthy_grace=a.unhealthy_grace, log_level=a.log_level,
         port_range=parse_port_range(a.port_range), security=security_from_args(a), **extra)

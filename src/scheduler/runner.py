@@ -21,7 +21,7 @@ from gridserve.common.grpcutil import SERVING, channel, check_health
 from gridserve.common.logs import event
 from gridserve.common.procs import stop_async, tied_child_env
 from gridserve.scheduler.config import SchedulerConfig
-from gridserve.v1 import head_pb2
+from gridserve.v1 import head_pb2, replica_pb2, replica_pb2_grpc
 
 log = logging.getLogger("gridserve.scheduler")
 
@@ -34,6 +34,7 @@ MAX_BACKOFF = 30.0
 UNHEALTHY_AFTER = 3      # consecutive failed probes of a live process
 STARTING_PROBE = 0.25    # probe faster until READY, so readiness is reported quickly
 MESSAGE_LIMIT = 600
+DRAIN_POLL = 0.25        # seconds between Info polls of a draining replica
 
 
 def tail_message(log_path: Path, offset: int = 0, lines: int = 3) -> str:
@@ -93,11 +94,13 @@ class ReplicaRunner:
         self.state_since = time.time()
         self.message = ""
         self.address = ""
+        self.port = 0  # the current process's port, for probes and the drain
         self.pid = 0
         self.restarts = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.task: asyncio.Task | None = None
         self.stopping = False
+        self.kill_reason = ""  # why the scheduler killed the current process (a hung replica)
         self.log_path = cfg.work_dir / "logs" / f"{self.replica_id}.log"
         self.port_file = cfg.work_dir / "run" / f"{self.replica_id}.port"
 
@@ -128,16 +131,37 @@ class ReplicaRunner:
         self.task = asyncio.create_task(self._supervise(after), name=f"replica-{self.replica_id}")
 
     async def stop(self) -> None:
-        """Ends supervision (no restart from here on), then SIGTERM, grace, SIGKILL."""
+        """Ends supervision (no restart from here on), drains a READY replica, then SIGTERM, grace, SIGKILL."""
         self.stopping = True
-        self._set(S.REPLICA_STATE_STOPPING, "")
+        drain = self.state == S.REPLICA_STATE_READY and self.port
+        self._set(S.REPLICA_STATE_STOPPING, "draining in-flight streams" if drain else "")
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
         if self.proc is not None and self.proc.returncode is None:
+            if drain:
+                await self._drain()
             code = await stop_async(self.proc, self.cfg.stop_grace)
             event(log, "replica_stopped", replica=self.replica_id, pid=self.pid, code=code)
+
+    async def _drain(self) -> None:
+        """Waits up to --drain-grace until the replica runs and queues nothing (twice in a row). The head
+        took it out of the routes before asking for the stop, so its open streams end and no new ones come."""
+        started = time.monotonic()
+        idle = failures = 0
+        async with channel(f"{_bracket(self.cfg.probe_host)}:{self.port}", self.cfg.security) as ch:
+            stub = replica_pb2_grpc.ReplicaStub(ch)
+            while idle < 2 and failures < 3 and time.monotonic() - started < self.cfg.drain_grace:
+                try:
+                    info = await stub.Info(replica_pb2.InfoRequest(), timeout=2.0)
+                    failures, idle = 0, (idle + 1 if info.running + info.waiting == 0 else 0)
+                except grpc.aio.AioRpcError:
+                    failures += 1  # gone or hung: nothing to wait for
+                if idle < 2 and self.proc is not None and self.proc.returncode is None:
+                    await asyncio.sleep(DRAIN_POLL)
+        event(log, "replica_drained", replica=self.replica_id, pid=self.pid, idle=idle >= 2,
+              waited_s=f"{time.monotonic() - started:.1f}")
 
     async def _supervise(self, after: asyncio.Task | None) -> None:
         if after is not None:
@@ -155,6 +179,8 @@ class ReplicaRunner:
             if self.stopping:
                 return
             tail = tail_message(self.log_path, offset)
+            if self.kill_reason:
+                tail, self.kill_reason = f"{self.kill_reason}; log: {tail}", ""
             if code == FATAL_EXIT_CODE:
                 self._set(S.REPLICA_STATE_FAILED, tail or f"fatal error ({describe_exit(code)})")
                 return
@@ -204,20 +230,21 @@ class ReplicaRunner:
             prober.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await prober
-        self.address, self.pid = "", 0
+        self.address, self.pid, self.port = "", 0, 0
         return code, offset
 
     async def _probe(self) -> None:
-        """Waits for the port file, then probes grpc.health.v1 until cancelled."""
+        """Waits for the port file, then probes grpc.health.v1 until cancelled; kills a hung replica."""
         while (port := _read_port(self.port_file)) is None:
             await asyncio.sleep(0.05)
-        self.address = f"{_bracket(self.cfg.advertise_host)}:{port}"
+        self.address, self.port = f"{_bracket(self.cfg.advertise_host)}:{port}", port
         self.on_change()
+        watch = HangWatch(self.cfg.unhealthy_grace)
         failures = 0
         async with channel(f"{_bracket(self.cfg.probe_host)}:{port}", self.cfg.security) as ch:
             while True:
                 try:
-                    status = await check_health(ch, timeout=2.0)
+                    status = await check_health(ch, timeout=self.cfg.probe_timeout)
                     failures = 0
                     self._set(S.REPLICA_STATE_READY if status == SERVING else S.REPLICA_STATE_STARTING, "")
                 except grpc.aio.AioRpcError as e:
@@ -225,8 +252,44 @@ class ReplicaRunner:
                     if failures >= UNHEALTHY_AFTER:
                         self._set(S.REPLICA_STATE_UNHEALTHY,
                                   f"{failures} health probes failed: {e.code().name} {e.details() or ''}".strip())
+                if reason := watch.check(self.state, time.monotonic()):
+                    self._kill_hung(reason)
+                    return
                 ready = self.state == S.REPLICA_STATE_READY
                 await asyncio.sleep(self.cfg.probe_interval if ready else min(STARTING_PROBE, self.cfg.probe_interval))
+
+    def _kill_hung(self, reason: str) -> None:
+        """SIGKILL (a stopped or wedged process ignores SIGTERM); _supervise restarts it with backoff."""
+        self.kill_reason = f"hung, killed by the scheduler: {reason}"
+        event(log, "replica_hung", logging.WARNING, replica=self.replica_id, pid=self.pid, reason=reason)
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+
+class HangWatch:
+    """Says when a replica has been hung for `grace` seconds: UNHEALTHY (probes fail while the process
+    lives), or NOT_SERVING again after it was READY (a replica that stopped serving without exiting)."""
+
+    def __init__(self, grace: float):
+        self.grace = grace
+        self.was_ready = False
+        self.bad_since: float | None = None
+
+    def check(self, state: int, now: float) -> str:
+        if state == S.REPLICA_STATE_READY:
+            self.was_ready, self.bad_since = True, None
+            return ""
+        bad = state == S.REPLICA_STATE_UNHEALTHY or (self.was_ready and state == S.REPLICA_STATE_STARTING)
+        if not bad:
+            self.bad_since = None
+            return ""
+        if self.bad_since is None:
+            self.bad_since = now
+        if now - self.bad_since < self.grace:
+            return ""
+        what = "unhealthy" if state == S.REPLICA_STATE_UNHEALTHY else "not serving after it was ready"
+        return f"{what} for {now - self.bad_since:.0f}s (--unhealthy-grace {self.grace:g})"
 
 
 def pick_port(host: str, low: int, high: int) -> int:

@@ -1,5 +1,5 @@
-"""The scheduler's replica bookkeeping: failure messages from logs, crash-loop window, restart backoff."""
-from gridserve.scheduler.runner import CrashWindow, backoff_delay, describe_exit, tail_message
+"""The scheduler's replica bookkeeping: failure messages from logs, crash-loop window, restart backoff, hangs."""
+from gridserve.scheduler.runner import S, CrashWindow, HangWatch, backoff_delay, describe_exit, tail_message
 
 
 def test_the_fatal_line_is_the_message_of_a_fatal_exit(tmp_path):
@@ -44,3 +44,22 @@ def test_restart_backoff_doubles_and_is_capped():
 def test_exit_descriptions_name_signals():
     assert describe_exit(1) == "exited with code 1"
     assert describe_exit(-9) == "killed by SIGKILL"
+
+
+def test_a_replica_unhealthy_for_the_grace_is_hung_and_recovery_resets_the_clock():
+    watch = HangWatch(grace=10)
+    assert watch.check(S.REPLICA_STATE_UNHEALTHY, 100) == ""
+    assert watch.check(S.REPLICA_STATE_UNHEALTHY, 109) == ""
+    assert watch.check(S.REPLICA_STATE_READY, 109.5) == ""
+    assert watch.check(S.REPLICA_STATE_UNHEALTHY, 110) == ""
+    assert "unhealthy for 10s" in watch.check(S.REPLICA_STATE_UNHEALTHY, 120)
+
+
+def test_not_serving_is_a_hang_only_after_the_replica_was_ready():
+    loading = HangWatch(grace=5)
+    assert loading.check(S.REPLICA_STATE_STARTING, 0) == ""
+    assert loading.check(S.REPLICA_STATE_STARTING, 600) == ""  # a slow model load is not a hang
+    served = HangWatch(grace=5)
+    served.check(S.REPLICA_STATE_READY, 0)
+    assert served.check(S.REPLICA_STATE_STARTING, 1) == ""
+    assert "not serving after it was ready" in served.check(S.REPLICA_STATE_STARTING, 6)
