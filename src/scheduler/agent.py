@@ -137,7 +137,7 @@ class NodeAgent:
             call = head_pb2_grpc.NodeServiceStub(ch).Session()
             logs = LogStreams(self.cfg.work_dir)
             try:
-                first = await asyncio.wait_for(self._open(call), SESSION_OPEN_TIMEOUT)
+                first = await self._open_within(call, SESSION_OPEN_TIMEOUT)
                 if first is grpc.aio.EOF:
                     return
                 self.connected = True
@@ -158,6 +158,18 @@ class NodeAgent:
             finally:
                 call.cancel()
                 await logs.close()
+
+    async def _open_within(self, call, timeout: float):
+        """_open with a time limit. On timeout the call is cancelled first, so the pending write or read
+        fails at once: cancelling only the task can wait on gRPC for as long as the link is down."""
+        opening = asyncio.ensure_future(self._open(call))
+        done, _ = await asyncio.wait({opening}, timeout=timeout)
+        if not done:
+            call.cancel()
+            opening.cancel()
+            await asyncio.wait({opening}, timeout=1.0)
+            raise asyncio.TimeoutError
+        return opening.result()
 
     async def _open(self, call):
         """Sends the hello and a first report; returns the head's first answer (or EOF)."""
