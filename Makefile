@@ -48,6 +48,7 @@ test-e2e: install
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 bench: install
+	$(PY) bench/throughput.py
 	$(PY) bench/startup.py
 
 clean:

@@ -91,6 +91,9 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
             info.running, info.waiting = s.running, s.waiting
             info.requests_total, info.tokens_generated_total = s.requests_total, s.tokens_generated_total
             info.tokens_per_second, info.rss_bytes = s.tokens_per_second, s.rss_bytes
+            info.max_batch_size, info.max_waiting = s.max_batch_size, s.max_waiting
+            info.steps_total, info.mean_batch_size = s.steps_total, s.mean_batch_size
+            info.num_threads = s.num_threads or cfg.num_threads
         else:
             import psutil
             info.rss_bytes = psutil.Process().memory_info().rss

@@ -158,6 +158,22 @@ async def test_two_concurrent_streams_each_equal_their_solo_output(replica):
     assert solo[0][1] != solo[1][1]
 
 
+async def test_info_reports_batch_size_queue_depth_and_tokens_per_second(replica):
+    calls = [asyncio.create_task(generate(replica.stub, request(f"Prompt number {i}", max_tokens=LIMIT)))
+             for i in range(6)]  # max_batch_size is 4: two of them wait for a row
+    seen_running, seen_waiting = 0, 0
+    while not all(c.done() for c in calls):
+        info = await replica.stub.Info(replica_pb2.InfoRequest())
+        seen_running, seen_waiting = max(seen_running, info.running), max(seen_waiting, info.waiting)
+        await asyncio.sleep(0.005)
+    assert [len(c.result()[1]) for c in calls] == [LIMIT] * 6
+    assert seen_running == 4 and seen_waiting >= 2  # never more rows than max_batch_size
+    info = await replica.stub.Info(replica_pb2.InfoRequest())
+    assert (info.max_batch_size, info.max_waiting, info.num_threads) == (4, 32, 1)
+    assert info.tokens_per_second > 0 and info.mean_batch_size > 1
+    assert info.steps_total < info.tokens_generated_total  # several rows per forward pass
+
+
 async def test_cancelled_stream_frees_the_replica_and_the_next_call_succeeds(replica):
     call = replica.stub.Generate(request(max_tokens=LIMIT, request_id="cancel-me"))
     got = 0

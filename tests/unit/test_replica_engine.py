@@ -104,7 +104,7 @@ async def test_max_tokens_and_a_full_context_end_with_length(loaded, make_engine
 
 
 async def test_cancelling_a_running_request_frees_its_slot(loaded, make_engine):
-    engine = make_engine(max_running=1, max_waiting=0)
+    engine = make_engine(max_batch_size=1, max_waiting=0)
     ids = loaded.encode_prompt(PROMPT)
     first = engine.submit("a", ids, SamplingOptions(max_tokens=128))
     outputs = first.outputs()
@@ -121,7 +121,7 @@ async def test_cancelling_a_running_request_frees_its_slot(loaded, make_engine):
 
 
 async def test_queue_beyond_max_waiting_is_overloaded(loaded, make_engine):
-    engine = make_engine(max_running=1, max_waiting=1)
+    engine = make_engine(max_batch_size=1, max_waiting=1)
     ids = loaded.encode_prompt(PROMPT)
     running = engine.submit("a", ids, SamplingOptions(max_tokens=128))
     await running.outputs().__anext__()  # "a" holds the one running slot
@@ -135,7 +135,7 @@ async def test_queue_beyond_max_waiting_is_overloaded(loaded, make_engine):
 
 
 async def test_a_failing_request_does_not_disturb_another(loaded, make_engine):
-    engine = make_engine(max_running=2)
+    engine = make_engine(max_batch_size=2)
     ids = loaded.encode_prompt(PROMPT)
     bad = engine.submit("bad", [10**7], SamplingOptions(max_tokens=4))  # id outside the vocabulary
     good = engine.submit("good", ids, SamplingOptions(max_tokens=8))
@@ -147,7 +147,7 @@ async def test_a_failing_request_does_not_disturb_another(loaded, make_engine):
 
 
 async def test_concurrent_requests_each_get_their_solo_output(loaded, make_engine):
-    engine = make_engine(max_running=4)
+    engine = make_engine(max_batch_size=4)
     prompts = [loaded.encode_prompt(p) for p in (PROMPT, "Once upon a time", "1, 2, 3,")]
     solo = [await run(engine, p) for p in prompts]
     together = await asyncio.gather(*(run(engine, p) for p in prompts))
@@ -160,3 +160,109 @@ async def test_stats_count_requests_and_tokens(loaded, make_engine):
     stats = engine.stats()
     assert dataclasses.astuple(stats)[:4] == (0, 0, 1, 3)
     assert stats.tokens_per_second > 0 and stats.rss_bytes > 0
+
+
+def solo_generate(loaded, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        return loaded.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+
+
+async def test_rows_joining_and_leaving_at_different_steps_each_equal_solo_generate(loaded, make_engine):
+    engine = make_engine(max_batch_size=4)
+    prompts = [PROMPT, "Once upon a time", "1, 2, 3,", "A somewhat longer prompt, with several more words in it."]
+    ids = [loaded.encode_prompt(p) for p in prompts]
+    max_tokens = [40, 6, 20, 12]
+    refs = [solo_generate(loaded, i, n) for i, n in zip(ids, max_tokens)]
+    first = engine.submit("r0", ids[0], SamplingOptions(max_tokens=max_tokens[0]))
+    later, got = [], []
+    async for out in first.outputs():  # request k joins once the first one has streamed 5*k tokens
+        got += out.token_ids
+        while len(later) < 3 and len(got) >= 5 * (len(later) + 1):
+            k = len(later) + 1
+            handle = engine.submit(f"r{k}", ids[k], SamplingOptions(max_tokens=max_tokens[k]))
+            later.append(asyncio.create_task(collect(handle)))
+    results = [r[1] for r in await asyncio.gather(*later)]
+    assert [got, *results] == refs
+    assert engine.stats().steps_total < sum(len(r) for r in refs)  # rows shared forward passes
+
+
+async def test_newcomers_arriving_together_share_prefill_and_every_step(loaded, make_engine):
+    engine = make_engine(max_batch_size=8)
+    ids = [loaded.encode_prompt(f"Item number {i} is") for i in range(6)]
+    outs = await asyncio.gather(*(run(engine, i, max_tokens=10) for i in ids))
+    assert all(len(o[1]) == 10 for o in outs)
+    stats = engine.stats()
+    assert stats.steps_total <= 10 + 2  # one prefill (maybe two: the first arrival alone) and a decode per token
+    assert stats.mean_batch_size > 4
+
+
+class StepProbe(Engine):
+    """An engine that notes how many forward passes it had run when each request finished."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.finished_at_step: dict[str, int] = {}
+
+    def _finish(self, seq, *args, **kw):
+        self.finished_at_step.setdefault(seq.request_id, self.steps_total)
+        super()._finish(seq, *args, **kw)
+
+
+async def test_a_cancelled_row_leaves_the_batch_within_a_step_and_the_others_continue(loaded, make_engine):
+    ids = [loaded.encode_prompt(PROMPT), loaded.encode_prompt("Once upon a time")]
+    solo = await run(make_engine(), ids[1], max_tokens=60)
+    engine = StepProbe(loaded, num_threads=1, max_batch_size=4)
+    engine.start()
+    try:
+        doomed = engine.submit("doomed", ids[0], SamplingOptions(max_tokens=128))
+        other = asyncio.create_task(run(engine, ids[1], max_tokens=60))
+        await doomed.outputs().__anext__()
+        while engine.stats().running < 2:
+            await asyncio.sleep(0.001)
+        steps_at_cancel = engine.steps_total
+        doomed.cancel()
+        assert (await other)[:3] == solo[:3]
+        assert engine.finished_at_step["doomed"] - steps_at_cancel <= 1  # gone before the step after the one in flight
+        assert engine.stats().tokens_generated_total < 128 + 60
+    finally:
+        engine.stop()
+
+
+async def test_full_batch_and_full_queue_answer_overloaded_at_once(loaded, make_engine):
+    engine = make_engine(max_batch_size=2, max_waiting=1)
+    ids = loaded.encode_prompt(PROMPT)
+    held = [engine.submit(f"h{i}", ids, SamplingOptions(max_tokens=128)) for i in range(3)]
+    while (engine.stats().running, engine.stats().waiting) != (2, 1):
+        await asyncio.sleep(0.001)
+    with pytest.raises(Overloaded, match=r"2 running \(max_batch_size=2\), 1 waiting \(max_waiting=1\)"):
+        engine.submit("late", ids, SamplingOptions(max_tokens=1))
+    held[0].cancel()
+    late = engine.submit("late", ids, SamplingOptions(max_tokens=1))  # the cancelled row's slot is free at once
+    for h in held[1:]:
+        h.cancel()
+    assert (await collect(late))[2] == "length"
+
+
+async def test_a_seeded_request_samples_the_same_tokens_whatever_shares_its_batch(loaded, make_engine):
+    engine = make_engine(max_batch_size=6)
+    ids = loaded.encode_prompt(PROMPT)
+    seeded = dict(temperature=0.9, top_p=0.95, top_k=100, seed=42, max_tokens=20)
+    alone = await run(engine, ids, **seeded)
+    company = [run(engine, loaded.encode_prompt("Once upon a time"), temperature=1.0, max_tokens=30),
+               run(engine, loaded.encode_prompt("1, 2, 3,"), max_tokens=5),
+               run(engine, ids, temperature=0.7, top_p=0.5, seed=1, max_tokens=25)]
+    together = await asyncio.gather(*company[:2], run(engine, ids, **seeded), company[2])
+    assert together[2][1] == alone[1]
+    assert together[3][1] != alone[1]
+
+
+async def test_a_stop_string_ends_its_row_and_the_batch_goes_on(loaded, make_engine):
+    engine = make_engine(max_batch_size=4)
+    ids = loaded.encode_prompt(PROMPT)
+    full = await run(engine, ids, max_tokens=24)
+    stop = full[0][len(full[0]) // 3:][:3]
+    other_ids = loaded.encode_prompt("Once upon a time")
+    other_solo = await run(engine, other_ids, max_tokens=24)
+    stopped, other = await asyncio.gather(run(engine, ids, stop=(stop,)), run(engine, other_ids, max_tokens=24))
+    assert stopped[2] == "stop" and stopped[0] == full[0][:full[0].index(stop)]
+    assert other[:3] == other_solo[:3]
