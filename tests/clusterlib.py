@@ -132,8 +132,18 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
         self.procs.clear()
+        self._stop_orphaned_proxy()
         if self._channel:
             self._channel.close()
+
+    def _stop_orphaned_proxy(self) -> None:
+        """A proxy outlives a head killed with SIGKILL (by design); the test's cluster must not."""
+        try:
+            pid = json.loads((self.root / "state" / "head.json").read_text()).get("proxy_pid", 0)
+            if pid and "gridserve.proxy" in Path(f"/proc/{pid}/cmdline").read_text():
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.root.glob("*.log"))
