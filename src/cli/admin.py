@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 
 from gridserve.cli import render
@@ -66,6 +68,8 @@ def cmd_logs(args) -> int:
                                    node=args.node or "")
     out = sys.stdout.buffer
     pending = b""
+    if args.follow:  # Ctrl-C is how --follow ends: leave at once, whatever gRPC is doing in the stream
+        signal.signal(signal.SIGINT, _exit_on_interrupt)
     for data in stream_logs(args.head, request):
         if args.output != "json":
             out.write(data)
@@ -78,6 +82,14 @@ def cmd_logs(args) -> int:
     if pending:
         _json_line(args.replica, pending)
     return 0
+
+
+def _exit_on_interrupt(signum, frame) -> None:
+    """Unwinding a sync gRPC stream on KeyboardInterrupt could hang the CLI at exit (seen once in CI)."""
+    try:
+        sys.stdout.flush()
+    finally:
+        os._exit(130)
 
 
 def _json_line(replica: str, line: bytes) -> None:
