@@ -52,10 +52,15 @@ def write_key_file(path: Path, keys: tuple[str, ...] | list[str]) -> None:
     if not keys:
         path.unlink(missing_ok=True)
         return
+    write_private_file(path, "".join(f"{k}\n" for k in keys))
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Writes a secret readable by its owner only (0600), atomically (tmp + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # also when a leftover tmp file had other permissions
     with os.fdopen(fd, "w") as f:
-        f.write("".join(f"{k}\n" for k in keys))
+        f.write(text)
     os.replace(tmp, path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import hmac
 import logging
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import grpc
 
 from gridserve.common.errors import ConfigError
 from gridserve.common.logs import event
+from gridserve.common.proxy_keys import write_private_file
 
 log = logging.getLogger("gridserve.security")
 TOKEN_FILE_NAME = "cluster-token"
@@ -76,12 +76,7 @@ def read_token_file(path: str | Path) -> str:
 
 def write_token_file(path: Path, token: str) -> None:
     """Writes the token readable by its owner only (0600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.replace(tmp, path)
+    write_private_file(path, token + "\n")
 
 
 def security_from_args(args: argparse.Namespace, state_dir: Path | None = None,
