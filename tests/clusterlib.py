@@ -121,6 +121,15 @@ class Cluster:
         proc.send_signal(sig)
         proc.wait(30)
 
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Prints every process's log when starting or using the cluster failed, then stops it all."""
+        if exc_type is not None:
+            print(self.logs())
+        self.stop()
+
     def stop(self) -> None:
         """Schedulers first (they stop their replicas), then the head (it stops the proxy)."""
         for name in sorted(self.procs, key=lambda n: n == "head"):

@@ -28,18 +28,13 @@ def cluster(tmp_path_factory):
     (root / "keys").write_text(f"{KEY}\n")
     c = Cluster(root, DEFAULT_MODEL_CONFIGS)
     started = time.monotonic()
-    try:
+    with c:
         c.start_head(["--api-key-file", str(root / "keys"), "--log-level", "INFO"])
         c.start_scheduler("n1", num_cpus=2)
         c.cli("deploy", MODEL)
         c.wait_ready(MODEL, 1, timeout=240)
         print(f"SmolLM2 READY after {time.monotonic() - started:.1f}s")
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

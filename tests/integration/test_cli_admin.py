@@ -64,16 +64,11 @@ def cluster(tmp_path_factory):
         "ok": model("fake:ok"), "other": model("fake:ok"), "broken": model("fake:fatal")}}))
     c = Cluster(root, root / "models.json")
     command = ["--replica-command", f"{sys.executable} {root / 'fake_replica.py'}"]
-    try:
+    with c:
         c.start_head(["--no-proxy"], wait_for_proxy=False)
         c.start_scheduler("n1", num_cpus=4, extra=command)
         c.start_scheduler("n2", num_cpus=4, extra=command)
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def cli_json(cluster, *args):

@@ -16,17 +16,12 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_configs):
     c = Cluster(tmp_path_factory.mktemp("cluster"), tiny_configs)
-    try:
+    with c:
         c.start_head()
         c.start_scheduler("n1", num_cpus=4)
         c.cli("deploy", "tiny", "--replicas", "1")
         c.wait_ready("tiny", 1)
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def error_of(text: str) -> dict:

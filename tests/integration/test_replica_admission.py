@@ -24,17 +24,12 @@ def cluster(tmp_path_factory, tiny_model_dir):
     configs = root / "model_configs.json"
     configs.write_text(json.dumps({"default_model": "tiny", "models": {"tiny": tiny}}))
     c = Cluster(root, configs)
-    try:
+    with c:
         c.start_head()
         c.start_scheduler("n1", num_cpus=2)
         c.cli("deploy", "tiny", "--replicas", "1")
         c.wait_ready("tiny", 1)
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def test_replica_runs_with_the_configured_cpus_and_limits(cluster):

@@ -15,17 +15,12 @@ pytestmark = pytest.mark.integration
 def cluster(tmp_path_factory, tiny_configs):
     root = tmp_path_factory.mktemp("tls")
     c = Cluster(root, tiny_configs, tls=make_certs(root / "certs", ["127.0.0.1"]))
-    try:
+    with c:
         c.start_head()
         c.start_scheduler("n1", num_cpus=2)
         c.cli("deploy", "tiny")
         c.wait_ready("tiny", 1)
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def test_requests_stream_through_a_cluster_that_speaks_tls_everywhere(cluster):
