@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from gridserve.common import grpcutil
 from gridserve.common.config import ModelConfig
@@ -189,3 +190,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Module-scoped fixtures a proxy test module imports: a fake head, the real proxy on it, an HTTP client.
+
+@pytest.fixture(scope="module")
+async def head():
+    h = await FakeHead().start()
+    yield h
+    await h.server.stop(None)
+
+
+@pytest.fixture(scope="module")
+async def proxy(head, tmp_path_factory):
+    p = await Proxy(head.port, tmp_path_factory.mktemp("proxy")).start()
+    yield p
+    await p.stop()
+
+
+@pytest.fixture(scope="module")
+async def http():
+    async with aiohttp.ClientSession() as s:
+        yield s

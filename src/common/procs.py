@@ -1,4 +1,4 @@
-"""Child-process helpers: children that die with their parent, and stopping them gracefully."""
+"""Process helpers: children that die with their parent, stopping them gracefully, and role entry points."""
 from __future__ import annotations
 
 import asyncio
@@ -7,6 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+
+from gridserve.common.errors import ConfigError
+from gridserve.common.logs import setup_logging
 
 _PR_SET_PDEATHSIG = 1
 PARENT_ENV = "GRIDSERVE_PARENT_PID"
@@ -34,6 +37,21 @@ def exit_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != int(parent):  # the spawner died before the tie was armed
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_service(role: str, parse_config, serve, argv: list[str] | None = None) -> int:
+    """The main() of a long-running role: tie to a spawning parent, parse flags, log, run `serve` until a
+    signal. A bad flag or config is one `fatal:` line and exit 2; Ctrl-C is 130."""
+    exit_with_parent()
+    try:
+        cfg = parse_config(argv)
+        setup_logging(role, cfg.log_level)
+        return asyncio.run(serve(cfg))
+    except ConfigError as e:
+        print(f"fatal: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def python_module_cmd(module: str, *args: str) -> list[str]:

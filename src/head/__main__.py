@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 from gridserve.common.config import load_model_catalog
-from gridserve.common.errors import ConfigError
 from gridserve.common.grpcutil import SERVING, add_health, bind, make_server
-from gridserve.common.logs import event, setup_logging
-from gridserve.common.procs import exit_with_parent
+from gridserve.common.logs import event
+from gridserve.common.procs import run_service
 from gridserve.common.proxy_keys import KEY_FILE_NAME, write_key_file
 from gridserve.head.config import HeadConfig, parse_config
 from gridserve.head.controller import Controller
@@ -139,16 +138,7 @@ async def _until_signal(tasks: list[asyncio.Task]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    exit_with_parent()
-    try:
-        cfg = parse_config(argv)
-        setup_logging("head", cfg.log_level)
-        return asyncio.run(serve(cfg))
-    except ConfigError as e:
-        print(f"fatal: {e.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_service("head", parse_config, serve, argv)
 
 
 if __name__ == "__main__":

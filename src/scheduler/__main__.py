@@ -7,9 +7,8 @@ import logging
 import signal
 import sys
 
-from gridserve.common.errors import ConfigError
-from gridserve.common.logs import event, setup_logging
-from gridserve.common.procs import exit_with_parent
+from gridserve.common.logs import event
+from gridserve.common.procs import run_service
 from gridserve.scheduler.agent import NodeAgent
 from gridserve.scheduler.config import SchedulerConfig, parse_config
 
@@ -45,16 +44,7 @@ async def serve(cfg: SchedulerConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    exit_with_parent()
-    try:
-        cfg = parse_config(argv)
-        setup_logging("scheduler", cfg.log_level)
-        return asyncio.run(serve(cfg))
-    except ConfigError as e:
-        print(f"fatal: {e.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_service("scheduler", parse_config, serve, argv)
 
 
 if __name__ == "__main__":

@@ -6,31 +6,12 @@ import aiohttp
 import openai
 import pytest
 
-from proxylib import CHUNKS, FakeHead, FakeReplica, Proxy, publish
+from proxylib import CHUNKS, FakeReplica, publish
+from proxylib import head, http, proxy  # noqa: F401  (shared fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 TEXT = "".join(CHUNKS)
-
-
-@pytest.fixture(scope="module")
-async def head():
-    h = await FakeHead().start()
-    yield h
-    await h.server.stop(None)
-
-
-@pytest.fixture(scope="module")
-async def proxy(head, tmp_path_factory):
-    p = await Proxy(head.port, tmp_path_factory.mktemp("proxy")).start()
-    yield p
-    await p.stop()
-
-
-@pytest.fixture(scope="module")
-async def http():
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 @pytest.fixture
