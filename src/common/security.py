@@ -195,21 +195,16 @@ class _UnaryStream(_TokenMetadata, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(details), request)
 
 
-class _StreamUnary(_TokenMetadata, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(self._details(details), request_iterator)
-
-
-class _StreamStream(_TokenMetadata, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(self._details(details), request_iterator)
-
-
 def client_interceptors(sec: Security | None) -> list:
-    """Interceptors that put the cluster token on every call of an aio channel."""
+    """Interceptors that put the cluster token on every unary-request call of an aio channel.
+
+    Calls that stream requests (the node Session) pass call_metadata() themselves: grpc.aio's
+    stream-request interceptors route writes through a queue whose consumer task is left pending
+    when the call is cancelled (seen as "Task was destroyed but it is pending" and "aclose():
+    asynchronous generator is already running" on every reconnect of a scheduler)."""
     if not (sec and sec.token):
         return []
-    return [kind(sec.token) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+    return [kind(sec.token) for kind in (_UnaryUnary, _UnaryStream)]
 
 
 def channel_credentials(sec: Security) -> grpc.ChannelCredentials | None:

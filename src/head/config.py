@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model catalog (default: the repo's model_configs.json)")
     p.add_argument("--no-proxy", dest="proxy", action="store_false", help="do not start the HTTP proxy")
     p.add_argument("--node-timeout", type=float, default=10.0,
-                   help="seconds without a report before a node is marked dead (default 10)")
+                   help="seconds without a report before a node is marked dead (default 10); "
+                        "after a head restart nodes get twice this to reconnect")
     p.add_argument("--reconcile-interval", type=float, default=1.0,
                    help="seconds between periodic reconcile passes (default 1)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)

@@ -40,6 +40,9 @@ class Controller:
         self.store = store
         self.routes = routes
         self.node_timeout = node_timeout
+        # After a restart, nodes holding stored placements get longer than a heartbeat to come back: their
+        # reconnect backoff and this head's own startup both eat into the time.
+        self.reconnect_grace = 2 * node_timeout
         self.interval = interval
         self.deployments: dict[str, Deployment] = {}
         self.assignments: dict[str, Assignment] = {}
@@ -58,7 +61,7 @@ class Controller:
     # startup and the loop
 
     def load(self) -> None:
-        """Reads stored deployments and placements; nodes holding placements get node_timeout to reconnect."""
+        """Reads stored deployments and placements; nodes holding placements get reconnect_grace to reconnect."""
         self.deployments = self.store.load_deployments()
         stored = self.store.load_assignments()
         now = time.monotonic()
@@ -270,8 +273,8 @@ class Controller:
             silent = now - node.last_seen
             if node.alive and silent > self.node_timeout:
                 self._node_lost(node, f"no report for {silent:.1f}s")
-            elif node.awaiting and silent > self.node_timeout:
-                self._node_lost(node, f"did not reconnect within {self.node_timeout:g}s of the head starting")
+            elif node.awaiting and silent > self.reconnect_grace:
+                self._node_lost(node, f"did not reconnect within {self.reconnect_grace:g}s of the head starting")
         orphans = [a.replica_id for a in self.assignments.values() if a.model not in self.deployments]
         self._remove(orphans, "not deployed")
         for dep in self.deployments.values():

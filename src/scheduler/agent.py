@@ -12,6 +12,7 @@ import psutil
 
 from gridserve.common.grpcutil import channel
 from gridserve.common.logs import event
+from gridserve.common.security import call_metadata
 from gridserve.scheduler.config import SchedulerConfig
 from gridserve.scheduler.logs import LogStreams
 from gridserve.scheduler.runner import ReplicaRunner
@@ -20,7 +21,7 @@ from gridserve.v1 import head_pb2, head_pb2_grpc
 log = logging.getLogger("gridserve.scheduler")
 
 FIRST_RECONNECT = 0.5
-MAX_RECONNECT = 5.0
+MAX_RECONNECT = 2.0  # a restarted head waits 2x its --node-timeout for nodes: reconnect well within it
 STABLE_SESSION = 10.0  # a session that lasted this long resets the reconnect backoff
 # The head answers a hello at once. Without an answer in this time the link is not there (writes are
 # only queued while gRPC is still connecting, and a cut link can keep it connecting for minutes).
@@ -134,7 +135,7 @@ class NodeAgent:
 
     async def _session(self) -> None:
         async with channel(self.cfg.head, self.cfg.security) as ch:
-            call = head_pb2_grpc.NodeServiceStub(ch).Session()
+            call = head_pb2_grpc.NodeServiceStub(ch).Session(metadata=call_metadata(self.cfg.security))
             logs = LogStreams(self.cfg.work_dir)
             try:
                 first = await self._open_within(call, SESSION_OPEN_TIMEOUT)

@@ -182,6 +182,25 @@ def test_after_a_head_restart_stored_placements_wait_for_their_node(tmp_path):
     assert {a.replica_id: a.node_id for a in restarted.assignments.values()} == placed  # nothing re-placed
 
 
+def test_after_a_head_restart_a_node_gets_twice_the_node_timeout_to_reconnect(tmp_path):
+    ctl = controller(tmp_path, node_timeout=10)
+    join(ctl, "n1")
+    ctl.deploy("m", 2)
+    ctl.reconcile()
+    ctl.store.close()
+
+    restarted = controller(tmp_path, node_timeout=10)
+    node = restarted.nodes["n1"]
+    node.last_seen -= 15  # past one timeout: a reconnect backoff plus a slow start can take this long
+    restarted.reconcile()
+    assert node.awaiting and len(restarted.assignments) == 2
+    assert restarted.routes.snapshot().routes == []  # the first table is still held back
+    node.last_seen -= 6  # past twice the timeout: given up, its replicas are placed again elsewhere
+    restarted.reconcile()
+    assert not node.awaiting and restarted.assignments == {}
+    assert [n for n in restarted.status().nodes if n.alive] == []
+
+
 def test_admin_errors_name_the_problem(tmp_path):
     ctl = controller(tmp_path)
     with pytest.raises(NotFound, match="known models: gpu, m, other"):
