@@ -155,7 +155,16 @@ class Cluster:
             pass
 
     def logs(self) -> str:
-        return "\n".join(f"===== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.root.glob("*.log"))
+        """Which processes still run, then each log's tail without the proxy's per-request lines
+        (a failing load writes thousands of them and would hide what the head and nodes said)."""
+        alive = ", ".join(f"{n}={'running' if p.poll() is None else f'exited {p.returncode}'}"
+                          for n, p in self.procs.items())
+        parts = [f"===== processes: {alive}"]
+        for path in sorted(self.root.glob("*.log")):
+            lines = [ln for ln in path.read_text(errors="replace").splitlines()
+                     if " request_start " not in ln and " request_done " not in ln]
+            parts.append(f"===== {path.name}\n" + "\n".join(lines)[-6000:])
+        return "\n".join(parts)
 
     # the head's admin API and the CLI
 

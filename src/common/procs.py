@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import faulthandler
 import os
 import signal
 import subprocess
@@ -43,6 +44,7 @@ def run_service(role: str, parse_config, serve, argv: list[str] | None = None) -
     """The main() of a long-running role: tie to a spawning parent, parse flags, log, run `serve` until a
     signal. A bad flag or config is one `fatal:` line and exit 2; Ctrl-C is 130."""
     exit_with_parent()
+    faulthandler.enable()  # a crash in native code (gRPC, torch) leaves its stack in the log, not silence
     try:
         cfg = parse_config(argv)
         setup_logging(role, cfg.log_level)
