@@ -130,9 +130,12 @@ class ModelConfig:
     max_batch_size: int = 8
     max_waiting: int = 32
     description: str = ""
+    # With work queued or running, a replica whose engine finishes no step for this long reports
+    # NOT_SERVING (and is replaced). 60 s leaves room for a slow CPU prefill of a long prompt on a 7B model.
+    stall_timeout_s: float = 60.0
 
     FIELDS = ("source", "context_length", "max_tokens_limit", "sampling", "resources", "dtype",
-              "max_batch_size", "max_waiting", "description")
+              "max_batch_size", "max_waiting", "description", "stall_timeout_s")
 
     @classmethod
     def from_dict(cls, name: str, d: Any, where: str = "") -> "ModelConfig":
@@ -158,6 +161,7 @@ class ModelConfig:
             max_batch_size=_take(d, "max_batch_size", where, (int,), 8, lambda v: v >= 1, "an integer >= 1"),
             max_waiting=_take(d, "max_waiting", where, (int,), 32, lambda v: v >= 0, "an integer >= 0"),
             description=_take(d, "description", where, (str,), ""),
+            stall_timeout_s=float(_take(d, "stall_timeout_s", where, NUM, 60.0, lambda v: v > 0, "a number > 0")),
         )
 
     def to_dict(self) -> dict:

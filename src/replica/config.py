@@ -12,6 +12,7 @@ from gridserve.common.security import Security, add_security_args, security_from
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SHUTDOWN_GRACE_S = 5.0  # how long in-flight streams may finish after SIGTERM before they are cancelled
+FAULT_INJECTION_ENV = "GRIDSERVE_FAULT_INJECTION"  # "1": SIGUSR1 wedges the engine (tests only)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class ReplicaConfig:
     log_level: str = "INFO"
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     security: Security = field(default=Security(), repr=False)  # cluster token and TLS of its gRPC server
+    fault_injection: bool = False  # from GRIDSERVE_FAULT_INJECTION=1: SIGUSR1 wedges the engine thread
 
     def __post_init__(self) -> None:
         if not self.replica_id.strip():
@@ -44,6 +46,14 @@ def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/gridserve or ~/.cache/gridserve, read when called."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "gridserve"
+
+
+def fault_injection_from_env() -> bool:
+    """GRIDSERVE_FAULT_INJECTION, read when called: "1" on, unset, "" or "0" off, anything else a ConfigError."""
+    value = os.environ.get(FAULT_INJECTION_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ConfigError(f"{FAULT_INJECTION_ENV}: must be 1 (on) or 0 (off), got {value!r}")
+    return value == "1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,4 +85,5 @@ def parse_config(argv: list[str] | None = None) -> ReplicaConfig:
         num_threads=args.num_threads, cache_dir=cache_dir,
         log_level=args.log_level,
         security=security_from_args(args),
+        fault_injection=fault_injection_from_env(),
     )

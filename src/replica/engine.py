@@ -41,6 +41,7 @@ class EngineStats:
     steps_total: int = 0      # forward passes (batched prefills and decode steps)
     mean_batch_size: float = 0.0  # rows per forward pass over the last RATE_WINDOW_S seconds
     num_threads: int = 0      # torch intra-op threads the engine thread runs with
+    seconds_since_step: float = 0.0  # with work: since the last finished step (or the work's arrival); 0 idle
 
 
 class Engine:
@@ -51,7 +52,7 @@ class Engine:
     rows, prefills newcomers as one left-padded batch and appends them to the running `KVBatch`,
     then runs one decode forward for every row, samples a token per row (each with its own
     options and seed), and removes finished rows at once. A step's outputs reach the event loop
-    in one hand-off.
+    in one hand-off. `stats().seconds_since_step` shows whether it is making progress.
     """
 
     def __init__(self, loaded: LoadedModel, num_threads: int = 1, max_batch_size: int | None = None,
@@ -66,6 +67,7 @@ class Engine:
         self.max_waiting = loaded.config.max_waiting if max_waiting is None else max_waiting
         self.prefill_tokens = prefill_tokens
         self.num_threads = num_threads
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self._cv = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []  # admitted and not finished (under the lock)
@@ -73,6 +75,8 @@ class Engine:
         self._batch = KVBatch(self.model, self.device)
         self._pending: list[tuple[Sequence, RequestOutput]] = []  # this step's outputs (engine thread)
         self._stopping = False
+        self.wedged = False  # fault injection: while set, the engine thread makes no steps
+        self._progress_at = time.monotonic()  # last finished step, or work arriving at an idle engine
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self.requests_total = 0
@@ -98,15 +102,21 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, request_id: str, prompt_ids: list[int], opts: SamplingOptions) -> RequestHandle:
-        """Queue a request (call on the event loop). Overloaded at once when every row and queue place is taken."""
+    def submit(self, request_id: str, prompt_ids: list[int], opts: SamplingOptions,
+               resume_ids: list[int] | tuple[int, ...] = ()) -> RequestHandle:
+        """Queue a request (call on the event loop). Overloaded at once when every row and queue place is taken.
+
+        `resume_ids`: a stream another replica began (mid-stream failover); generation continues after them.
+        """
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty after tokenization")
         if len(prompt_ids) >= self.context_length:
             raise InvalidRequest(f"the prompt is {len(prompt_ids)} tokens; it must be shorter than the "
                                  f"context length of {self.context_length} tokens")
+        if resume_ids:
+            self._check_resume(len(prompt_ids), resume_ids, opts)
         seq = Sequence(request_id or f"engine-{next(self._ids)}", list(prompt_ids), opts, self.tokenizer,
-                       asyncio.get_running_loop())
+                       asyncio.get_running_loop(), resume_ids)
         with self._cv:
             if self._stopping:
                 raise Unavailable("the replica is shutting down")
@@ -114,10 +124,38 @@ class Engine:
             if running + len(self._waiting) >= self.max_batch_size + self.max_waiting:
                 raise Overloaded(f"replica is full: {running} running (max_batch_size={self.max_batch_size}), "
                                  f"{len(self._waiting)} waiting (max_waiting={self.max_waiting})")
+            if not self._running and not self._waiting:
+                self._progress_at = time.monotonic()  # an idle engine was not stalled: the clock starts now
             self._waiting.append(seq)
             self.requests_total += 1
             self._cv.notify_all()
         return RequestHandle(self, seq)
+
+    def _check_resume(self, prompt_tokens: int, resume_ids, opts: SamplingOptions) -> None:
+        """InvalidRequest unless the resumed ids are real token ids that leave something to generate."""
+        bad = next((i for i, t in enumerate(resume_ids) if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"resume_token_ids[{bad}] = {resume_ids[bad]} is not a token id of this model "
+                                 f"(the vocabulary has {self.vocab_size} ids, 0 to {self.vocab_size - 1})")
+        eos = next((i for i, t in enumerate(resume_ids) if t in self.loaded.eos_token_ids), None)
+        if eos is not None:
+            raise InvalidRequest(f"resume_token_ids[{eos}] is the end-of-sequence token {resume_ids[eos]}: "
+                                 f"a stream that ended there has nothing left to generate")
+        total = prompt_tokens + len(resume_ids)
+        if total >= self.context_length:
+            raise InvalidRequest(f"the prompt ({prompt_tokens} tokens) and resume_token_ids ({len(resume_ids)}) "
+                                 f"are {total} tokens; together they must be shorter than the context length "
+                                 f"of {self.context_length} tokens")
+        if len(resume_ids) >= opts.max_tokens:
+            raise InvalidRequest(f"resume_token_ids has {len(resume_ids)} tokens and max_tokens is "
+                                 f"{opts.max_tokens}: nothing is left to generate")
+
+    def wedge(self, on: bool = True) -> None:
+        """Fault injection (tests only): while wedged the engine thread makes no steps, like a hung
+        kernel or a deadlock; requests are still accepted and queue up."""
+        with self._cv:
+            self.wedged = on
+            self._cv.notify_all()
 
     def abort(self, seq: Sequence) -> None:
         """Cancel a request: a waiting one leaves the queue now, a running one at the next step."""
@@ -134,6 +172,7 @@ class Engine:
             running, waiting = len(self._running), len(self._waiting)
             now = time.monotonic()
             recent = [r for r in self._recent if now - r[0] <= RATE_WINDOW_S]
+            since_step = max(0.0, now - self._progress_at) if running or waiting else 0.0
         span = min(RATE_WINDOW_S, max(1.0, now - recent[0][0])) if recent else 1.0
         return EngineStats(running=running, waiting=waiting, requests_total=self.requests_total,
                            tokens_generated_total=self.tokens_generated_total,
@@ -141,7 +180,7 @@ class Engine:
                            rss_bytes=self._proc.memory_info().rss, max_batch_size=self.max_batch_size,
                            max_waiting=self.max_waiting, steps_total=self.steps_total,
                            mean_batch_size=sum(r[2] for r in recent) / len(recent) if recent else 0.0,
-                           num_threads=self.torch_threads)
+                           num_threads=self.torch_threads, seconds_since_step=since_step)
 
     # ---- engine thread: the loop --------------------------------------------------------
 
@@ -150,7 +189,7 @@ class Engine:
         self.torch_threads = torch.get_num_threads()
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and (self.wedged or not (self._waiting or self._running)):
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -162,6 +201,7 @@ class Engine:
                 for seq in self._rows + admitted:
                     self._finish(seq, error=EngineError(f"generation failed: {type(e).__name__}: {e}"))
                 self._rows, self._batch = [], KVBatch(self.model, self.device)
+            self._progress_at = time.monotonic()
             self._flush()
         with self._cv:
             leftover = list(self._waiting) + list(self._running)
@@ -176,7 +216,7 @@ class Engine:
         width = 0
         while self._waiting and len(self._running) < self.max_batch_size:
             seq = self._waiting[0]
-            width = max(width, len(seq.prompt_ids))
+            width = max(width, len(seq.context_ids))
             if admitted and width * (len(admitted) + 1) > self.prefill_tokens:
                 break
             self._waiting.popleft()
@@ -192,7 +232,7 @@ class Engine:
             if seq.cancelled:
                 self._finish(seq, "abort")
         self._compact()
-        newcomers = [s for s in admitted if not s.finished]
+        newcomers = [s for s in admitted if not s.finished and self._replay(s)]
         if newcomers:
             self._prefill(newcomers)
         if self._rows:
@@ -200,12 +240,20 @@ class Engine:
             self._sample(rows, self._batch.decode([s.last_token for s in rows]))
             self._compact()
 
+    def _replay(self, seq: Sequence) -> bool:
+        """Bring a resumed request's text pipeline to where the first replica's was; False if that ends it."""
+        if seq.resume_tokens and not seq.replay_resume():
+            self._finish(seq, error=InvalidRequest("resume_token_ids already complete a stop string: "
+                                                   "nothing is left to generate"))
+            return False
+        return True
+
     # ---- engine thread: forward passes --------------------------------------------------
 
     def _prefill(self, group: list[Sequence]) -> None:
         """Prefill a group as one batch; if that fails, each alone, so only a failing request fails."""
         try:
-            logits = self._batch.prefill([s.prompt_ids for s in group])
+            logits = self._batch.prefill([s.context_ids for s in group])
         except Exception as e:
             if len(group) > 1:
                 for seq in group:
@@ -280,7 +328,7 @@ class Engine:
         tokens, self._step_tokens = self._step_tokens, 0
         self.tokens_generated_total += tokens
         self.steps_total += 1
-        now = time.monotonic()
+        now = self._progress_at = time.monotonic()
         with self._cv:
             self._recent.append((now, tokens, rows))
             while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:

@@ -60,16 +60,22 @@ class RequestOutputCollector:
 
 
 class Sequence:
-    """A request inside the engine: prompt, generated ids, sampler state and text pipeline."""
+    """A request inside the engine: prompt, generated ids, sampler state and text pipeline.
+
+    A resumed request (mid-stream failover) starts with `output_ids` = the ids another replica
+    already streamed: they count as output, and `replay_resume` puts them through the text pipeline
+    without emitting their text.
+    """
 
     def __init__(self, request_id: str, prompt_ids: list[int], opts: SamplingOptions, tokenizer,
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, resume_ids: list[int] | tuple[int, ...] = ()):
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.opts = opts
         self.loop = loop
         self.collector = RequestOutputCollector()
-        self.output_ids: list[int] = []
+        self.output_ids: list[int] = list(resume_ids)
+        self.resume_tokens = len(self.output_ids)
         self.cancelled = False       # set from the event loop; the engine drops the row at its next step
         self.finished = False
         self.generator: torch.Generator | None = None  # set when admitted
@@ -79,6 +85,18 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1]
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What the model has seen: the prompt, then every output id (resumed ones included)."""
+        return self.prompt_ids + self.output_ids
+
+    def replay_resume(self) -> bool:
+        """Feed the resumed ids through detokenizer and stop matcher, discarding their text, so the
+        pipeline holds back exactly what the first replica's did; False if they complete a stop string."""
+        for token in self.output_ids[:self.resume_tokens]:
+            self.stops.feed(self.detok.add(token))
+        return not self.stops.stopped
 
     def emit(self, output: RequestOutput) -> None:
         """Hand one output to the event loop without blocking (any thread)."""
@@ -104,6 +122,7 @@ class RequestHandle:
         self._seq = seq
         self.request_id = seq.request_id
         self.prompt_tokens = len(seq.prompt_ids)
+        self.resume_tokens = seq.resume_tokens
         self.done = False
 
     async def outputs(self):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import secrets
@@ -17,6 +18,7 @@ from gridserve.common.logs import event, setup_logging
 from gridserve.common.procs import exit_with_parent
 from gridserve.replica.config import ReplicaConfig, parse_config
 from gridserve.replica.params import resolve_input, resolve_sampling
+from gridserve.replica.watchdog import StallWatch
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
 log = logging.getLogger("gridserve.replica")
@@ -24,6 +26,9 @@ SERVICE_NAME = replica_pb2.DESCRIPTOR.services_by_name["Replica"].full_name
 FINISH = {"stop": replica_pb2.FINISH_REASON_STOP, "length": replica_pb2.FINISH_REASON_LENGTH,
           "abort": replica_pb2.FINISH_REASON_ABORT}
 EXIT_FATAL = 3
+# Initial metadata sent as soon as the engine has taken a request (queued or running), before its first
+# token: a caller that gets no accept in a few seconds may try another replica.
+ACCEPTED = (("x-gridserve-accepted", "1"),)
 
 
 class ReplicaService(replica_pb2_grpc.ReplicaServicer):
@@ -40,10 +45,12 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
         except GridserveError as e:
             event(log, "generate_rejected", request_id=request_id, code=e.grpc_code.name, error=e.message)
             raise
+        resumed = {"resume_tokens": handle.resume_tokens} if handle.resume_tokens else {}
         event(log, "generate_start", request_id=request_id, prompt_tokens=len(prompt_ids),
-              max_tokens=opts.max_tokens, temperature=opts.temperature, stop=len(opts.stop))
+              max_tokens=opts.max_tokens, temperature=opts.temperature, stop=len(opts.stop), **resumed)
         start, finish, completion, error = time.monotonic(), "error", 0, ""
         try:
+            await context.send_initial_metadata(ACCEPTED)
             async for out in handle.outputs():
                 completion = out.completion_tokens or completion
                 chunk = replica_pb2.GenerateResponse(text=out.text, token_ids=out.token_ids)
@@ -78,7 +85,7 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
         if len(prompt_ids) >= ctx:
             raise InvalidRequest(f"the prompt is {len(prompt_ids)} tokens; model '{self.cfg.model.name}' has a "
                                  f"context length of {ctx} tokens, so the prompt must be shorter than that")
-        return prompt_ids, opts, engine.submit(request_id, prompt_ids, opts)
+        return prompt_ids, opts, engine.submit(request_id, prompt_ids, opts, list(request.resume_token_ids))
 
     async def Info(self, request, context):
         cfg, engine = self.cfg, self.engine
@@ -94,6 +101,7 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
             info.max_batch_size, info.max_waiting = s.max_batch_size, s.max_waiting
             info.steps_total, info.mean_batch_size = s.steps_total, s.mean_batch_size
             info.num_threads = s.num_threads or cfg.num_threads
+            info.seconds_since_step = s.seconds_since_step
         else:
             import psutil
             info.rss_bytes = psutil.Process().memory_info().rss
@@ -168,12 +176,32 @@ class ReplicaProcess:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if cfg.fault_injection:
+            loop.add_signal_handler(signal.SIGUSR1, self._inject_fault)
         try:
             if await self._load(health, stop):
-                await stop.wait()
+                await self._serve(health, stop)
         finally:
             await self._shutdown(server, health)
         return 0
+
+    async def _serve(self, health, stop: asyncio.Event) -> None:
+        """Serve until told to stop, with the engine stall watchdog running."""
+        watch = StallWatch(self.service.engine, self.cfg.model.stall_timeout_s,
+                           lambda status: self._set_health(health, status))
+        task = asyncio.create_task(watch.run(), name="stall-watch")
+        try:
+            await stop.wait()
+        finally:
+            task.cancel()
+            await asyncio.wait([task])
+
+    def _inject_fault(self) -> None:
+        """SIGUSR1 under GRIDSERVE_FAULT_INJECTION=1: wedge the engine thread (it makes no more steps)."""
+        engine = self.service.engine
+        event(log, "fault_injected", logging.WARNING, fault="engine_wedged", loaded=engine is not None)
+        if engine is not None:
+            engine.wedge()
 
     async def _load(self, health, stop: asyncio.Event) -> bool:
         """Load off the loop; True once SERVING, False if told to stop first. Fatal errors propagate."""
@@ -210,6 +238,7 @@ class ReplicaProcess:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m gridserve.replica`; 0 on a clean stop, 3 on a fatal config/load error."""
     exit_with_parent()
+    faulthandler.enable()  # a native crash (torch, gRPC) leaves its stack in the replica's log
     try:
         cfg = parse_config(argv)
     except FatalError as e:

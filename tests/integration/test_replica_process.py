@@ -29,10 +29,10 @@ def tiny_config(path) -> str:
 class Replica:
     """One spawned replica process, its stderr log and a channel to it."""
 
-    def __init__(self, tmp, model_config_json: str, name: str = "r"):
+    def __init__(self, tmp, model_config_json: str, name: str = "r", env: dict[str, str] | None = None):
         self.port_file = tmp / f"{name}.port"
         self.log_path = tmp / f"{name}.log"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gridserve.replica", "--replica-id", f"tiny-{name}00000",
              "--model-config-json", model_config_json, "--host", "127.0.0.1", "--port", "0",

@@ -51,6 +51,12 @@ def test_defaults_fill_unset_fields():
     cfg = ModelCatalog.from_dict(with_change("models.m.sampling", KeyError)).get("m")
     assert cfg.sampling.temperature == 0.7 and cfg.sampling.max_new_tokens == 256
     assert cfg.max_batch_size >= 1 and cfg.dtype == "float32"
+    assert cfg.stall_timeout_s == 60.0
+
+
+def test_stall_timeout_takes_a_positive_number():
+    cfg = ModelCatalog.from_dict(with_change("models.m.stall_timeout_s", 1.5)).get("m")
+    assert cfg.stall_timeout_s == 1.5 and ModelConfig.from_json(cfg.to_json()) == cfg
 
 
 def test_model_config_survives_a_json_round_trip():
@@ -72,6 +78,8 @@ def test_model_config_survives_a_json_round_trip():
     ("models.m.source", "a string", "models.m.source"),
     ("models.m.dtype", "int4", "models.m.dtype"),
     ("models.m.colour", "blue", "models.m.colour"),
+    ("models.m.stall_timeout_s", 0, "models.m.stall_timeout_s"),
+    ("models.m.stall_timeout_s", "60", "models.m.stall_timeout_s"),
     ("default_model", "other", "default_model"),
     ("models", {}, "models"),
 ])
