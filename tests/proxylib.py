@@ -18,6 +18,13 @@ from gridserve.common.errors import InvalidRequest, Overloaded, Unavailable
 from gridserve.v1 import head_pb2, head_pb2_grpc, replica_pb2, replica_pb2_grpc
 
 CHUNKS = ["Hello", ", ", "world", "!"]
+# The answer to the prompt "script": (token ids, text) per chunk, as a greedy replica would always give it.
+# One chunk holds its text back (a partial character) and the next brings it; one carries two tokens.
+SCRIPT = [((101,), "The"), ((102,), " quick"), ((103,), ""), ((104,), " browné"), ((105, 106), " fox jumps"),
+          ((107,), " over"), ((108,), " the"), ((109,), " lazy"), ((110,), " dog"), ((111,), ".")]
+SCRIPT_TEXT = "".join(text for _, text in SCRIPT)
+SCRIPT_IDS = [i for ids, _ in SCRIPT for i in ids]
+ACCEPTED = (("x-gridserve-accepted", "1"),)
 MODEL_JSON = ModelConfig.from_dict("tiny", {
     "source": {"type": "local", "path": "/x"}, "context_length": 128, "max_tokens_limit": 32,
     "sampling": {"max_new_tokens": 16}, "description": "fake"}).to_json()
@@ -25,13 +32,21 @@ _versions = itertools.count(1)
 
 
 class FakeReplica(replica_pb2_grpc.ReplicaServicer):
-    """A replica whose instance `mode` fails every call, or whose reply depends on the user text:
-    "slow" (chunks 0.3 s apart), "hold" (one chunk, then waits), "slowstart" (waits before the first
-    chunk), "die" (two chunks, then the whole server stops), "long" (CHUNKS, finish LENGTH), anything
-    else: CHUNKS at once, finish STOP. Info reports `running` and `waiting` as set on the instance."""
+    """A replica whose instance `mode` fails every call ("unavailable", "exhausted", "invalid") or never
+    answers ("mute": no metadata, no chunk, like a stopped process), or else admits the call (initial
+    metadata, as the real replica) and replies by the user text: "slow" (chunks 0.3 s apart), "hold" (one
+    chunk, then waits), "slowstart" (waits before the first chunk), "queued" (CHUNKS 1.5 s after admission),
+    "die" (two chunks, then the whole server stops), "long" (CHUNKS, finish LENGTH), "script" (SCRIPT from
+    after the request's resume_token_ids; with `die_after` k: k chunks, then, once `gate` is set if given,
+    the whole server stops, or the call fails with `die_with` if given; with `abort_after` k: k chunks, then
+    (gate too) a FINISH_REASON_ABORT chunk as a draining replica sends it), anything else: CHUNKS at once,
+    finish STOP. Info reports `running` and `waiting` as set on the instance."""
 
-    def __init__(self, replica_id: str, mode: str = "ok"):
+    def __init__(self, replica_id: str, mode: str = "ok", die_after: int | None = None,
+                 abort_after: int | None = None, gate: asyncio.Event | None = None,
+                 die_with: Exception | None = None):
         self.replica_id, self.mode = replica_id, mode
+        self.die_after, self.abort_after, self.gate, self.die_with = die_after, abort_after, gate, die_with
         self.running, self.waiting = 0, 0
         self.requests: list[replica_pb2.GenerateRequest] = []
         self.cancelled: dict[str, asyncio.Event] = {}
@@ -56,15 +71,44 @@ class FakeReplica(replica_pb2_grpc.ReplicaServicer):
             raise InvalidRequest("prompt is 300 tokens but the context length is 128")
         text = request.prompt or request.chat.messages[-1].content
         try:
-            async for chunk in self._reply(text):
+            if self.mode == "mute":
+                await asyncio.sleep(3600)
+            await context.send_initial_metadata(ACCEPTED)
+            reply = self._script(list(request.resume_token_ids)) if text == "script" else self._reply(text)
+            async for chunk in reply:
                 yield chunk
         except asyncio.CancelledError:
             cancelled.set()
             raise
 
+    async def _script(self, resume: list[int]):
+        """SCRIPT after `resume`, which must end on a chunk boundary of it (else INVALID_ARGUMENT)."""
+        starts = list(itertools.accumulate((len(ids) for ids, _ in SCRIPT), initial=0))
+        if resume != SCRIPT_IDS[:len(resume)] or len(resume) not in starts:
+            raise InvalidRequest(f"resume_token_ids {resume} are not a chunk-aligned prefix of the script")
+        for sent, (ids, text) in enumerate(SCRIPT[starts.index(len(resume)):]):
+            if sent in (self.die_after, self.abort_after):
+                await asyncio.sleep(0.2)  # the proxy has read what was sent
+                if self.gate is not None:
+                    await self.gate.wait()
+            if sent == self.die_after:
+                if self.die_with is not None:
+                    raise self.die_with
+                asyncio.get_running_loop().create_task(self.server.stop(None))
+                await asyncio.sleep(30)
+            if sent == self.abort_after:
+                yield replica_pb2.GenerateResponse(finish_reason=replica_pb2.FINISH_REASON_ABORT,
+                                                   usage=replica_pb2.Usage(prompt_tokens=3, completion_tokens=1))
+                return
+            yield replica_pb2.GenerateResponse(text=text, token_ids=ids)
+        yield replica_pb2.GenerateResponse(finish_reason=replica_pb2.FINISH_REASON_STOP,
+                                           usage=replica_pb2.Usage(prompt_tokens=3, completion_tokens=len(SCRIPT_IDS)))
+
     async def _reply(self, text: str):
         if text == "slowstart":
             await asyncio.sleep(30)
+        if text == "queued":
+            await asyncio.sleep(1.5)
         if text == "hold":
             yield replica_pb2.GenerateResponse(text="first", token_ids=[1])
             await asyncio.sleep(30)
@@ -88,10 +132,11 @@ class FakeReplica(replica_pb2_grpc.ReplicaServicer):
 
 
 class FakeHead(head_pb2_grpc.RouteServiceServicer, head_pb2_grpc.AdminServiceServicer):
-    """A head's RouteService (sends the current snapshot on Watch, then each published one) and its
-    AdminService.Status (answers `status`)."""
+    """A head's RouteService (sends the current snapshot on Watch, after `first_delay_s`, then each
+    published one) and its AdminService.Status (answers `status`)."""
 
-    def __init__(self):
+    def __init__(self, first_delay_s: float = 0.0):
+        self.first_delay_s = first_delay_s  # how long a Watch waits before its first snapshot
         self.current = head_pb2.RoutingTable(version=0)
         self.status = head_pb2.ClusterStatus()
         self.queues: list[asyncio.Queue] = []
@@ -123,6 +168,7 @@ class FakeHead(head_pb2_grpc.RouteServiceServicer, head_pb2_grpc.AdminServiceSer
         q: asyncio.Queue = asyncio.Queue()
         self.queues.append(q)
         try:
+            await asyncio.sleep(self.first_delay_s)
             yield self.current
             while True:
                 yield await q.get()

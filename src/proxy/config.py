@@ -22,6 +22,8 @@ class ProxyConfig:
     max_body_bytes: int = 1024 * 1024
     retry_attempts: int = 3          # replicas tried before the first token
     retry_deadline_s: float = 10.0
+    accept_timeout_s: float = 5.0    # per attempt: how long a replica may take to admit a request
+    max_failovers: int = 3           # mid-stream moves to another replica per request (0: none)
     shutdown_grace_s: float = 5.0    # how long open streams may finish on SIGTERM
     metrics_interval_s: float = 5.0  # how often /metrics' cluster gauges are refreshed from the head
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: /v1/* is open
@@ -41,6 +43,10 @@ class ProxyConfig:
             raise ConfigError(f"--retry-attempts: must be >= 1, got {self.retry_attempts}")
         if self.retry_deadline_s <= 0 or self.shutdown_grace_s < 0:
             raise ConfigError("--retry-deadline must be > 0 and --shutdown-grace >= 0")
+        if not self.accept_timeout_s > 0:
+            raise ConfigError(f"--accept-timeout: must be > 0 seconds, got {self.accept_timeout_s:g}")
+        if self.max_failovers < 0:
+            raise ConfigError(f"--max-failovers: must be >= 0, got {self.max_failovers}")
         if not 0.5 <= self.metrics_interval_s <= 300:
             raise ConfigError(f"--metrics-interval: must be between 0.5 and 300 seconds, "
                               f"got {self.metrics_interval_s:g}")
@@ -56,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1024 * 1024, help="larger bodies get 413")
     p.add_argument("--retry-attempts", type=int, default=3, help="replicas tried before the first token")
     p.add_argument("--retry-deadline", type=float, default=10.0, help="seconds spent retrying at most")
+    p.add_argument("--accept-timeout", type=float, default=5.0,
+                   help="seconds a replica may take to admit a request before the next one is tried (default 5)")
+    p.add_argument("--max-failovers", type=int, default=3,
+                   help="times a stream may move to another replica after its first token (default 3, 0: never)")
     p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds open streams get on SIGTERM")
     p.add_argument("--metrics-interval", type=float, default=5.0,
                    help="seconds between polls of the head and replicas for /metrics' cluster gauges")
@@ -72,6 +82,7 @@ def parse_config(argv: list[str] | None = None) -> ProxyConfig:
         return ProxyConfig(head=args.head, host=args.host, port=args.port, port_file=args.port_file,
                            log_level=args.log_level, max_body_bytes=args.max_body_bytes,
                            retry_attempts=args.retry_attempts, retry_deadline_s=args.retry_deadline,
+                           accept_timeout_s=args.accept_timeout, max_failovers=args.max_failovers,
                            shutdown_grace_s=args.shutdown_grace, metrics_interval_s=args.metrics_interval,
                            api_keys=keys_from_args(args), security=security_from_args(args))
     except ConfigError as e:

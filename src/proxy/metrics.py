@@ -1,4 +1,5 @@
-"""The proxy's Prometheus metrics (prometheus-client): requests, latency, tokens, streams, retries; GET /metrics."""
+"""The proxy's Prometheus metrics (prometheus-client): requests, latency, tokens, streams, retries,
+failovers; GET /metrics."""
 from __future__ import annotations
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
@@ -6,6 +7,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+FAILOVER_OUTCOMES = ("resumed", "failed")
 UNKNOWN_MODEL = "unknown"  # the label of requests for a model that is not deployed (bounded cardinality)
 
 
@@ -28,8 +30,10 @@ class ProxyMetrics:
         self.streams = Gauge("gridserve_streams_in_flight", "Replica streams open now", ["model"], registry=r)
         self.retries = Counter("gridserve_upstream_retries", "Tries on another replica after a failure "
                                "before the first token", ["model"], registry=r)
-        self.failovers = Counter("gridserve_failovers", "Streams moved to another replica after the first "
-                                 "token (mid-stream failover)", ["model"], registry=r)
+        self.failovers = Counter("gridserve_failovers", "Mid-stream failovers: a stream whose replica went "
+                                 "away after the first token, resumed on another replica (outcome=resumed) "
+                                 "or ended with an error because none could continue (outcome=failed)",
+                                 ["model", "outcome"], registry=r)
         self.stream_errors = Counter("gridserve_stream_errors", "Streams that failed after the first token",
                                      ["model"], registry=r)
         self.auth_failures = Counter("gridserve_auth_failures", "Requests refused for a missing or wrong API "
@@ -38,9 +42,10 @@ class ProxyMetrics:
     def known_models(self, models) -> None:
         """Creates every per-model series at 0, so rates work before the first event (failovers included)."""
         for m in models:
-            for metric in (self.tokens, self.prompt_tokens, self.streams, self.retries, self.failovers,
-                           self.stream_errors):
+            for metric in (self.tokens, self.prompt_tokens, self.streams, self.retries, self.stream_errors):
                 metric.labels(m)
+            for outcome in FAILOVER_OUTCOMES:
+                self.failovers.labels(m, outcome)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition of the registry and its content type."""

@@ -1,25 +1,26 @@
-"""One path from an HTTP request to a replica and back for every wire format: parse, open, stream or collect,
-then log and count what happened."""
+"""One path from an HTTP request to a replica and back for every wire format: parse, open, stream or collect
+(moving to another replica mid-stream when one goes away), then log and count what happened."""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping, Protocol
 
-import grpc
 from aiohttp import web
 
 from gridserve.common.config import ModelConfig
 from gridserve.common.errors import GridserveError
 from gridserve.common.logs import event
+from gridserve.proxy.failover import Upstreams
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_response
 from gridserve.proxy.metrics import UNKNOWN_MODEL, ProxyMetrics
 from gridserve.proxy.requests import request_id_from
 from gridserve.proxy.routes import RouteTable, RouteWatcher
-from gridserve.proxy.upstream import RetryPolicy, UpstreamStream, open_stream
+from gridserve.proxy.upstream import RetryPolicy, UpstreamStream
 from gridserve.v1 import replica_pb2
 
 log = logging.getLogger("gridserve.proxy")
@@ -34,6 +35,7 @@ class ProxyState:
     max_body_bytes: int = 1024 * 1024
     watcher: RouteWatcher | None = None
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
+    routes_wait_s: float = 5.0  # a request before the first routing table waits this long for it
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -89,7 +91,9 @@ class RequestRecord:
     model: str = ""
     known: bool = False              # the model is deployed: its name is a metrics label
     started: float = field(default_factory=time.monotonic)
-    replica: str = ""
+    replica: str = ""                # the first replica (X-Replica-Id)
+    final_replica: str = ""          # the one that ended the stream (another after a failover)
+    failovers: int = 0
     status: int = 0
     outcome: str = "error"
     tokens: int = 0
@@ -140,6 +144,7 @@ class RequestRecord:
         event(log, "request_done", level, request_id=self.request_id, api=self.api, model=self.model,
               replica=self.replica, status=self.status, outcome=self.outcome, tokens=completion,
               ttft_ms="" if self.ttft_ms is None else self.ttft_ms, duration_ms=ms,
+              failovers=self.failovers, final_replica=self.final_replica or self.replica,
               finish=self.result.finish if self.outcome == "ok" else "", error=self.error)
 
 
@@ -150,16 +155,18 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
     rec = RequestRecord(request_id_from(request.headers.get("X-Request-Id")), wire.api, state.metrics,
                         model=request.match_info.get("model", ""))
     event(log, "request_start", request_id=rec.request_id, api=wire.api, model=rec.model)
-    upstream: UpstreamStream | None = None
+    upstreams: Upstreams | None = None
     try:
         job = await _parse(request, wire, state, rec)
-        upstream = await open_stream(state.table, job.model, job.generate, state.policy,
-                                     on_retry=state.metrics.retries.labels(job.model).inc)
-        rec.opened(upstream)
+        failovers = state.metrics.failovers
+        upstreams = Upstreams(state.table, job.model, job.generate, state.policy,
+                              on_retry=state.metrics.retries.labels(job.model).inc,
+                              on_failover=lambda outcome: failovers.labels(job.model, outcome).inc())
+        rec.opened(await upstreams.open())
         answer = wire.answer(job, rec.request_id)
         if job.stream:
-            return await _stream(request, upstream, answer, rec)
-        return await _collect(upstream, answer, rec)
+            return await _stream(request, upstreams, answer, rec)
+        return await _collect(upstreams, answer, rec)
     except HttpError as e:  # before the first byte: a proper HTTP status
         rec.status, rec.error = e.status, e.message
         return error_response(e, wire.error_body, headers={"X-Request-Id": rec.request_id})
@@ -168,13 +175,14 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
         rec.status = rec.status or 499
         raise
     finally:
-        if upstream is not None:
-            upstream.close()
+        if upstreams is not None:
+            upstreams.close()
+            rec.final_replica, rec.failovers = upstreams.replica_id, upstreams.failovers
         rec.done()
 
 
 async def _parse(request: web.Request, wire: Wire, state: ProxyState, rec: RequestRecord) -> Job:
-    if not state.table.received:
+    if not await state.table.wait_received(state.routes_wait_s):  # a proxy just (re)started
         raise HttpError(503, "service_unavailable", "the proxy has no routing table from the head yet")
     try:
         body = await request.read()
@@ -200,23 +208,21 @@ def _model_hint(body: bytes) -> str:
     return model if isinstance(model, str) else ""
 
 
-async def _pump(upstream: UpstreamStream, rec: RequestRecord, write: Callable[[str], Awaitable[None]]) -> None:
-    """Hands every text delta to `write`; raises HttpError when the replica fails or aborts mid-stream."""
-    try:
-        async for chunk in upstream.chunks():
+async def _pump(upstreams: Upstreams, rec: RequestRecord, write: Callable[[str], Awaitable[None]]) -> None:
+    """Hands every text delta to `write`, across failovers; raises HttpError when a replica fails for the
+    request's own reasons mid-stream or no replica can continue it."""
+    async with aclosing(upstreams.chunks()) as chunks:
+        async for chunk in chunks:
             rec.count(chunk)
             if chunk.text:
                 await write(chunk.text)
-            if chunk.finish_reason == replica_pb2.FINISH_REASON_ABORT:
-                raise HttpError(503, "service_unavailable", f"replica {rec.replica} aborted the generation")
-    except grpc.aio.AioRpcError as e:  # mid-stream failover would go here (a later issue)
-        raise HttpError.from_grpc(e, where=f"replica {rec.replica} failed mid-stream") from None
     rec.result.completion_tokens = rec.result.completion_tokens or rec.tokens  # a replica without usage
 
 
-async def _stream(request: web.Request, upstream: UpstreamStream, answer: Answer,
+async def _stream(request: web.Request, upstreams: Upstreams, answer: Answer,
                   rec: RequestRecord) -> web.StreamResponse:
-    """Sends 200 and each piece as it arrives; a replica failure ends the body with the wire's error piece."""
+    """Sends 200 and each piece as it arrives; a failure no failover recovers ends the body with the wire's
+    error piece."""
     resp = web.StreamResponse(status=200, headers={
         "X-Request-Id": rec.request_id, "X-Replica-Id": rec.replica,
         "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -232,7 +238,7 @@ async def _stream(request: web.Request, upstream: UpstreamStream, answer: Answer
         rec.status = 200
         await write(answer.head())
         try:
-            await _pump(upstream, rec, lambda text: write(answer.delta(text)))
+            await _pump(upstreams, rec, lambda text: write(answer.delta(text)))
             await write(answer.tail(rec.result))
             rec.outcome = "ok"
         except HttpError as err:
@@ -244,7 +250,7 @@ async def _stream(request: web.Request, upstream: UpstreamStream, answer: Answer
     return resp
 
 
-async def _collect(upstream: UpstreamStream, answer: Answer, rec: RequestRecord) -> web.Response:
+async def _collect(upstreams: Upstreams, answer: Answer, rec: RequestRecord) -> web.Response:
     """Gathers the whole answer; a failure on the way is still a proper error status (nothing was sent)."""
     parts: list[str] = []
 
@@ -252,7 +258,7 @@ async def _collect(upstream: UpstreamStream, answer: Answer, rec: RequestRecord)
         parts.append(text)
 
     try:
-        await _pump(upstream, rec, keep)
+        await _pump(upstreams, rec, keep)
     except HttpError as err:
         rec.failed_mid_stream(err)
         raise

@@ -64,6 +64,7 @@ class RouteTable:
         self.security = security  # what every channel to the head and the replicas carries
         self.version = 0
         self.received = False           # False until the first snapshot arrives
+        self._first = asyncio.Event()   # set with it
         self.routes: dict[str, ModelRoute] = {}
         self._inflight: dict[str, int] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -73,6 +74,15 @@ class RouteTable:
     @property
     def models(self) -> dict[str, ModelConfig]:
         return {name: r.config for name, r in self.routes.items()}
+
+    async def wait_received(self, timeout_s: float) -> bool:
+        """Waits at most `timeout_s` for the first snapshot; True once it is here."""
+        if not self.received:
+            try:
+                await asyncio.wait_for(self._first.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        return self.received
 
     def addresses(self) -> set[str]:
         return {e.address for r in self.routes.values() for e in r.endpoints}
@@ -96,6 +106,7 @@ class RouteTable:
                 routes[route.model] = parsed
         before = self.addresses()
         self.routes, self.version, self.received = routes, snapshot.version, True
+        self._first.set()
         for address in before - self.addresses():
             self._retire(address)
         event(log, "routes_applied", version=self.version, models=len(routes),

@@ -136,7 +136,8 @@ async def serve(cfg: ProxyConfig) -> int:
     disable_created_metrics()  # no *_created series: they double the exposition for little use
     table = RouteTable(security=cfg.security)
     watcher = RouteWatcher(cfg.head, table)
-    policy = RetryPolicy(attempts=cfg.retry_attempts, deadline_s=cfg.retry_deadline_s)
+    policy = RetryPolicy(attempts=cfg.retry_attempts, deadline_s=cfg.retry_deadline_s,
+                         accept_timeout_s=cfg.accept_timeout_s, max_failovers=cfg.max_failovers)
     state = ProxyState(table, policy, cfg.max_body_bytes, watcher, ProxyMetrics())
     collector = ClusterCollector()
     state.metrics.registry.register(collector)

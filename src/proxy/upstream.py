@@ -1,6 +1,8 @@
-"""Opens a Generate stream on a replica, retrying another one (tenacity) until the first chunk arrives."""
+"""Opens a Generate stream on a replica, retrying another one (tenacity) until the first chunk arrives,
+and tells a replica that went away mid-stream from a request that failed on its own."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -20,11 +22,31 @@ log = logging.getLogger("gridserve.proxy.upstream")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard to look for a replica before the first token: attempts, overall deadline, backoff."""
+    """How hard to look for a replica before the first token (attempts, overall deadline, backoff, how long
+    one replica may take to admit the call) and how often a stream may move after it (failovers)."""
     attempts: int = 3
     deadline_s: float = 10.0
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 1.0
+    accept_timeout_s: float = 5.0  # per attempt: until the replica's initial metadata (it admitted the call)
+    max_failovers: int = 3         # per request: mid-stream moves to another replica
+
+
+# Words in INTERNAL/UNKNOWN details that mean the connection broke, not that the request was at fault.
+TRANSPORT_HINTS = ("rst_stream", "socket closed", "connection reset", "broken pipe", "goaway",
+                   "stream removed", "connection closed", "transport closed")
+
+
+def replica_lost(e: grpc.aio.AioRpcError) -> bool:
+    """True when a failed call means the replica (or the link to it) went away: worth resuming elsewhere.
+    A request's own fault (INVALID_ARGUMENT, ...) or a replica bug (UNKNOWN with its message) is not."""
+    code = e.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return True
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        details = (e.details() or "").lower()
+        return any(hint in details for hint in TRANSPORT_HINTS)
+    return False
 
 
 class UpstreamStream:
@@ -33,6 +55,7 @@ class UpstreamStream:
     def __init__(self, lease: Lease, call, first: replica_pb2.GenerateResponse | None):
         self.lease, self.call, self.first = lease, call, first
         self.first_at = time.monotonic()
+        self.closed = False  # the proxy cancelled the call: a CANCELLED after this is its own doing
 
     @property
     def endpoint(self) -> Endpoint:
@@ -49,8 +72,13 @@ class UpstreamStream:
                 return
             yield chunk
 
+    def lost(self, e: grpc.aio.AioRpcError) -> bool:
+        """The failure `e` of this call means its replica went away (and the proxy did not cancel it)."""
+        return not self.closed and replica_lost(e)
+
     def close(self) -> None:
-        """Cancels the call if it is still running and stops counting it as in flight."""
+        """Cancels the call if it is still running and stops counting it as in flight (idempotent)."""
+        self.closed = True
         self.call.cancel()
         self.lease.release()
 
@@ -60,12 +88,13 @@ def _retryable(e: BaseException) -> bool:
 
 
 async def open_stream(table: RouteTable, model: str, request: replica_pb2.GenerateRequest,
-                      policy: RetryPolicy = RetryPolicy(), on_retry: Callable[[], None] = lambda: None
-                      ) -> UpstreamStream:
-    """Picks a replica and waits for its first chunk; on UNAVAILABLE/RESOURCE_EXHAUSTED before it,
-    backs off and tries another replica (calling `on_retry` for each such try).
-    Raises HttpError (no replica, all failed, bad request)."""
-    tried: set[str] = set()
+                      policy: RetryPolicy = RetryPolicy(), on_retry: Callable[[], None] = lambda: None,
+                      tried: set[str] | None = None) -> UpstreamStream:
+    """Picks a replica and waits for it to admit the call (at most policy.accept_timeout_s) and for its
+    first chunk; on UNAVAILABLE/RESOURCE_EXHAUSTED or no admission before it, backs off and tries another
+    replica (calling `on_retry` for each such try). `tried` (addresses) are skipped, and every address
+    tried here is added to it. Raises HttpError (no replica, all failed, bad request)."""
+    tried = set() if tried is None else tried
     last: list[HttpError] = []
     retrying = AsyncRetrying(
         stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline_s),
@@ -76,12 +105,12 @@ async def open_stream(table: RouteTable, model: str, request: replica_pb2.Genera
         with attempt:
             endpoint = table.pick(model, exclude=tried)
             if endpoint is None:
-                raise _no_endpoint(model, last)
+                raise _no_endpoint(model, last, others=bool(tried))
             if attempt.retry_state.attempt_number > 1:
                 on_retry()
             tried.add(endpoint.address)
             try:
-                return await _open_on(table, endpoint, request)
+                return await _open_on(table, endpoint, request, policy.accept_timeout_s)
             except HttpError as e:
                 last.append(e)
                 event(log, "upstream_attempt_failed", request_id=request.request_id, model=model,
@@ -91,19 +120,21 @@ async def open_stream(table: RouteTable, model: str, request: replica_pb2.Genera
     raise AssertionError("unreachable: tenacity reraises the last error")
 
 
-def _no_endpoint(model: str, last: list[HttpError]) -> HttpError:
+def _no_endpoint(model: str, last: list[HttpError], others: bool) -> HttpError:
     if last:  # every endpoint was tried: the client sees what the last one said, not retried further
         e = last[-1]
         return HttpError(e.status, e.error_type, e.message, retryable=False)
-    return HttpError(503, "service_unavailable", f"no ready replica for model {model!r}; try again shortly")
+    other = "other " if others else ""  # the ones tried earlier for this request are skipped
+    return HttpError(503, "service_unavailable", f"no {other}ready replica for model {model!r}; try again shortly")
 
 
-async def _open_on(table: RouteTable, endpoint: Endpoint,
-                   request: replica_pb2.GenerateRequest) -> UpstreamStream:
+async def _open_on(table: RouteTable, endpoint: Endpoint, request: replica_pb2.GenerateRequest,
+                   accept_timeout_s: float) -> UpstreamStream:
     lease = table.acquire(endpoint)
     call = replica_pb2_grpc.ReplicaStub(lease.channel).Generate(request)
     try:
-        first = await call.read()
+        await _accepted(call, endpoint, accept_timeout_s)
+        first = await call.read()  # no time limit: an admitted request may wait in the replica's queue
     except grpc.aio.AioRpcError as e:
         call.cancel()
         lease.release()
@@ -113,3 +144,13 @@ async def _open_on(table: RouteTable, endpoint: Endpoint,
         lease.release()
         raise
     return UpstreamStream(lease, call, None if first is grpc.aio.EOF else first)
+
+
+async def _accepted(call, endpoint: Endpoint, timeout_s: float) -> None:
+    """Waits for the call's initial metadata: a replica sends it when it admits the request (a failure
+    brings it too). A hung replica (stopped process, open connection) never does: retryable 503."""
+    try:
+        await asyncio.wait_for(call.initial_metadata(), timeout_s)
+    except TimeoutError:
+        raise HttpError(503, "service_unavailable", f"replica {endpoint.replica_id} did not accept the "
+                        f"request within {timeout_s:g}s", retryable=True) from None

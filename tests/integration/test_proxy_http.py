@@ -209,7 +209,8 @@ async def test_client_disconnect_before_the_first_token_cancels_the_replica_call
     await wait_event(r1.cancelled["gone-2"])
 
 
-async def test_replica_dying_mid_stream_ends_the_body_with_a_json_error_line(proxy, head, http, replicas):
+async def test_replica_dying_mid_stream_with_no_other_replica_ends_the_body_with_a_json_error_line(
+        proxy, head, http, replicas):
     r1 = await replicas("tiny-k00000")
     await publish(http, proxy, head, tiny=[r1])
     status, _, body = await chat(http, proxy, "tiny", "die")
@@ -218,6 +219,7 @@ async def test_replica_dying_mid_stream_ends_the_body_with_a_json_error_line(pro
     assert text.startswith("partial\n") and text.endswith("\n")
     err = error_of(text.splitlines()[-1].encode())
     assert err["code"] >= 500 and "tiny-k00000 failed mid-stream" in err["message"]
+    assert "no replica could continue" in err["message"]
 
 
 async def test_head_going_away_keeps_serving_from_the_last_snapshot(http, replicas, tmp_path):
@@ -243,3 +245,22 @@ async def test_head_going_away_keeps_serving_from_the_last_snapshot(http, replic
         await head.server.stop(None)
     assert rc == 0, proxy.log_path.read_text()
     assert "proxy_stopped" in proxy.log_path.read_text()
+
+
+async def test_a_request_to_a_proxy_that_has_no_routes_yet_waits_for_the_first_table(http, replicas, tmp_path):
+    r1 = await replicas("tiny-m00000")
+    head = await FakeHead(first_delay_s=1.0).start()  # a head slow to send its table (the proxy just restarted)
+    head.publish(tiny=[r1])
+    proxy = await Proxy(head.port, tmp_path).start()
+    try:
+        async with http.get(f"{proxy.url}/health") as r:  # liveness: up at once
+            assert r.status == 200 and (await r.json())["routes_version"] == 0
+        async with http.get(f"{proxy.url}/ready") as r:  # readiness: not without routes
+            assert r.status == 503
+        started = time.monotonic()
+        status, headers, body = await chat(http, proxy, "tiny", "hi")
+        assert status == 200 and body.decode() == "".join(CHUNKS) and headers["X-Replica-Id"] == "tiny-m00000"
+        assert time.monotonic() - started > 0.3  # it waited for the table instead of a 503 at once
+    finally:
+        await proxy.stop()
+        await head.server.stop(None)

@@ -92,7 +92,9 @@ async def test_counters_move_by_the_requests_made_and_cluster_gauges_come_from_s
     assert moved("gridserve_time_to_first_token_seconds_count", model="tiny") == 5
     assert moved("gridserve_inter_token_latency_seconds_count", model="tiny") == 3 * 4
     assert moved("gridserve_upstream_retries_total", model="tiny") == 1
-    assert ("gridserve_failovers_total", frozenset({("model", "tiny")})) in after
+    for outcome in ("resumed", "failed"):  # created at 0 by the poll, before any failover
+        assert value(after, "gridserve_failovers_total", model="tiny", outcome=outcome) == 0
+        assert ("gridserve_failovers_total", frozenset({("model", "tiny"), ("outcome", outcome)})) in after
     assert value(during, "gridserve_streams_in_flight", model="tiny") == 1
     assert value(after, "gridserve_streams_in_flight", model="tiny") == 0
 

@@ -157,7 +157,8 @@ async def test_unknown_model_code_and_overload_and_no_replica_statuses(proxy, he
         await full.server.stop(None)
 
 
-async def test_failure_after_the_stream_started_is_an_error_event_then_done(proxy, head, http):
+async def test_failure_after_the_stream_started_with_no_other_replica_is_an_error_event_then_done(
+        proxy, head, http):
     r = await FakeReplica("tiny-d00001").start()
     await publish(http, proxy, head, tiny=[r])
     body = {"model": "tiny", "messages": [{"role": "user", "content": "die"}], "stream": True}

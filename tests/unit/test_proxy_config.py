@@ -9,6 +9,12 @@ def test_fixed_interface_flags_parse_with_defaults_for_the_rest():
                         "--port-file", "/tmp/p.port"])
     assert cfg == ProxyConfig(head="127.0.0.1:50051", host="0.0.0.0", port=0, port_file="/tmp/p.port")
     assert cfg.max_body_bytes == 1024 * 1024 and cfg.retry_attempts == 3 and cfg.log_level == "INFO"
+    assert cfg.accept_timeout_s == 5.0 and cfg.max_failovers == 3
+
+
+def test_accept_timeout_and_max_failovers_reach_the_config():
+    cfg = parse_config(["--head", "h:1", "--accept-timeout", "0.5", "--max-failovers", "0"])
+    assert cfg.accept_timeout_s == 0.5 and cfg.max_failovers == 0
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -18,6 +24,9 @@ def test_fixed_interface_flags_parse_with_defaults_for_the_rest():
     (["--head", "h:1", "--port", "70000"], "--port: must be in 0..65535"),
     (["--head", "h:1", "--log-level", "loud"], "--log-level"),
     (["--head", "h:1", "--retry-attempts", "0"], "--retry-attempts"),
+    (["--head", "h:1", "--accept-timeout", "0"], "--accept-timeout: must be > 0"),
+    (["--head", "h:1", "--accept-timeout", "nan"], "--accept-timeout: must be > 0"),
+    (["--head", "h:1", "--max-failovers", "-1"], "--max-failovers: must be >= 0"),
 ])
 def test_bad_flags_exit_2_with_a_message_naming_the_problem(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:

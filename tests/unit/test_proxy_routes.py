@@ -180,3 +180,14 @@ async def test_watcher_applies_snapshots_keeps_the_last_while_the_head_is_away_a
         await asyncio.gather(task, return_exceptions=True)
         await server.stop(None)
         await table.close()
+
+
+async def test_wait_received_returns_once_the_first_snapshot_arrives_or_false_after_the_bound():
+    table = RouteTable()
+    assert await table.wait_received(0.05) is False
+    waiter = asyncio.create_task(table.wait_received(5))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    table.apply(snapshot(1, m=["h:1"]))
+    assert await asyncio.wait_for(waiter, 1) is True
+    assert await table.wait_received(0) is True
