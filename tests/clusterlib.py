@@ -73,6 +73,7 @@ class Cluster:
 
     def start_head(self, extra: list[str] = (), wait_for_proxy: bool = True) -> None:
         state = self.root / "state"  # head.json stays: a restarted head adopts the proxy it names
+        self.head_extra = list(extra)
         head = self._spawn("head", ["head", "--host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1",
                              "--http-port", "0", "--state-dir", str(state),
                              "--model-configs", str(self.model_configs), *self.tls_flags(), *extra])
@@ -85,9 +86,9 @@ class Cluster:
         self.token_file = state / "cluster-token"  # the head made it; every call carries it
         self.metadata = ((METADATA_KEY, self.token_file.read_text().strip()),)
 
-    def restart_head(self) -> None:
-        self.kill("head")
-        self.start_head()
+    def relaunch_head(self) -> None:
+        """Starts the head again (after it was killed) with the flags it had: same state dir and ports."""
+        self.start_head(self.head_extra)
 
     def tls_flags(self, serve: bool = True) -> list[str]:
         """What a process needs for the cluster's TLS: its cert and key when it serves, the CA always."""

@@ -27,7 +27,7 @@ def test_a_killed_head_restarts_and_adopts_its_proxy_and_replicas_while_requests
             t0, done_before = time.monotonic(), len(load.results)
             load.wait(done_before + 5)
             served_while_down = len(load.results) - done_before
-            c.start_head(extra=ports)  # same state dir and ports
+            c.relaunch_head()  # same state dir and ports
             head_up_s = time.monotonic() - t0
 
             def adopted():

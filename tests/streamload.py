@@ -1,0 +1,123 @@
+"""Concurrent streaming clients for chaos tests: native text streams and OpenAI SSE streams of greedy chats,
+each outcome kept with its text so a test can count failures and check that every completed text is whole."""
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import openai
+
+from clusterlib import Cluster, wait_for
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a bicycle works to a ten year old.",
+    "Describe a walk through a forest in autumn.",
+    "What are three good habits for writing clean code?",
+]
+
+
+def messages(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+@dataclass
+class Outcome:
+    """One client request: how it went over the wire, what text arrived and when it ended."""
+    client: str          # "native" or "openai"
+    prompt: str
+    ok: bool             # a normal end: 200 and a finished stream
+    text: str
+    error: str
+    started: float
+    ended: float
+
+
+class StreamLoad:
+    """`streams` threads, each sending greedy streaming chats one after another until the block ends.
+    Even threads use the native text stream, odd ones the `openai` package with SSE."""
+
+    def __init__(self, cluster: Cluster, model: str, max_tokens: int, streams: int = 4, timeout: float = 120):
+        self.cluster, self.model, self.max_tokens = cluster, model, max_tokens
+        self.streams, self.timeout = streams, timeout
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(streams)]
+
+    def __enter__(self) -> "StreamLoad":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout + 30)
+        assert not any(t.is_alive() for t in self._threads), "a client stream hung"
+
+    def wait(self, count: int, timeout: float = 180) -> None:
+        """Until `count` requests have ended (in any way)."""
+        wait_for(lambda: len(self.outcomes) >= count, timeout, f"{count} client requests to end")
+
+    def failures(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+    def _run(self, index: int) -> None:
+        send = self._native if index % 2 == 0 else self._openai
+        n = index
+        while not self._stop.is_set():
+            prompt = PROMPTS[n % len(PROMPTS)]
+            n += 1
+            started = time.monotonic()
+            try:
+                ok, text, error = send(prompt)
+            except Exception as e:  # a closed connection, a timeout: the request failed
+                ok, text, error = False, "", f"{type(e).__name__}: {e}"
+            self.outcomes.append(Outcome("native" if send == self._native else "openai", prompt, ok, text,
+                                         error, started, time.monotonic()))
+            if not ok:
+                time.sleep(0.2)  # a failing cluster answers at once: do not flood it
+
+    def body(self, prompt: str, **extra) -> dict:
+        return {"messages": messages(prompt), "max_tokens": self.max_tokens, "temperature": 0, **extra}
+
+    def _native(self, prompt: str) -> tuple[bool, str, str]:
+        url = urlsplit(self.cluster.url(f"/v1/chat/{self.model}"))
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=self.timeout)
+        try:
+            conn.request("POST", url.path, json.dumps(self.body(prompt)), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read().decode()  # raises IncompleteRead if the connection closes mid-body
+        finally:
+            conn.close()
+        if resp.status != 200:
+            return False, "", f"HTTP {resp.status}: {data}"
+        text, sep, tail = data.partition('\n{"error"')
+        return (False, text, sep.strip() + tail) if sep else (True, text, "")
+
+    def _openai(self, prompt: str) -> tuple[bool, str, str]:
+        with openai.OpenAI(base_url=self.cluster.url("/v1"), api_key="none", max_retries=0,
+                           timeout=self.timeout) as client:
+            stream = client.chat.completions.create(model=self.model, stream=True, **self.body(prompt))
+            parts, finish = [], None
+            for chunk in stream:
+                if chunk.choices:
+                    parts.append(chunk.choices[0].delta.content or "")
+                    finish = chunk.choices[0].finish_reason or finish
+        text = "".join(parts)
+        return (True, text, "") if finish else (False, text, "the SSE stream ended without a finish_reason")
+
+
+def reference_texts(cluster: Cluster, model: str, max_tokens: int) -> dict[str, str]:
+    """The no-failure greedy text of every prompt, one request at a time on a healthy cluster."""
+    load = StreamLoad(cluster, model, max_tokens)
+    out = {}
+    for prompt in PROMPTS:
+        ok, text, error = load._native(prompt)
+        assert ok and text, f"reference request failed: {error}"
+        out[prompt] = text
+    return out
