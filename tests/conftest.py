@@ -16,6 +16,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    """The tiny model loaded in this process (context 256, at most 128 new tokens), for engine tests."""
+    from gridserve.common.config import ModelConfig
+    from gridserve.replica.loader import load_model
+
+    cfg = ModelConfig.from_dict("tiny", {"source": {"type": "local", "path": str(tiny_model_dir)},
+                                         "context_length": 256, "max_tokens_limit": 128,
+                                         "sampling": {"max_new_tokens": 32}})
+    return load_model(cfg)
+
+
+@pytest.fixture(scope="session")
 def tiny_configs(tmp_path_factory, tiny_model_dir) -> Path:
     """A model_configs.json offering the tiny model, a hub model and one that needs a GPU."""
     path = tmp_path_factory.mktemp("configs") / "model_configs.json"

@@ -256,3 +256,17 @@ async def proxy(head, tmp_path_factory):
 async def http():
     async with aiohttp.ClientSession() as s:
         yield s
+
+
+@pytest.fixture
+async def replicas():
+    """Starts fake replicas on demand (`await replicas(id, mode, **options)`); stops them all after the test."""
+    started: list[FakeReplica] = []
+
+    async def make(replica_id: str, mode: str = "ok", **kwargs) -> FakeReplica:
+        r = await FakeReplica(replica_id, mode, **kwargs).start()
+        started.append(r)
+        return r
+
+    yield make
+    await asyncio.gather(*(r.server.stop(None) for r in started))

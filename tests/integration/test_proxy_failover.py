@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxylib import CHUNKS, SCRIPT, SCRIPT_IDS, SCRIPT_TEXT, FakeReplica, Proxy, publish
-from proxylib import head, http  # noqa: F401  (shared fixtures)
+from proxylib import head, http, replicas  # noqa: F401  (shared fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -21,20 +21,6 @@ async def proxy(head, tmp_path_factory):
                     extra=("--accept-timeout", str(ACCEPT_TIMEOUT_S))).start()
     yield p
     await p.stop()
-
-
-@pytest.fixture
-async def replicas():
-    """Starts fake replicas on demand; stops them all after the test."""
-    started: list[FakeReplica] = []
-
-    async def make(replica_id: str, mode: str = "ok", **kwargs) -> FakeReplica:
-        r = await FakeReplica(replica_id, mode, **kwargs).start()
-        started.append(r)
-        return r
-
-    yield make
-    await asyncio.gather(*(r.server.stop(None) for r in started))
 
 
 async def post(http, proxy, path: str, body, request_id: str):

@@ -13,25 +13,12 @@ from gridserve.proxy.routes import RouteTable
 from gridserve.proxy.upstream import RetryPolicy, open_stream, replica_lost
 from gridserve.v1 import head_pb2, replica_pb2
 from proxylib import MODEL_JSON, SCRIPT, SCRIPT_IDS, SCRIPT_TEXT, FakeReplica
+from proxylib import replicas  # noqa: F401  (shared fixture)
 
 pytestmark = pytest.mark.timeout(30)
 
 POLICY = RetryPolicy(backoff_initial_s=0.01, backoff_max_s=0.05, accept_timeout_s=5.0)
 _versions = itertools.count(1)
-
-
-@pytest.fixture
-async def replicas():
-    """Starts fake replicas of model "tiny" on demand; stops them all after the test."""
-    started: list[FakeReplica] = []
-
-    async def make(replica_id: str, mode: str = "ok", **kwargs) -> FakeReplica:
-        r = await FakeReplica(replica_id, mode, **kwargs).start()
-        started.append(r)
-        return r
-
-    yield make
-    await asyncio.gather(*(r.server.stop(None) for r in started))
 
 
 @pytest.fixture

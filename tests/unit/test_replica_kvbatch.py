@@ -7,22 +7,12 @@ import pytest
 import torch
 from transformers import MistralConfig
 
-from gridserve.common.config import ModelConfig
 from gridserve.common.errors import ModelLoadError
 from gridserve.replica.kvbatch import KVBatch, check_supported
-from gridserve.replica.loader import load_model
 
 # Each row's logits in the batch equal the logits of its sequence run alone, up to float32 rounding
 # (padding changes the shapes the matrix kernels see); the random model's logits are O(10).
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    cfg = ModelConfig.from_dict("tiny", {"source": {"type": "local", "path": str(tiny_model_dir)},
-                                         "context_length": 256, "max_tokens_limit": 128,
-                                         "sampling": {"max_new_tokens": 32}})
-    return load_model(cfg)
 
 
 def solo_logits(model, ids: list[int]) -> torch.Tensor:
@@ -31,10 +21,10 @@ def solo_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def test_rows_joining_and_leaving_keep_the_logits_they_get_alone(loaded):
-    model = loaded.model
-    seqs = [loaded.encode_prompt(p) for p in ("The quick brown fox jumps over the lazy dog.", "Hi", "1, 2, 3, 4,")]
-    batch, rows = KVBatch(model, loaded.device), []
+def test_rows_joining_and_leaving_keep_the_logits_they_get_alone(tiny_loaded):
+    model = tiny_loaded.model
+    seqs = [tiny_loaded.encode_prompt(p) for p in ("The quick brown fox jumps over the lazy dog.", "Hi", "1, 2, 3, 4,")]
+    batch, rows = KVBatch(model, tiny_loaded.device), []
 
     def check(logits: torch.Tensor, these: list[list[int]]) -> None:
         """Each row's logits equal its solo logits; then the row takes its greedy token."""
@@ -60,14 +50,14 @@ def test_rows_joining_and_leaving_keep_the_logits_they_get_alone(loaded):
 
 
 @torch.inference_mode()
-def test_keep_nothing_empties_the_batch_and_it_can_start_again(loaded):
-    batch = KVBatch(loaded.model, loaded.device)
-    ids = loaded.encode_prompt("Hello there")
+def test_keep_nothing_empties_the_batch_and_it_can_start_again(tiny_loaded):
+    batch = KVBatch(tiny_loaded.model, tiny_loaded.device)
+    ids = tiny_loaded.encode_prompt("Hello there")
     batch.prefill([ids, ids])
     batch.keep([])
     assert (len(batch), batch.length) == (0, 0)
     logits = batch.prefill([ids])
-    torch.testing.assert_close(logits[0], solo_logits(loaded.model, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[0], solo_logits(tiny_loaded.model, ids), atol=ATOL, rtol=0)
 
 
 def test_a_model_with_sliding_window_layers_is_refused_clearly():

@@ -8,27 +8,17 @@ import time
 import pytest
 from grpc_health.v1 import health, health_pb2
 
-from gridserve.common.config import ModelConfig
 from gridserve.common.grpcutil import NOT_SERVING, SERVING
 from gridserve.replica.engine import Engine
-from gridserve.replica.loader import load_model
 from gridserve.replica.params import SamplingOptions
 from gridserve.replica.watchdog import StallWatch
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    cfg = ModelConfig.from_dict("tiny", {"source": {"type": "local", "path": str(tiny_model_dir)},
-                                         "context_length": 256, "max_tokens_limit": 128,
-                                         "sampling": {"max_new_tokens": 32}})
-    return load_model(cfg)
-
-
 @pytest.fixture
-def engine(loaded):
-    engine = Engine(loaded, num_threads=1)
+def engine(tiny_loaded):
+    engine = Engine(tiny_loaded, num_threads=1)
     engine.start()
     yield engine
     engine.stop()
@@ -38,8 +28,8 @@ async def finish_of(handle) -> str | None:
     return [out async for out in handle.outputs()][-1].finish_reason
 
 
-async def test_seconds_since_step_is_zero_idle_and_grows_while_a_wedged_engine_has_work(loaded, engine):
-    ids = loaded.encode_prompt(PROMPT)
+async def test_seconds_since_step_is_zero_idle_and_grows_while_a_wedged_engine_has_work(tiny_loaded, engine):
+    ids = tiny_loaded.encode_prompt(PROMPT)
     assert await finish_of(engine.submit("a", ids, SamplingOptions(max_tokens=2))) == "length"
     engine.wedge()
     await asyncio.sleep(0.5)
@@ -55,8 +45,8 @@ async def test_seconds_since_step_is_zero_idle_and_grows_while_a_wedged_engine_h
     assert engine.stats().seconds_since_step == 0
 
 
-async def test_a_running_stream_keeps_seconds_since_step_small_until_the_engine_wedges(loaded, engine):
-    handle = engine.submit("long", loaded.encode_prompt(PROMPT), SamplingOptions(max_tokens=128))
+async def test_a_running_stream_keeps_seconds_since_step_small_until_the_engine_wedges(tiny_loaded, engine):
+    handle = engine.submit("long", tiny_loaded.encode_prompt(PROMPT), SamplingOptions(max_tokens=128))
     stream = handle.outputs()
     await stream.__anext__()
     assert engine.stats().seconds_since_step < 0.25
@@ -95,13 +85,13 @@ async def watched(engine):
 
 
 async def test_watchdog_sets_not_serving_past_the_stall_timeout_and_serving_once_steps_resume(
-        loaded, engine, watched, caplog):
+        tiny_loaded, engine, watched, caplog):
     servicer, watch = watched
     caplog.set_level(logging.INFO, logger="gridserve.replica")
     engine.wedge()
     await asyncio.sleep(0.5)
     assert await status(servicer) == SERVING  # wedged but idle: nothing is stuck
-    handle = engine.submit("r", loaded.encode_prompt(PROMPT), SamplingOptions(max_tokens=4))
+    handle = engine.submit("r", tiny_loaded.encode_prompt(PROMPT), SamplingOptions(max_tokens=4))
     started = time.monotonic()
     await wait_status(servicer, NOT_SERVING)
     assert time.monotonic() - started >= 0.3
@@ -115,10 +105,10 @@ async def test_watchdog_sets_not_serving_past_the_stall_timeout_and_serving_once
     assert stalled.levelno == logging.WARNING and "waiting=1" in stalled.getMessage()
 
 
-async def test_watchdog_never_undoes_a_drain(loaded, engine, watched):
+async def test_watchdog_never_undoes_a_drain(tiny_loaded, engine, watched):
     servicer, watch = watched
     engine.wedge()
-    handle = engine.submit("r", loaded.encode_prompt(PROMPT), SamplingOptions(max_tokens=4))
+    handle = engine.submit("r", tiny_loaded.encode_prompt(PROMPT), SamplingOptions(max_tokens=4))
     await wait_status(servicer, NOT_SERVING)
     await servicer.enter_graceful_shutdown()
     engine.wedge(False)

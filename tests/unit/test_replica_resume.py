@@ -5,10 +5,8 @@ import threading
 
 import pytest
 
-from gridserve.common.config import ModelConfig
 from gridserve.common.errors import InvalidRequest
 from gridserve.replica.engine import Engine
-from gridserve.replica.loader import load_model
 from gridserve.replica.params import SamplingOptions
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -16,14 +14,6 @@ PROMPT = "The quick brown fox jumps over the lazy dog."
 # at token 18: the detokenizer holds it back until token 19 (checked by the test that uses it).
 MULTIBYTE_PROMPT = "word8 日本"
 NEVER = "\u2603\u2603"  # never in the tiny model's output: a stop string ending with it only ever half-matches
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    cfg = ModelConfig.from_dict("tiny", {"source": {"type": "local", "path": str(tiny_model_dir)},
-                                         "context_length": 256, "max_tokens_limit": 128,
-                                         "sampling": {"max_new_tokens": 32}})
-    return load_model(cfg)
 
 
 class LockstepEngine(Engine):
@@ -49,9 +39,9 @@ async def lockstep_outputs(engine: LockstepEngine, handle) -> list:
 
 
 @pytest.fixture(scope="module")
-def engines(loaded):
+def engines(tiny_loaded):
     """(lockstep engine for the unbroken streams, plain engine for the resumed ones)."""
-    lockstep, plain = LockstepEngine(loaded, num_threads=1), Engine(loaded, num_threads=1)
+    lockstep, plain = LockstepEngine(tiny_loaded, num_threads=1), Engine(tiny_loaded, num_threads=1)
     lockstep.start()
     plain.start()
     yield lockstep, plain
@@ -89,42 +79,42 @@ async def check_every_split(engines, prompt_ids, **opts) -> tuple[str, list[int]
     return whole_text, whole_ids, splits
 
 
-async def test_resuming_after_any_split_continues_the_greedy_stream_exactly(loaded, engines):
-    text, ids, splits = await check_every_split(engines, loaded.encode_prompt(PROMPT))
-    assert len(ids) == 32 and text == loaded.tokenizer.decode(ids)
+async def test_resuming_after_any_split_continues_the_greedy_stream_exactly(tiny_loaded, engines):
+    text, ids, splits = await check_every_split(engines, tiny_loaded.encode_prompt(PROMPT))
+    assert len(ids) == 32 and text == tiny_loaded.tokenizer.decode(ids)
 
 
-async def test_a_character_split_across_tokens_comes_out_whole_after_resuming_inside_it(loaded, engines):
-    text, ids, splits = await check_every_split(engines, loaded.encode_prompt(MULTIBYTE_PROMPT))
-    inside = [(k, had) for k, had in splits if loaded.tokenizer.decode(ids[:k]).endswith("\ufffd")]
+async def test_a_character_split_across_tokens_comes_out_whole_after_resuming_inside_it(tiny_loaded, engines):
+    text, ids, splits = await check_every_split(engines, tiny_loaded.encode_prompt(MULTIBYTE_PROMPT))
+    inside = [(k, had) for k, had in splits if tiny_loaded.tokenizer.decode(ids[:k]).endswith("\ufffd")]
     assert [k for k, _ in inside] == [18]  # the first replica held those bytes back ...
     for k, had in inside:
-        assert len(had) < len(loaded.tokenizer.decode(ids[:k]))  # ... and the client did not have them
+        assert len(had) < len(tiny_loaded.tokenizer.decode(ids[:k]))  # ... and the client did not have them
 
 
-async def test_text_held_back_as_a_possible_stop_string_comes_out_after_resuming(loaded, engines):
-    ids = loaded.encode_prompt(PROMPT)
+async def test_text_held_back_as_a_possible_stop_string_comes_out_after_resuming(tiny_loaded, engines):
+    ids = tiny_loaded.encode_prompt(PROMPT)
     plain_ids = joined(await outputs(engines[1].submit("w", ids, SamplingOptions(max_tokens=32))))[1]
-    before = loaded.tokenizer.decode(plain_ids[:10])
+    before = tiny_loaded.tokenizer.decode(plain_ids[:10])
     half = before[-2:] + NEVER  # its first two characters end the 10th token's text
     text, _, splits = await check_every_split(engines, ids, stop=(half,))
-    assert text == loaded.tokenizer.decode(plain_ids)  # never matched: nothing lost
+    assert text == tiny_loaded.tokenizer.decode(plain_ids)  # never matched: nothing lost
     assert (10, before[:-2]) in splits  # held back at the split, released by the resumed stream
 
 
-async def test_a_stop_string_across_the_split_ends_the_resumed_stream_with_stop(loaded, engines):
-    ids = loaded.encode_prompt(PROMPT)
+async def test_a_stop_string_across_the_split_ends_the_resumed_stream_with_stop(tiny_loaded, engines):
+    ids = tiny_loaded.encode_prompt(PROMPT)
     whole, plain_ids = joined(await outputs(engines[1].submit("w", ids, SamplingOptions(max_tokens=32))))
-    stop = loaded.tokenizer.decode(plain_ids[:5])[-2:] + loaded.tokenizer.decode(plain_ids[5:6])[:2]
-    assert whole.index(stop) == len(loaded.tokenizer.decode(plain_ids[:5])) - 2
+    stop = tiny_loaded.tokenizer.decode(plain_ids[:5])[-2:] + tiny_loaded.tokenizer.decode(plain_ids[5:6])[:2]
+    assert whole.index(stop) == len(tiny_loaded.tokenizer.decode(plain_ids[:5])) - 2
     text, stopped_ids, splits = await check_every_split(engines, ids, stop=(stop,))
     assert text == whole[:whole.index(stop)] and stopped_ids == plain_ids[:6]
     assert splits[-1][0] == 5
 
 
-async def test_resume_tokens_count_toward_max_tokens_and_usage_but_not_tokens_generated(loaded, engines):
+async def test_resume_tokens_count_toward_max_tokens_and_usage_but_not_tokens_generated(tiny_loaded, engines):
     _, plain = engines
-    ids = loaded.encode_prompt(PROMPT)
+    ids = tiny_loaded.encode_prompt(PROMPT)
     whole = joined(await outputs(plain.submit("w", ids, SamplingOptions(max_tokens=8))))[1]
     generated = plain.stats().tokens_generated_total
     handle = plain.submit("r", ids, SamplingOptions(max_tokens=8), whole[:5])
@@ -135,19 +125,19 @@ async def test_resume_tokens_count_toward_max_tokens_and_usage_but_not_tokens_ge
     assert plain.stats().tokens_generated_total - generated == 3
 
 
-async def test_resume_tokens_fill_the_context_like_generated_ones(loaded, engines):
+async def test_resume_tokens_fill_the_context_like_generated_ones(tiny_loaded, engines):
     _, plain = engines
-    prompt = loaded.encode_prompt("word " * 400)[:248]  # context_length is 256
+    prompt = tiny_loaded.encode_prompt("word " * 400)[:248]  # context_length is 256
     whole = joined(await outputs(plain.submit("w", prompt, SamplingOptions(max_tokens=100))))[1]
     assert len(whole) == 8
     outs = await outputs(plain.submit("r", prompt, SamplingOptions(max_tokens=100), whole[:6]))
     assert joined(outs)[1] == whole[6:] and outs[-1].finish_reason == "length"
 
 
-def bad_resumes(loaded) -> list[tuple[list[int], list[int], int, str]]:
+def bad_resumes(tiny_loaded) -> list[tuple[list[int], list[int], int, str]]:
     """(prompt ids, resume ids, max_tokens, message) the engine must refuse."""
-    ids = loaded.encode_prompt(PROMPT)
-    eos = min(loaded.eos_token_ids)
+    ids = tiny_loaded.encode_prompt(PROMPT)
+    eos = min(tiny_loaded.eos_token_ids)
     return [
         (ids, [5, 49152], 32, r"resume_token_ids\[1\] = 49152 is not a token id .*0 to 49151"),
         (ids, [-1], 32, r"resume_token_ids\[0\] = -1 is not a token id"),
@@ -158,17 +148,17 @@ def bad_resumes(loaded) -> list[tuple[list[int], list[int], int, str]]:
 
 
 @pytest.mark.parametrize("case", range(5))
-async def test_bad_resume_ids_are_invalid_and_the_engine_goes_on(loaded, engines, case):
+async def test_bad_resume_ids_are_invalid_and_the_engine_goes_on(tiny_loaded, engines, case):
     _, plain = engines
-    prompt, resume, max_tokens, message = bad_resumes(loaded)[case]
+    prompt, resume, max_tokens, message = bad_resumes(tiny_loaded)[case]
     with pytest.raises(InvalidRequest, match=message):
         plain.submit("bad", prompt, SamplingOptions(max_tokens=max_tokens), resume)
     assert joined(await outputs(plain.submit("ok", prompt[:10], SamplingOptions(max_tokens=2), [5])))[1]
 
 
-async def test_resume_ids_that_already_complete_a_stop_string_are_invalid(loaded, engines):
+async def test_resume_ids_that_already_complete_a_stop_string_are_invalid(tiny_loaded, engines):
     _, plain = engines
-    ids = loaded.encode_prompt(PROMPT)
+    ids = tiny_loaded.encode_prompt(PROMPT)
     whole = joined(await outputs(plain.submit("w", ids, SamplingOptions(max_tokens=12))))
     stop = whole[0][3:7]
     stopped = joined(await outputs(plain.submit("s", ids, SamplingOptions(max_tokens=12, stop=(stop,)))))[1]
