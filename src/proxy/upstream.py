@@ -10,7 +10,7 @@ from typing import AsyncIterator, Callable
 
 import grpc
 from tenacity import (AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay,
-                      wait_exponential_jitter)
+                      wait_exponential, wait_random)
 
 from gridserve.common.logs import event
 from gridserve.proxy.http_errors import HttpError
@@ -98,8 +98,10 @@ async def open_stream(table: RouteTable, model: str, request: replica_pb2.Genera
     last: list[HttpError] = []
     retrying = AsyncRetrying(
         stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline_s),
-        wait=wait_exponential_jitter(initial=policy.backoff_initial_s, max=policy.backoff_max_s,
-                                    jitter=policy.backoff_initial_s),
+        # exponential from backoff_initial_s, capped, plus up to backoff_initial_s of jitter (the stable
+        # spelling of wait_exponential_jitter, whose `initial` argument newer tenacity deprecates)
+        wait=wait_exponential(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s)
+        + wait_random(0, policy.backoff_initial_s),
         retry=retry_if_exception(_retryable), reraise=True)
     async for attempt in retrying:
         with attempt:
