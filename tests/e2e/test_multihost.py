@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +73,15 @@ class LanCluster:
         replica = next((ln.split(":", 1)[1].strip() for ln in lines if ln.lower().startswith("x-replica-id:")), "")
         return status, replica
 
+    def stream(self, max_tokens: int = 120) -> tuple[int, str]:
+        """One greedy streamed chat from the head's host with curl -N; returns curl's exit code and the text."""
+        res = self.lab.run("head", "curl", "-sN", "-m", "60", "-X", "POST", f"http://{self.http}/v1/chat/tiny",
+                           "-H", "Content-Type: application/json",
+                           "-d", json.dumps({"prompt": "Once upon a time", "max_tokens": max_tokens,
+                                             "temperature": 0}),
+                           capture_output=True, text=True, timeout=90)
+        return res.returncode, res.stdout
+
     def logs(self) -> str:
         return "\n".join(f"===== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.root.glob("*.log"))
 
@@ -110,11 +120,47 @@ def test_requests_from_the_head_host_reach_replicas_on_both_nodes(lan):
     assert len(seen) == 2
 
 
+class StreamLoop:
+    """Threads streaming greedy chats with curl from the head's host until stopped; keeps (rc, text)."""
+
+    def __init__(self, lan: LanCluster, threads: int = 4):
+        self.lan, self.results, self._stop = lan, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.results.append(self.lan.stream())
+
+    def __enter__(self) -> "StreamLoop":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join(120)
+
+
 def test_a_node_whose_link_goes_down_leaves_the_routes_and_traffic_continues(lan):
-    lan.lab.set_link("n1", False)
-    cut = time.monotonic()
-    wait_for(lambda: "n1" not in lan.alive_nodes(), 3 * NODE_TIMEOUT, "n1 to be marked dead")
-    print(f"n1 marked dead {time.monotonic() - cut:.1f}s after its link went down")
+    """Streams in flight on n1 when its link is cut stall until the proxy's keepalive gives the
+    connection up, then resume on n2: every stream ends whole."""
+    reference = lan.stream()
+    assert reference[0] == 0 and reference[1]
+    with StreamLoop(lan) as load:
+        wait_for(lambda: len(load.results) >= 8, 60, "streams under way on both nodes")
+        lan.lab.set_link("n1", False)
+        cut = time.monotonic()
+        wait_for(lambda: "n1" not in lan.alive_nodes(), 3 * NODE_TIMEOUT, "n1 to be marked dead")
+        print(f"n1 marked dead {time.monotonic() - cut:.1f}s after its link went down")
+        during = len(load.results)
+        wait_for(lambda: len(load.results) >= during + 8, 90, "streams after the cut")
+    broken = [r for r in load.results if r != reference]
+    resumed = [ln for ln in (lan.root / "head.log").read_text().splitlines()
+               if " failover " in ln and "outcome=resumed" in ln]
+    print(f"{len(load.results)} streams across the cut, {len(resumed)} resumed on n2, {len(broken)} not whole")
+    assert broken == [], broken[:2]
+    assert resumed, "streams were running on n1 when its link was cut, and they moved to n2"
     wait_for(lambda: all(r["node_id"] != "n1" for r in lan.ready()), 10, "n1's replica to leave the routes")
     results = [lan.chat() for _ in range(10)]
     assert all(status == 200 for status, _ in results), results
