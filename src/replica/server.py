@@ -15,7 +15,7 @@ from pathlib import Path
 from gridserve.common.errors import FatalError, GridserveError, InvalidRequest, Unavailable
 from gridserve.common.grpcutil import NOT_SERVING, SERVING, add_health, bind, make_server
 from gridserve.common.logs import event, setup_logging
-from gridserve.common.procs import exit_with_parent
+from gridserve.common.procs import exit_with_parent, watch_event_loop
 from gridserve.replica.config import ReplicaConfig, parse_config
 from gridserve.replica.params import resolve_input, resolve_sampling
 from gridserve.replica.watchdog import StallWatch
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("replica", cfg.log_level)
     proc = ReplicaProcess(cfg)
     try:
-        code = asyncio.run(proc.run())
+        code = asyncio.run(watch_event_loop(proc.run()))
     except FatalError as e:
         print(f"fatal: {_one_line(e.message)}", file=sys.stderr, flush=True)
         code = EXIT_FATAL
