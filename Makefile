@@ -50,6 +50,7 @@ test-e2e: install
 bench: install
 	$(PY) bench/throughput.py
 	$(PY) bench/startup.py
+	$(PY) bench/failover.py
 
 clean:
 	rm -rf $(VENV) build src/v1/*_pb2*.py src/v1/*_pb2*.pyi $(GEN_STAMP) .pytest_cache

@@ -13,10 +13,14 @@ from gridserve.common.security import (Security, TokenInterceptor, channel_crede
 
 log = logging.getLogger("gridserve.grpc")
 
-# Keepalive so a dead peer (cut link, kill -9) is noticed in seconds, not at the TCP timeout.
+# Keepalive so a dead or frozen peer (cut link, SIGSTOP) is noticed in seconds, not at the TCP timeout.
+# grpc-core waits grpc.http2.ping_timeout_ms (default 60 s) for a ping's answer, whatever
+# keepalive_timeout_ms says: without it a stream from a frozen replica stalled until the scheduler killed it.
+PING_TIMEOUT_MS = 5000
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 5000),
     ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.http2.ping_timeout_ms", PING_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -25,6 +29,7 @@ CHANNEL_OPTIONS = [
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 5000),
     ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.http2.ping_timeout_ms", PING_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
     ("grpc.http2.max_ping_strikes", 0),
