@@ -39,7 +39,7 @@ class NodeServicer(head_pb2_grpc.NodeServiceServicer):
             while (desired := await session.next(reader)) is not None:
                 yield desired
             reason = session.close_reason or self._reader_outcome(reader)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # grpc cancels the task, or closes us at the yield
             reason = "session closed by the node"
             raise
         finally:

@@ -60,8 +60,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
                     chunk.usage.prompt_tokens = len(prompt_ids)
                     chunk.usage.completion_tokens = out.completion_tokens
                 yield chunk
-        except asyncio.CancelledError:
-            finish = "cancelled"
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away: grpc cancels the task, or
+            finish = "cancelled"                         # closes this generator at its yield
             raise
         except GridserveError as e:
             error = e.message
