@@ -89,7 +89,9 @@ def test_errors_reach_the_client_as_openai_exceptions(cluster, client):
 
 
 def test_curl_streams_sse_in_pieces_ending_with_done(cluster):
-    body = json.dumps({"model": MODEL, "messages": FRANCE, "max_tokens": 32, "stream": True})
+    story = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+    # 48 tokens take seconds to generate, so pieces arriving as generated show as several reads
+    body = json.dumps({"model": MODEL, "messages": story, "max_tokens": 48, "temperature": 0, "stream": True})
     proc = subprocess.Popen(["curl", "-sS", "-N", cluster.url("/v1/chat/completions"), "-H",
                              f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json", "-d", body],
                             stdout=subprocess.PIPE)
