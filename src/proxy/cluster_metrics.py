@@ -76,13 +76,17 @@ class ClusterCollector(Collector):
                                   labels=labels)
         mean = GaugeMetricFamily("gridserve_replica_mean_batch_size", "Rows per forward pass over the last few "
                                  "seconds (Info.mean_batch_size, where the replica reports it)", labels=labels)
+        stall = GaugeMetricFamily("gridserve_replica_seconds_since_step", "With work queued or running: seconds "
+                                  "since the engine's last step, 0 idle (Info.seconds_since_step; health goes "
+                                  "NOT_SERVING past the model's stall_timeout_s)", labels=labels)
         for rid, info in sorted(self.infos.items()):
             queue.add_metric([info.model, rid], info.waiting)
             size = _field(info, "batch_size")
             batch.add_metric([info.model, rid], info.running if size is None else size)
             if (value := _field(info, "mean_batch_size")) is not None:
                 mean.add_metric([info.model, rid], value)
-        yield from (queue, batch, mean)
+            stall.add_metric([info.model, rid], info.seconds_since_step)
+        yield from (queue, batch, mean, stall)
 
 
 class ClusterPoller:

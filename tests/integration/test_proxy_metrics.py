@@ -55,7 +55,7 @@ async def hold(proxy) -> asyncio.StreamWriter:
 async def test_counters_move_by_the_requests_made_and_cluster_gauges_come_from_status_and_info(proxy, head):
     good = await FakeReplica("tiny-m00001").start()
     down = await FakeReplica("tiny-m00002", mode="unavailable").start()
-    good.running, good.waiting = 2, 3
+    good.running, good.waiting, good.seconds_since_step = 2, 3, 1.5
     async with aiohttp.ClientSession() as http:
         try:
             await publish(http, proxy, head, tiny=[good])
@@ -108,3 +108,4 @@ async def test_counters_move_by_the_requests_made_and_cluster_gauges_come_from_s
     assert value(after, "gridserve_replica_queue_depth", model="tiny", replica="tiny-m00001") == 3
     assert value(after, "gridserve_replica_batch_size", model="tiny", replica="tiny-m00001") == 2
     assert value(after, "gridserve_replica_batch_size", model="tiny", replica="tiny-m00002") == 0
+    assert value(after, "gridserve_replica_seconds_since_step", model="tiny", replica="tiny-m00001") == 1.5
