@@ -63,8 +63,7 @@ class RouteTable:
     def __init__(self, rng: random.Random | None = None, security: Security | None = None):
         self.security = security  # what every channel to the head and the replicas carries
         self.version = 0
-        self.received = False           # False until the first snapshot arrives
-        self._first = asyncio.Event()   # set with it
+        self._first = asyncio.Event()   # set when the first snapshot arrives
         self.routes: dict[str, ModelRoute] = {}
         self._inflight: dict[str, int] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -74,6 +73,11 @@ class RouteTable:
     @property
     def models(self) -> dict[str, ModelConfig]:
         return {name: r.config for name, r in self.routes.items()}
+
+    @property
+    def received(self) -> bool:
+        """False until the first snapshot arrives."""
+        return self._first.is_set()
 
     async def wait_received(self, timeout_s: float) -> bool:
         """Waits at most `timeout_s` for the first snapshot; True once it is here."""
@@ -105,7 +109,7 @@ class RouteTable:
             if parsed is not None:
                 routes[route.model] = parsed
         before = self.addresses()
-        self.routes, self.version, self.received = routes, snapshot.version, True
+        self.routes, self.version = routes, snapshot.version
         self._first.set()
         for address in before - self.addresses():
             self._retire(address)

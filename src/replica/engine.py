@@ -328,7 +328,7 @@ class Engine:
         tokens, self._step_tokens = self._step_tokens, 0
         self.tokens_generated_total += tokens
         self.steps_total += 1
-        now = self._progress_at = time.monotonic()
+        now = time.monotonic()
         with self._cv:
             self._recent.append((now, tokens, rows))
             while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
