@@ -231,38 +231,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RequestLoad:
-    """Sends short requests one after another from a thread until the block ends; keeps (status, text,
-    seconds, replica id) of each."""
+class ClientThreads:
+    """Threads that each send one request after another until the block ends. `send(thread, turn)` makes one
+    request and returns (ok, result); results are kept in the order the requests ended. After a failed
+    request a thread pauses briefly: a failing cluster answers at once, and it must not be flooded."""
+    failure_pause_s = 0.1
+    wait_timeout_s = 60.0
 
-    def __init__(self, cluster: Cluster, model: str = "tiny", body: dict | None = None):
-        self.cluster, self.model = cluster, model
-        self.body = body or {"prompt": "Hello", "max_tokens": 8}
-        self.results: list[tuple[int, str, float, str]] = []
+    def __init__(self, threads: int = 1, join_s: float = 90):
+        self.results: list = []
+        self.join_s = join_s
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(threads)]
 
-    def _run(self) -> None:
+    def send(self, thread: int, turn: int) -> tuple[bool, object]:
+        raise NotImplementedError
+
+    def _loop(self, thread: int) -> None:
+        turn = 0
         while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                status, headers, text = chat(self.cluster, self.model, self.body, timeout=60)
-            except OSError as e:
-                status, headers, text = 0, {}, repr(e)
-            self.results.append((status, text, time.monotonic() - started, headers.get("x-replica-id", "")))
-            if status != 200:
-                time.sleep(0.1)  # a failing cluster answers at once: do not flood it
+            ok, result = self.send(thread, turn)
+            self.results.append(result)
+            turn += 1
+            if not ok:
+                time.sleep(self.failure_pause_s)
 
-    def wait(self, count: int, timeout: float = 60) -> None:
-        wait_for(lambda: len(self.results) >= count, timeout, f"{count} requests done")
+    def wait(self, count: int, timeout: float | None = None) -> None:
+        """Until `count` requests have ended (in any way)."""
+        wait_for(lambda: len(self.results) >= count, timeout or self.wait_timeout_s, f"{count} requests done")
 
-    def failures(self) -> list:
-        return [r for r in self.results if r[0] != 200 or not r[1]]
-
-    def __enter__(self) -> "RequestLoad":
-        self.thread.start()
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self.thread.join(90)
+        for t in self._threads:
+            t.join(self.join_s)
+        assert not any(t.is_alive() for t in self._threads), "a client request hung"
+
+
+class RequestLoad(ClientThreads):
+    """Short requests one after another from one thread; keeps (status, text, seconds, replica id) of each."""
+
+    def __init__(self, cluster: Cluster, model: str = "tiny", body: dict | None = None):
+        super().__init__()
+        self.cluster, self.model = cluster, model
+        self.body = body or {"prompt": "Hello", "max_tokens": 8}
+
+    def send(self, thread: int, turn: int) -> tuple[bool, tuple[int, str, float, str]]:
+        started = time.monotonic()
+        try:
+            status, headers, text = chat(self.cluster, self.model, self.body, timeout=60)
+        except OSError as e:
+            status, headers, text = 0, {}, repr(e)
+        return status == 200, (status, text, time.monotonic() - started, headers.get("x-replica-id", ""))
+
+    def failures(self) -> list:
+        return [r for r in self.results if r[0] != 200 or not r[1]]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import openai
 
-from clusterlib import Cluster, wait_for
+from clusterlib import ClientThreads, Cluster
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -37,50 +36,30 @@ class Outcome:
     ended: float
 
 
-class StreamLoad:
+class StreamLoad(ClientThreads):
     """`streams` threads, each sending greedy streaming chats one after another until the block ends.
-    Even threads use the native text stream, odd ones the `openai` package with SSE."""
+    Even threads use the native text stream, odd ones the `openai` package with SSE; `results` holds
+    an Outcome per request."""
+    failure_pause_s = 0.2
+    wait_timeout_s = 180.0
 
     def __init__(self, cluster: Cluster, model: str, max_tokens: int, streams: int = 4, timeout: float = 120):
+        super().__init__(threads=streams, join_s=timeout + 30)
         self.cluster, self.model, self.max_tokens = cluster, model, max_tokens
         self.streams, self.timeout = streams, timeout
-        self.outcomes: list[Outcome] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(streams)]
-
-    def __enter__(self) -> "StreamLoad":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(self.timeout + 30)
-        assert not any(t.is_alive() for t in self._threads), "a client stream hung"
-
-    def wait(self, count: int, timeout: float = 180) -> None:
-        """Until `count` requests have ended (in any way)."""
-        wait_for(lambda: len(self.outcomes) >= count, timeout, f"{count} client requests to end")
 
     def failures(self) -> list[Outcome]:
-        return [o for o in self.outcomes if not o.ok]
+        return [o for o in self.results if not o.ok]
 
-    def _run(self, index: int) -> None:
-        send = self._native if index % 2 == 0 else self._openai
-        n = index
-        while not self._stop.is_set():
-            prompt = PROMPTS[n % len(PROMPTS)]
-            n += 1
-            started = time.monotonic()
-            try:
-                ok, text, error = send(prompt)
-            except Exception as e:  # a closed connection, a timeout: the request failed
-                ok, text, error = False, "", f"{type(e).__name__}: {e}"
-            self.outcomes.append(Outcome("native" if send == self._native else "openai", prompt, ok, text,
-                                         error, started, time.monotonic()))
-            if not ok:
-                time.sleep(0.2)  # a failing cluster answers at once: do not flood it
+    def send(self, thread: int, turn: int) -> tuple[bool, Outcome]:
+        client, send = ("native", self._native) if thread % 2 == 0 else ("openai", self._openai)
+        prompt = PROMPTS[(thread + turn) % len(PROMPTS)]
+        started = time.monotonic()
+        try:
+            ok, text, error = send(prompt)
+        except Exception as e:  # a closed connection, a timeout: the request failed
+            ok, text, error = False, "", f"{type(e).__name__}: {e}"
+        return ok, Outcome(client, prompt, ok, text, error, started, time.monotonic())
 
     def body(self, prompt: str, **extra) -> dict:
         return {"messages": messages(prompt), "max_tokens": self.max_tokens, "temperature": 0, **extra}

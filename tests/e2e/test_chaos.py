@@ -66,8 +66,8 @@ def settled(c: Cluster, gone: int = 0) -> dict[str, int]:
 def assert_whole(c: Cluster, load: StreamLoad, allowed_failures=()) -> None:
     """Every request that ended normally carries exactly its prompt's no-failure text."""
     failed = [o for o in load.failures() if o not in allowed_failures]
-    assert failed == [], f"{len(failed)} of {len(load.outcomes)} requests failed: {failed[:3]}"
-    wrong = [o for o in load.outcomes if o.ok and o.text != c.reference[o.prompt]]
+    assert failed == [], f"{len(failed)} of {len(load.results)} requests failed: {failed[:3]}"
+    wrong = [o for o in load.results if o.ok and o.text != c.reference[o.prompt]]
     assert wrong == [], "\n".join(f"{o.client} {o.prompt!r}:\n got  {o.text!r}\n want {c.reference[o.prompt]!r}"
                                   for o in wrong[:3])
 
@@ -83,15 +83,15 @@ def failovers(c: Cluster) -> float:
 
 def streaming_on(c: Cluster, load: StreamLoad, replica_pid: int) -> None:
     """Waits until the load is under way (a few requests done, streams open on every replica)."""
-    load.wait(len(load.outcomes) + 3)
+    load.wait(len(load.results) + 3)
     assert pid_alive(replica_pid)
     time.sleep(1.0)  # into the next streams: they are mid-way when the failure comes
 
 
 def report(case: str, load: StreamLoad, **numbers) -> None:
-    slowest = max(o.ended - o.started for o in load.outcomes)
+    slowest = max(o.ended - o.started for o in load.results)
     extra = " ".join(f"{k}={v}" for k, v in numbers.items())
-    print(f"\n[chaos] {case}: {len(load.outcomes)} requests, {len(load.failures())} failed, "
+    print(f"\n[chaos] {case}: {len(load.results)} requests, {len(load.failures())} failed, "
           f"slowest {slowest:.1f}s {extra}")
 
 
@@ -106,7 +106,7 @@ def test_replica_kill_mid_stream_fails_over_and_the_replica_is_restarted(cluster
         t0 = time.monotonic()
         back = settled(c, gone=pid)
         restart_s = time.monotonic() - t0
-        load.wait(len(load.outcomes) + 4)
+        load.wait(len(load.results) + 4)
     assert back.get(victim) not in (None, pid), "the same replica id came back with a new process"
     assert [r.restarts for r in c.replicas(MODEL) if r.replica_id == victim] == [1]
     assert failovers(c) > resumed, "streams on the killed replica were continued on the other one"
@@ -129,7 +129,7 @@ def test_hung_replica_is_replaced_and_its_streams_continue_elsewhere(cluster, fa
         wait_for(lambda: not pid_alive(pid), 60, f"the scheduler to kill the hung replica ({fault})")
         killed_s = time.monotonic() - t0
         back = settled(c, gone=pid)
-        load.wait(len(load.outcomes) + 4)
+        load.wait(len(load.results) + 4)
     assert back.get(victim) not in (None, pid)
     report(f"hung replica ({fault})", load, failovers=failovers(c) - resumed, killed_after_s=f"{killed_s:.1f}")
     assert_whole(c, load)
@@ -142,12 +142,12 @@ def test_proxy_kill_loses_only_its_open_streams_and_comes_back_on_the_same_port(
     settled(c)
     proxy = c.status().proxy_pid
     with StreamLoad(c, MODEL, MAX_TOKENS) as load:
-        load.wait(len(load.outcomes) + 3)
+        load.wait(len(load.results) + 3)
         os.kill(proxy, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_for(lambda: http("GET", c.url("/health"), timeout=2)[0] == 200, 30, "the proxy back")
         back_at = time.monotonic()
-        load.wait(len(load.outcomes) + 6)
+        load.wait(len(load.results) + 6)
     assert c.status().proxy_pid not in (0, proxy) and c.status().proxy_restarts >= 1
     cut = [o for o in load.failures() if o.started < killed_at]
     refused = [o for o in load.failures() if killed_at <= o.started < back_at]
@@ -163,15 +163,15 @@ def test_head_kill_loses_nothing_and_a_restarted_head_adopts_the_replicas(cluste
     c = cluster
     before = settled(c)
     with StreamLoad(c, MODEL, MAX_TOKENS) as load:
-        load.wait(len(load.outcomes) + 3)
+        load.wait(len(load.results) + 3)
         c.kill("head")
-        load.wait(len(load.outcomes) + 4)  # served with no head at all
+        load.wait(len(load.results) + 4)  # served with no head at all
         c.relaunch_head()
         t0 = time.monotonic()
         wait_for(lambda: {r.replica_id: r.pid for r in c.replicas(MODEL, READY)} == before, 60,
                  "the restarted head to adopt the same replica processes")
         adopted_s = time.monotonic() - t0
-        load.wait(len(load.outcomes) + 3)
+        load.wait(len(load.results) + 3)
     report("head kill -9", load, adopted_after_s=f"{adopted_s:.1f}")
     assert_whole(c, load)
 
@@ -184,14 +184,14 @@ def test_node_loss_replaces_its_replica_and_a_returning_node_adds_no_duplicate(c
     lost = {r.replica_id for r in c.replicas(MODEL) if r.node_id == "n1"}
     resumed = failovers(c)
     with StreamLoad(c, MODEL, MAX_TOKENS) as load:
-        load.wait(len(load.outcomes) + 3)
+        load.wait(len(load.results) + 3)
         c.kill("scheduler-n1")
         t0 = time.monotonic()
         wait_for(lambda: not any(n.alive for n in c.status().nodes if n.node_id == "n1"), 30, "n1 marked dead")
         dead_s = time.monotonic() - t0
         after = settled(c)
         replaced_s = time.monotonic() - t0
-        load.wait(len(load.outcomes) + 4)
+        load.wait(len(load.results) + 4)
     assert lost and not lost & set(after) and set(before) - lost < set(after)
     assert {r.node_id for r in c.replicas(MODEL)} == {"n2"}
     c.start_scheduler("n1", num_cpus=2, extra=SCHEDULER_FLAGS)
@@ -206,10 +206,10 @@ def test_scale_down_drains_streams_before_stopping_a_replica(cluster):
     c = cluster
     settled(c)
     with StreamLoad(c, MODEL, MAX_TOKENS) as load:
-        load.wait(len(load.outcomes) + 3)
+        load.wait(len(load.results) + 3)
         c.cli("scale", MODEL, "1")
         wait_for(lambda: len(c.replicas(MODEL)) == 1, 90, "the drained replica to be gone")
-        load.wait(len(load.outcomes) + 4)
+        load.wait(len(load.results) + 4)
     report("scale 2 -> 1 under load", load)
     assert_whole(c, load)
     c.cli("scale", MODEL, "2")
