@@ -58,9 +58,9 @@ def percentile(values: list[float], q: float) -> float:
 def load_smollm2(num_threads: int):
     import torch
     torch.set_num_threads(num_threads)
-    from gridserve.common.config import load_model_catalog
-    from gridserve.replica.config import default_cache_dir
-    from gridserve.replica.loader import load_model
+    from gridserve.common.model_config import load_model_catalog
+    from gridserve.replica.settings import default_cache_dir
+    from gridserve.replica.model_loader import load_model
     return load_model(load_model_catalog().get("smollm2"), default_cache_dir())
 
 

@@ -18,8 +18,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir):
     """The tiny model loaded in this process (context 256, at most 128 new tokens), for engine tests."""
-    from gridserve.common.config import ModelConfig
-    from gridserve.replica.loader import load_model
+    from gridserve.common.model_config import ModelConfig
+    from gridserve.replica.model_loader import load_model
 
     cfg = ModelConfig.from_dict("tiny", {"source": {"type": "local", "path": str(tiny_model_dir)},
                                          "context_length": 256, "max_tokens_limit": 128,

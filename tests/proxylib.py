@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from gridserve.common import grpcutil
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import InvalidRequest, Overloaded, Unavailable
 from gridserve.v1 import head_pb2, head_pb2_grpc, replica_pb2, replica_pb2_grpc
 

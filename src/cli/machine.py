@@ -119,7 +119,7 @@ def cmd_hardware(args) -> int:
 
 def cmd_recommend(args) -> int:
     from gridserve.cli.headclient import CliError
-    from gridserve.common.config import load_model_catalog
+    from gridserve.common.model_config import load_model_catalog
     from gridserve.common.errors import ConfigError
 
     try:

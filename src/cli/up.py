@@ -74,7 +74,7 @@ def _raise_interrupt(signum, frame):
 
 
 def cmd_up(args) -> int:
-    from gridserve.common.config import load_model_catalog
+    from gridserve.common.model_config import load_model_catalog
     from gridserve.common.errors import ConfigError
 
     try:

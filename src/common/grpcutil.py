@@ -7,7 +7,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gridserve.common.errors import GridserveError
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 from gridserve.common.security import (Security, TokenInterceptor, channel_credentials, client_interceptors,
                                        server_credentials)
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from gridserve.common.errors import ConfigError
-from gridserve.common.logs import setup_logging
+from gridserve.common.eventlog import setup_logging
 
 _PR_SET_PDEATHSIG = 1
 PARENT_ENV = "GRIDSERVE_PARENT_PID"

@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 
 from gridserve.common.errors import ConfigError
-from gridserve.common.logs import event
-from gridserve.common.proxy_keys import write_private_file
+from gridserve.common.eventlog import event
+from gridserve.common.api_key_files import write_private_file
 
 log = logging.getLogger("gridserve.security")
 TOKEN_FILE_NAME = "cluster-token"

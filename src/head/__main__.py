@@ -10,17 +10,17 @@ import signal
 import sys
 from pathlib import Path
 
-from gridserve.common.config import load_model_catalog
+from gridserve.common.model_config import load_model_catalog
 from gridserve.common.grpcutil import SERVING, add_health, bind, make_server
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 from gridserve.common.procs import run_service
-from gridserve.common.proxy_keys import KEY_FILE_NAME, write_key_file
-from gridserve.head.config import HeadConfig, parse_config
+from gridserve.common.api_key_files import KEY_FILE_NAME, write_key_file
+from gridserve.head.settings import HeadConfig, parse_config
 from gridserve.head.controller import Controller
-from gridserve.head.routes import RouteTable
-from gridserve.head.servicers import add_services
+from gridserve.head.route_table import RouteTable
+from gridserve.head.grpc_services import add_services
 from gridserve.head.state import StateStore
-from gridserve.head.supervisor import ProxySupervisor, display_host, write_json_atomic
+from gridserve.head.proxy_supervisor import ProxySupervisor, display_host, write_json_atomic
 
 log = logging.getLogger("gridserve.head")
 

@@ -6,13 +6,13 @@ import logging
 import secrets
 import time
 
-from gridserve.common.config import ModelCatalog
+from gridserve.common.model_config import ModelCatalog
 from gridserve.common.errors import InvalidRequest, NotFound, Unavailable
-from gridserve.common.logs import event
-from gridserve.head.logrelay import LogRelay
-from gridserve.head.nodes import Node, Session
+from gridserve.common.eventlog import event
+from gridserve.head.log_relay import LogRelay
+from gridserve.head.node_registry import Node, Session
 from gridserve.head.placement import NodeCapacity, ReplicaView, choose_removals, pending_message, place
-from gridserve.head.routes import EndpointKey, RouteKey, RouteTable
+from gridserve.head.route_table import EndpointKey, RouteKey, RouteTable
 from gridserve.head.state import Assignment, Deployment, StateStore
 from gridserve.v1 import head_pb2
 

@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import ConfigError, GridserveError
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 
 log = logging.getLogger("gridserve.head.state")
 

@@ -6,9 +6,9 @@ import faulthandler
 import sys
 
 from gridserve.common.errors import FatalError
-from gridserve.common.logs import setup_logging
+from gridserve.common.eventlog import setup_logging
 from gridserve.common.procs import watch_event_loop
-from gridserve.proxy.config import parse_config
+from gridserve.proxy.settings import parse_config
 from gridserve.proxy.server import serve
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 from gridserve.proxy.http_errors import HttpError
 
 log = logging.getLogger("gridserve.proxy.auth")

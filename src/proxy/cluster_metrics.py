@@ -11,11 +11,11 @@ import grpc
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gridserve.common.logs import event
-from gridserve.proxy.routes import RouteTable, open_channel
+from gridserve.common.eventlog import event
+from gridserve.proxy.route_cache import RouteCache, open_channel
 from gridserve.v1 import head_pb2, head_pb2_grpc, replica_pb2, replica_pb2_grpc
 
-log = logging.getLogger("gridserve.proxy.metrics")
+log = logging.getLogger("gridserve.proxy.request_metrics")
 
 RPC_TIMEOUT_S = 2.0
 STATES = [name.removeprefix("REPLICA_STATE_") for name in head_pb2.ReplicaState.keys()
@@ -92,7 +92,7 @@ class ClusterCollector(Collector):
 class ClusterPoller:
     """Every `interval` seconds: the head's Status and the Info of every READY replica in the route table."""
 
-    def __init__(self, head_address: str, table: RouteTable, collector: ClusterCollector, interval: float,
+    def __init__(self, head_address: str, table: RouteCache, collector: ClusterCollector, interval: float,
                  on_poll: Callable[[], None] = lambda: None):
         self.head_address = head_address
         self.table = table

@@ -8,7 +8,7 @@ import grpc
 from aiohttp import web
 
 from gridserve.common.errors import GridserveError, http_from_grpc
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 
 log = logging.getLogger("gridserve.proxy")
 

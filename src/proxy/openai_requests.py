@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import NotFound
 from gridserve.proxy.relay import Job
-from gridserve.proxy.requests import (FieldError, chat_messages, json_object, lookup_model, prompt_text,
+from gridserve.proxy.native_requests import (FieldError, chat_messages, json_object, lookup_model, prompt_text,
                                       sampling_params)
 from gridserve.v1 import replica_pb2
 

@@ -12,15 +12,15 @@ from typing import Awaitable, Callable, Mapping, Protocol
 
 from aiohttp import web
 
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import GridserveError
-from gridserve.common.logs import event
-from gridserve.proxy.failover import Upstreams
+from gridserve.common.eventlog import event
+from gridserve.proxy.stream_resume import Upstreams
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_response
-from gridserve.proxy.metrics import UNKNOWN_MODEL, ProxyMetrics
-from gridserve.proxy.requests import request_id_from
-from gridserve.proxy.routes import RouteTable, RouteWatcher
-from gridserve.proxy.upstream import RetryPolicy, UpstreamStream
+from gridserve.proxy.request_metrics import UNKNOWN_MODEL, ProxyMetrics
+from gridserve.proxy.native_requests import request_id_from
+from gridserve.proxy.route_cache import RouteCache, RouteWatcher
+from gridserve.proxy.retry import RetryPolicy, UpstreamStream
 from gridserve.v1 import replica_pb2
 
 log = logging.getLogger("gridserve.proxy")
@@ -30,7 +30,7 @@ FINISH = {replica_pb2.FINISH_REASON_STOP: "stop", replica_pb2.FINISH_REASON_LENG
 
 @dataclass
 class ProxyState:
-    table: RouteTable
+    table: RouteCache
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     max_body_bytes: int = 1024 * 1024
     watcher: RouteWatcher | None = None

@@ -12,18 +12,18 @@ from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from gridserve.common.errors import FatalError, NotFound
-from gridserve.common.logs import event
-from gridserve.proxy import native, openai_api
+from gridserve.common.eventlog import event
+from gridserve.proxy import native_wire as native, openai_wire as openai_api
 from gridserve.proxy.auth import ApiKeys, auth_middleware
 from gridserve.proxy.cluster_metrics import ClusterCollector, ClusterPoller
-from gridserve.proxy.config import ProxyConfig
+from gridserve.proxy.settings import ProxyConfig
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_middleware
-from gridserve.proxy.metrics import ProxyMetrics
+from gridserve.proxy.request_metrics import ProxyMetrics
 from gridserve.proxy.openai_requests import ModelNotFound
 from gridserve.proxy.relay import STATE, ProxyState, Wire, handle
-from gridserve.proxy.requests import lookup_model
-from gridserve.proxy.routes import RouteTable, RouteWatcher
-from gridserve.proxy.upstream import RetryPolicy
+from gridserve.proxy.native_requests import lookup_model
+from gridserve.proxy.route_cache import RouteCache, RouteWatcher
+from gridserve.proxy.retry import RetryPolicy
 
 log = logging.getLogger("gridserve.proxy")
 
@@ -134,7 +134,7 @@ async def _until_signalled() -> str:
 async def serve(cfg: ProxyConfig) -> int:
     """Runs the proxy until SIGTERM/SIGINT; open streams get cfg.shutdown_grace_s to finish."""
     disable_created_metrics()  # no *_created series: they double the exposition for little use
-    table = RouteTable(security=cfg.security)
+    table = RouteCache(security=cfg.security)
     watcher = RouteWatcher(cfg.head, table)
     policy = RetryPolicy(attempts=cfg.retry_attempts, deadline_s=cfg.retry_deadline_s,
                          accept_timeout_s=cfg.accept_timeout_s, max_failovers=cfg.max_failovers)

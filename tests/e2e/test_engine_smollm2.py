@@ -6,12 +6,12 @@ import asyncio
 import pytest
 import torch
 
-from gridserve.common.config import load_model_catalog
-from gridserve.replica.config import default_cache_dir
+from gridserve.common.model_config import load_model_catalog
+from gridserve.replica.settings import default_cache_dir
 from gridserve.replica.engine import Engine
-from gridserve.replica.kvbatch import KVBatch
-from gridserve.replica.loader import load_model
-from gridserve.replica.params import SamplingOptions
+from gridserve.replica.kv_cache import KVBatch
+from gridserve.replica.model_loader import load_model
+from gridserve.replica.request_params import SamplingOptions
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clusterlib import Cluster, http, wait_for
-from gridserve.common.config import DEFAULT_MODEL_CONFIGS
+from gridserve.common.model_config import DEFAULT_MODEL_CONFIGS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from gridserve.cli.render import models_data, models_table, render_status, status_json
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.v1 import head_pb2 as pb
 
 GRIDSERVE = str(Path(sys.executable).parent / "gridserve")

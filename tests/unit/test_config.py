@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gridserve.common.config import (DEFAULT_MODEL_CONFIGS, ModelCatalog, ModelConfig, load_model_catalog,
+from gridserve.common.model_config import (DEFAULT_MODEL_CONFIGS, ModelCatalog, ModelConfig, load_model_catalog,
                                      parse_hostport)
 from gridserve.common.errors import ConfigError
 

@@ -1,10 +1,10 @@
 """The head's controller with its real SQLite store, driven by simulated node sessions (no network)."""
 import pytest
 
-from gridserve.common.config import ModelCatalog
+from gridserve.common.model_config import ModelCatalog
 from gridserve.common.errors import InvalidRequest, NotFound, Unavailable
 from gridserve.head.controller import Controller
-from gridserve.head.routes import RouteTable
+from gridserve.head.route_table import RouteTable
 from gridserve.head.state import StateStore
 from gridserve.v1 import head_pb2 as pb
 

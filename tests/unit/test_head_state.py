@@ -1,7 +1,7 @@
 """The head's SQLite store: deployments and placements survive a restart; bad rows do not break loading."""
 import sqlite3
 
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.head.state import Assignment, Deployment, StateStore
 
 

@@ -1,7 +1,7 @@
 """Proxy CLI flags: the fixed interface parses into a ProxyConfig, bad values exit with a usage error."""
 import pytest
 
-from gridserve.proxy.config import ProxyConfig, parse_config
+from gridserve.proxy.settings import ProxyConfig, parse_config
 
 
 def test_fixed_interface_flags_parse_with_defaults_for_the_rest():
@@ -54,7 +54,7 @@ def test_bad_key_files_are_refused(tmp_path, capsys, content, needle):
 
 
 def test_the_key_file_the_head_writes_is_0600_and_removed_when_there_are_no_keys(tmp_path):
-    from gridserve.common.proxy_keys import read_key_file, write_key_file
+    from gridserve.common.api_key_files import read_key_file, write_key_file
 
     path = tmp_path / "state" / "api-keys"
     write_key_file(path, ("sk-aaaaaaaa", "sk-bbbbbbbb"))

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import InvalidRequest, NotFound
 from gridserve.proxy.auth import ApiKeys, bearer_token
 from gridserve.proxy.http_errors import HttpError
-from gridserve.proxy.openai_api import ChatAnswer, CompletionAnswer, error_body
+from gridserve.proxy.openai_wire import ChatAnswer, CompletionAnswer, error_body
 from gridserve.proxy.openai_requests import parse_chat, parse_completion
 from gridserve.proxy.relay import Job, Result
 

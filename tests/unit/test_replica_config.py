@@ -6,7 +6,7 @@ import json
 import pytest
 
 from gridserve.common.errors import ConfigError
-from gridserve.replica.config import parse_config
+from gridserve.replica.settings import parse_config
 
 MODEL = json.dumps({"name": "m", "source": {"type": "local", "path": "/models/m"}, "context_length": 64,
                     "max_tokens_limit": 32, "sampling": {"max_new_tokens": 16}, "stall_timeout_s": 2.5})

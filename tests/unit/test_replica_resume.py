@@ -7,7 +7,7 @@ import pytest
 
 from gridserve.common.errors import InvalidRequest
 from gridserve.replica.engine import Engine
-from gridserve.replica.params import SamplingOptions
+from gridserve.replica.request_params import SamplingOptions
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 # With the tiny model's seed, greedy output for this prompt has a byte token (the start of a character)

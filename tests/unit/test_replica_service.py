@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gridserve.replica.config import ReplicaConfig
+from gridserve.replica.settings import ReplicaConfig
 from gridserve.replica.engine import Engine
 from gridserve.replica.server import ReplicaService
 from gridserve.v1 import replica_pb2

@@ -5,9 +5,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from gridserve.common.config import DEFAULT_MODEL_CONFIGS
+from gridserve.common.model_config import DEFAULT_MODEL_CONFIGS
 from gridserve.common.errors import ConfigError
-from gridserve.common.proxy_keys import add_api_key_args, keys_from_args
+from gridserve.common.api_key_files import add_api_key_args, keys_from_args
 from gridserve.common.security import Security, add_security_args, security_from_args
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")

@@ -16,11 +16,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import ConfigError, ModelLoadError
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 
-log = logging.getLogger("gridserve.replica.loader")
+log = logging.getLogger("gridserve.replica.model_loader")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -15,12 +15,12 @@ from typing import Callable
 
 import grpc
 
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import GridserveError, Unavailable
 from gridserve.common.grpcutil import SERVING, channel, check_health
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 from gridserve.common.procs import stop_async, tied_child_env
-from gridserve.scheduler.config import SchedulerConfig
+from gridserve.scheduler.settings import SchedulerConfig
 from gridserve.v1 import head_pb2, replica_pb2, replica_pb2_grpc
 
 log = logging.getLogger("gridserve.scheduler")

@@ -3,8 +3,8 @@ import asyncio
 
 import pytest
 
-from gridserve.scheduler import logs
-from gridserve.scheduler.logs import LogStreams, log_path, tail_offset
+from gridserve.scheduler import log_streams as logs
+from gridserve.scheduler.log_streams import LogStreams, log_path, tail_offset
 from gridserve.v1 import head_pb2 as pb
 
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import ConfigError
 from gridserve.common.security import Security, add_security_args, security_from_args
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from gridserve.common.config import parse_hostport
+from gridserve.common.model_config import parse_hostport
 from gridserve.common.errors import ConfigError
-from gridserve.common.proxy_keys import add_api_key_args, keys_from_args
+from gridserve.common.api_key_files import add_api_key_args, keys_from_args
 from gridserve.common.security import Security, add_security_args, security_from_args
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

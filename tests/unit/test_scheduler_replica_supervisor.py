@@ -1,5 +1,5 @@
 """The scheduler's replica bookkeeping: failure messages from logs, crash-loop window, restart backoff, hangs."""
-from gridserve.scheduler.runner import S, CrashWindow, HangWatch, backoff_delay, describe_exit, tail_message
+from gridserve.scheduler.replica_supervisor import S, CrashWindow, HangWatch, backoff_delay, describe_exit, tail_message
 
 
 def test_the_fatal_line_is_the_message_of_a_fatal_exit(tmp_path):

@@ -6,7 +6,7 @@ import logging
 from typing import Awaitable, Callable
 
 from gridserve.common.grpcutil import NOT_SERVING, SERVING
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 
 log = logging.getLogger("gridserve.replica")
 CHECK_INTERVAL_S = 0.5

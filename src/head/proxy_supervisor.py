@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 from gridserve.common.procs import python_module_cmd, stop_async
 
 log = logging.getLogger("gridserve.head.proxy")

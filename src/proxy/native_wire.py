@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from typing import Mapping
 
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.proxy.http_errors import HttpError
 from gridserve.proxy.relay import Job, Result, Wire
-from gridserve.proxy.requests import lookup_model, parse_generate
+from gridserve.proxy.native_requests import lookup_model, parse_generate
 
 
 def error_body(err: HttpError) -> dict:

@@ -8,10 +8,10 @@ import logging
 import grpc
 
 from gridserve.common.errors import InvalidRequest
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 from gridserve.head.controller import Controller
-from gridserve.head.nodes import Session
-from gridserve.head.routes import RouteTable
+from gridserve.head.node_registry import Session
+from gridserve.head.route_table import RouteTable
 from gridserve.v1 import head_pb2, head_pb2_grpc
 
 log = logging.getLogger("gridserve.head")

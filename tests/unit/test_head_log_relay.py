@@ -5,9 +5,9 @@ import asyncio
 import pytest
 
 from gridserve.common.errors import NotFound, Unavailable
-from gridserve.head import logrelay
-from gridserve.head.logrelay import LogRelay
-from gridserve.head.nodes import Session
+from gridserve.head import log_relay as logrelay
+from gridserve.head.log_relay import LogRelay
+from gridserve.head.node_registry import Session
 from gridserve.v1 import head_pb2 as pb
 
 

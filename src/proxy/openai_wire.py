@@ -8,7 +8,7 @@ import time
 from gridserve.proxy.http_errors import HttpError
 from gridserve.proxy.openai_requests import parse_chat, parse_completion
 from gridserve.proxy.relay import Job, Result, Wire
-from gridserve.proxy.routes import ModelRoute
+from gridserve.proxy.route_cache import ModelRoute
 
 DONE = b"data: [DONE]\n\n"
 PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")

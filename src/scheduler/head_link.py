@@ -11,11 +11,11 @@ import grpc
 import psutil
 
 from gridserve.common.grpcutil import channel
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 from gridserve.common.security import call_metadata
-from gridserve.scheduler.config import SchedulerConfig
-from gridserve.scheduler.logs import LogStreams
-from gridserve.scheduler.runner import ReplicaRunner
+from gridserve.scheduler.settings import SchedulerConfig
+from gridserve.scheduler.log_streams import LogStreams
+from gridserve.scheduler.replica_supervisor import ReplicaRunner
 from gridserve.v1 import head_pb2, head_pb2_grpc
 
 log = logging.getLogger("gridserve.scheduler")

@@ -12,12 +12,12 @@ import grpc
 from tenacity import (AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay,
                       wait_exponential, wait_random)
 
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 from gridserve.proxy.http_errors import HttpError
-from gridserve.proxy.routes import Endpoint, Lease, RouteTable
+from gridserve.proxy.route_cache import Endpoint, Lease, RouteCache
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
-log = logging.getLogger("gridserve.proxy.upstream")
+log = logging.getLogger("gridserve.proxy.retry")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _retryable(e: BaseException) -> bool:
     return isinstance(e, HttpError) and e.retryable
 
 
-async def open_stream(table: RouteTable, model: str, request: replica_pb2.GenerateRequest,
+async def open_stream(table: RouteCache, model: str, request: replica_pb2.GenerateRequest,
                       policy: RetryPolicy = RetryPolicy(), on_retry: Callable[[], None] = lambda: None,
                       tried: set[str] | None = None) -> UpstreamStream:
     """Picks a replica and waits for it to admit the call (at most policy.accept_timeout_s) and for its
@@ -130,7 +130,7 @@ def _no_endpoint(model: str, last: list[HttpError], others: bool) -> HttpError:
     return HttpError(503, "service_unavailable", f"no {other}ready replica for model {model!r}; try again shortly")
 
 
-async def _open_on(table: RouteTable, endpoint: Endpoint, request: replica_pb2.GenerateRequest,
+async def _open_on(table: RouteCache, endpoint: Endpoint, request: replica_pb2.GenerateRequest,
                    accept_timeout_s: float) -> UpstreamStream:
     lease = table.acquire(endpoint)
     call = replica_pb2_grpc.ReplicaStub(lease.channel).Generate(request)

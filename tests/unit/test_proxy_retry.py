@@ -7,10 +7,10 @@ import grpc
 import pytest
 
 from gridserve.common.errors import InvalidRequest, Unavailable
-from gridserve.proxy.failover import Upstreams
+from gridserve.proxy.stream_resume import Upstreams
 from gridserve.proxy.http_errors import HttpError
-from gridserve.proxy.routes import RouteTable
-from gridserve.proxy.upstream import RetryPolicy, open_stream, replica_lost
+from gridserve.proxy.route_cache import RouteCache
+from gridserve.proxy.retry import RetryPolicy, open_stream, replica_lost
 from gridserve.v1 import head_pb2, replica_pb2
 from proxylib import MODEL_JSON, SCRIPT, SCRIPT_IDS, SCRIPT_TEXT, FakeReplica
 from proxylib import replicas  # noqa: F401  (shared fixture)
@@ -23,12 +23,12 @@ _versions = itertools.count(1)
 
 @pytest.fixture
 async def table():
-    t = RouteTable()
+    t = RouteCache()
     yield t
     await t.close()
 
 
-def route(table: RouteTable, *replicas: FakeReplica) -> None:
+def route(table: RouteCache, *replicas: FakeReplica) -> None:
     """Installs a newer snapshot with model "tiny" served by `replicas`."""
     snapshot = head_pb2.RoutingTable(version=next(_versions))
     r = snapshot.routes.add(model="tiny", model_config_json=MODEL_JSON)

@@ -3,8 +3,8 @@ import asyncio
 import random
 
 from gridserve.common import grpcutil
-from gridserve.common.config import ModelConfig
-from gridserve.proxy.routes import RouteTable, RouteWatcher
+from gridserve.common.model_config import ModelConfig
+from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.v1 import head_pb2, head_pb2_grpc
 
 
@@ -23,12 +23,12 @@ def snapshot(version: int, **models: list[str]) -> head_pb2.RoutingTable:
     return table
 
 
-def addresses(table: RouteTable, model: str) -> list[str]:
+def addresses(table: RouteCache, model: str) -> list[str]:
     return [e.address for e in table.routes[model].endpoints]
 
 
 def test_snapshot_is_applied_with_configs_and_endpoints():
-    table = RouteTable()
+    table = RouteCache()
     assert not table.received and table.pick("m") is None
     assert table.apply(snapshot(3, m=["h:1", "h:2"], empty=[]))
     assert table.received and table.version == 3
@@ -38,7 +38,7 @@ def test_snapshot_is_applied_with_configs_and_endpoints():
 
 
 def test_older_and_equal_versions_are_ignored_on_the_same_stream():
-    table = RouteTable()
+    table = RouteCache()
     table.apply(snapshot(5, m=["h:1"]))
     assert not table.apply(snapshot(4, m=["h:9"]))
     assert not table.apply(snapshot(5, m=["h:9"]))
@@ -48,14 +48,14 @@ def test_older_and_equal_versions_are_ignored_on_the_same_stream():
 
 
 def test_first_snapshot_of_a_fresh_stream_wins_even_with_a_lower_version():
-    table = RouteTable()
+    table = RouteCache()
     table.apply(snapshot(50, m=["h:1"]))
     assert table.apply(snapshot(2, m=["h:7"]), fresh_stream=True)  # the head restarted its counter
     assert table.version == 2 and addresses(table, "m") == ["h:7"]
 
 
 def test_removed_model_disappears_and_bad_config_keeps_the_previous_route():
-    table = RouteTable()
+    table = RouteCache()
     table.apply(snapshot(1, a=["h:1"], b=["h:2"]))
     broken = snapshot(2, a=["h:3"])
     broken.routes[0].model_config_json = "{not json"
@@ -66,7 +66,7 @@ def test_removed_model_disappears_and_bad_config_keeps_the_previous_route():
 
 
 def test_p2c_with_two_endpoints_always_picks_the_less_loaded():
-    table = RouteTable(rng=random.Random(1))
+    table = RouteCache(rng=random.Random(1))
     table.apply(snapshot(1, m=["h:1", "h:2"]))
     busy = table.routes["m"].endpoints[0]
     table._inflight[busy.address] = 3
@@ -74,7 +74,7 @@ def test_p2c_with_two_endpoints_always_picks_the_less_loaded():
 
 
 def test_p2c_never_picks_the_most_loaded_of_three_and_spreads_the_rest():
-    table = RouteTable(rng=random.Random(2))
+    table = RouteCache(rng=random.Random(2))
     table.apply(snapshot(1, m=["h:1", "h:2", "h:3"]))
     table._inflight.update({"h:1": 0, "h:2": 1, "h:3": 5})
     picks = [table.pick("m").address for _ in range(300)]
@@ -83,7 +83,7 @@ def test_p2c_never_picks_the_most_loaded_of_three_and_spreads_the_rest():
 
 
 def test_pick_excludes_endpoints_already_tried():
-    table = RouteTable()
+    table = RouteCache()
     table.apply(snapshot(1, m=["h:1", "h:2", "h:3"]))
     for _ in range(30):
         assert table.pick("m", exclude={"h:1", "h:3"}).address == "h:2"
@@ -92,7 +92,7 @@ def test_pick_excludes_endpoints_already_tried():
 
 
 async def test_leases_count_in_flight_and_release_once():
-    table = RouteTable()
+    table = RouteCache()
     table.apply(snapshot(1, m=["127.0.0.1:1"]))
     ep = table.routes["m"].endpoints[0]
     l1, l2 = table.acquire(ep), table.acquire(ep)
@@ -106,7 +106,7 @@ async def test_leases_count_in_flight_and_release_once():
 
 
 async def test_channel_of_a_departed_endpoint_closes_once_its_last_stream_ends():
-    table = RouteTable()
+    table = RouteCache()
     table.apply(snapshot(1, m=["127.0.0.1:1", "127.0.0.1:2"]))
     idle, busy = table.routes["m"].endpoints
     table.acquire(idle).release()
@@ -159,7 +159,7 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
 async def test_watcher_applies_snapshots_keeps_the_last_while_the_head_is_away_and_reconnects():
     head = FakeHead(snapshot(1, m=["h:1"]))
     server, port = await start_head(head)
-    table = RouteTable()
+    table = RouteCache()
     watcher = RouteWatcher(f"127.0.0.1:{port}", table, backoff_initial_s=0.05, backoff_max_s=0.2)
     task = asyncio.create_task(watcher.run())
     try:
@@ -183,7 +183,7 @@ async def test_watcher_applies_snapshots_keeps_the_last_while_the_head_is_away_a
 
 
 async def test_wait_received_returns_once_the_first_snapshot_arrives_or_false_after_the_bound():
-    table = RouteTable()
+    table = RouteCache()
     assert await table.wait_received(0.05) is False
     waiter = asyncio.create_task(table.wait_received(5))
     await asyncio.sleep(0.05)

@@ -8,7 +8,7 @@ import re
 import uuid
 from typing import Any, Mapping
 
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import InvalidRequest, NotFound
 from gridserve.v1 import replica_pb2
 

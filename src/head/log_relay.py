@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from gridserve.common.errors import NotFound, Unavailable
-from gridserve.common.logs import event
-from gridserve.head.nodes import Session
+from gridserve.common.eventlog import event
+from gridserve.head.node_registry import Session
 from gridserve.v1 import head_pb2
 
 log = logging.getLogger("gridserve.head.logs")

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import grpc
 
 from gridserve.common import grpcutil
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import ConfigError
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 from gridserve.common.security import Security
 from gridserve.v1 import head_pb2, head_pb2_grpc
 
-log = logging.getLogger("gridserve.proxy.routes")
+log = logging.getLogger("gridserve.proxy.route_cache")
 
 # gRPC's own reconnect backoff grows to 2 minutes by default; a head or replica that comes back
 # should be reached within seconds.
@@ -47,7 +47,7 @@ class ModelRoute:
 class Lease:
     """One stream's hold on an endpoint: counts as in flight until released (idempotent)."""
 
-    def __init__(self, table: "RouteTable", endpoint: Endpoint, channel: grpc.aio.Channel):
+    def __init__(self, table: "RouteCache", endpoint: Endpoint, channel: grpc.aio.Channel):
         self.table, self.endpoint, self.channel = table, endpoint, channel
         self._released = False
 
@@ -57,7 +57,7 @@ class Lease:
             self.table._release(self.endpoint.address)
 
 
-class RouteTable:
+class RouteCache:
     """What the head last said is deployed and READY, plus per-endpoint in-flight counts and channels."""
 
     def __init__(self, rng: random.Random | None = None, security: Security | None = None):
@@ -181,7 +181,7 @@ class RouteWatcher:
     The table keeps its last snapshot meanwhile, so the proxy goes on serving while the head is away.
     """
 
-    def __init__(self, head_address: str, table: RouteTable,
+    def __init__(self, head_address: str, table: RouteCache,
                  backoff_initial_s: float = 0.2, backoff_max_s: float = 5.0):
         self.head_address = head_address
         self.table = table

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from gridserve.common.config import ModelConfig
+from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import InvalidRequest, NotFound
-from gridserve.proxy.requests import is_json, lookup_model, parse_generate, request_id_from
+from gridserve.proxy.native_requests import is_json, lookup_model, parse_generate, request_id_from
 
 CONFIG = ModelConfig.from_dict("tiny", {
     "source": {"type": "local", "path": "/nowhere"},

@@ -8,7 +8,7 @@ import torch
 from transformers import MistralConfig
 
 from gridserve.common.errors import ModelLoadError
-from gridserve.replica.kvbatch import KVBatch, check_supported
+from gridserve.replica.kv_cache import KVBatch, check_supported
 
 # Each row's logits in the batch equal the logits of its sequence run alone, up to float32 rounding
 # (padding changes the shapes the matrix kernels see); the random model's logits are O(10).

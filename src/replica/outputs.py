@@ -8,7 +8,7 @@ import torch
 
 from gridserve.common.errors import GridserveError
 from gridserve.replica.detok import IncrementalDetokenizer, StopMatcher
-from gridserve.replica.params import SamplingOptions
+from gridserve.replica.request_params import SamplingOptions
 
 
 class EngineError(GridserveError):

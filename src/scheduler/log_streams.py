@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 from gridserve.v1 import head_pb2
 
-log = logging.getLogger("gridserve.scheduler.logs")
+log = logging.getLogger("gridserve.scheduler.log_streams")
 
 CHUNK_BYTES = 32 * 1024
 FOLLOW_POLL_S = 0.25

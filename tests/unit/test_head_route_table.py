@@ -1,11 +1,11 @@
 """Routing tables: versions bump only on real changes, and watchers get complete snapshots."""
 import asyncio
 
-from gridserve.common.config import ModelCatalog
+from gridserve.common.model_config import ModelCatalog
 from gridserve.common.grpcutil import bind, channel, make_server
 from gridserve.head.controller import Controller
-from gridserve.head.routes import EndpointKey, RouteKey, RouteTable
-from gridserve.head.servicers import add_services
+from gridserve.head.route_table import EndpointKey, RouteKey, RouteTable
+from gridserve.head.grpc_services import add_services
 from gridserve.head.state import StateStore
 from gridserve.v1 import head_pb2, head_pb2_grpc
 

@@ -7,10 +7,10 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
-from gridserve.common.logs import event
+from gridserve.common.eventlog import event
 from gridserve.proxy.http_errors import HttpError
-from gridserve.proxy.routes import RouteTable
-from gridserve.proxy.upstream import RetryPolicy, UpstreamStream, open_stream
+from gridserve.proxy.route_cache import RouteCache
+from gridserve.proxy.retry import RetryPolicy, UpstreamStream, open_stream
 from gridserve.v1 import replica_pb2
 
 log = logging.getLogger("gridserve.proxy")
@@ -22,7 +22,7 @@ class Upstreams:
     """The replica streams of one request: the first from open(), then one per failover. chunks() yields
     what they carry as one stream (nothing twice); close() ends every stream opened."""
 
-    def __init__(self, table: RouteTable, model: str, request: replica_pb2.GenerateRequest,
+    def __init__(self, table: RouteCache, model: str, request: replica_pb2.GenerateRequest,
                  policy: RetryPolicy, on_retry: Callable[[], None] = lambda: None,
                  on_failover: Callable[[str], None] = lambda outcome: None):
         self.table, self.model, self.request, self.policy = table, model, request, policy

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from gridserve.common.config import parse_hostport
+from gridserve.common.model_config import parse_hostport
 from gridserve.common.errors import ConfigError
 from gridserve.common.procs import python_module_cmd
 from gridserve.common.security import Security, add_security_args, security_from_args
