@@ -6,11 +6,21 @@ from pathlib import Path
 
 import pytest
 
+LAYERS = ("unit", "integration", "e2e")  # a test's marker is the folder it lives in, so `-m unit` works
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for layer in LAYERS:
+            if layer in parts:
+                item.add_marker(getattr(pytest.mark, layer))
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random-weight Llama with SmolLM2's tokenizer, built once per test session."""
-    from gridserve.replica.tiny import build_tiny_model
+    from support.tiny_model import build_tiny_model
 
     return Path(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
 

@@ -52,6 +52,7 @@ class Controller:
         self.proxy_address = ""
         self.proxy_pid = 0
         self.proxy_restarts = 0
+        self.reconcile_passes = 0  # counted for tests and operators: "nothing happened for N passes"
         self._tombstones: dict[str, float] = {}
         self.logs = LogRelay()
         self._version = 0
@@ -283,6 +284,7 @@ class Controller:
         if not self._routes_held() and self.routes.update(self._route_keys()):
             event(log, "routes_changed", version=self.routes.version,
                   endpoints=sum(len(r.endpoints) for r in self.routes.snapshot().routes))
+        self.reconcile_passes += 1
 
     def _routes_held(self) -> bool:
         """After a restart the first table waits until every node holding stored placements has reported
@@ -405,7 +407,8 @@ class Controller:
 
     def status(self) -> head_pb2.ClusterStatus:
         out = head_pb2.ClusterStatus(routes_version=self.routes.version, proxy_address=self.proxy_address,
-                                     proxy_pid=self.proxy_pid, proxy_restarts=self.proxy_restarts)
+                                     proxy_pid=self.proxy_pid, proxy_restarts=self.proxy_restarts,
+                                     reconcile_passes=self.reconcile_passes)
         for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
             out.nodes.append(head_pb2.NodeStatus(
                 node_id=node.node_id, hostname=node.hostname, address=node.address, capacity=node.capacity,

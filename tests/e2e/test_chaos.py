@@ -12,11 +12,12 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clusterlib import READY, Cluster, free_port, http, pid_alive, wait_for
+from support.cluster import READY, Cluster, http, pid_alive
+from support.waiting import free_port, wait_for
 from gridserve.common.model_config import DEFAULT_MODEL_CONFIGS
-from streamload import StreamLoad, reference_texts
+from support.streamload import StreamLoad, reference_texts
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 MODEL = "smollm2"
 MAX_TOKENS = 40
@@ -195,7 +196,7 @@ def test_node_loss_replaces_its_replica_and_a_returning_node_adds_no_duplicate(c
     assert lost and not lost & set(after) and set(before) - lost < set(after)
     assert {r.node_id for r in c.replicas(MODEL)} == {"n2"}
     c.start_scheduler("n1", num_cpus=2, extra=SCHEDULER_FLAGS)
-    time.sleep(3)  # a few reports and reconcile passes
+    c.wait_reconcile_passes(3)
     assert len(c.replicas(MODEL)) == 2, "the returning node does not get a duplicate replica"
     report("node loss (scheduler kill -9)", load, dead_after_s=f"{dead_s:.1f}",
            replaced_after_s=f"{replaced_s:.1f}", failovers=failovers(c) - resumed)

@@ -13,7 +13,6 @@ from gridserve.replica.kv_cache import KVBatch
 from gridserve.replica.model_loader import load_model
 from gridserve.replica.request_params import SamplingOptions
 
-pytestmark = pytest.mark.e2e
 
 # (user message, max_tokens, joins once the first request has streamed this many tokens)
 REQUESTS = [

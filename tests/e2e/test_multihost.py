@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
 
-from clusterlib import ClientThreads, wait_for
-from netnslib import NetLab, can_make_namespaces
+from support.cluster import ClientThreads, wait_reconcile_passes
+from support.waiting import wait_for
+from support.netns import NetLab, can_make_namespaces
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_make_namespaces()), reason=can_make_namespaces())]
 GRIDSERVE = str(Path(sys.executable).parent / "gridserve")
@@ -165,7 +167,7 @@ def test_a_node_that_comes_back_rejoins_without_duplicate_replicas(lan):
     print(f"n1 alive again {time.monotonic() - back:.1f}s after its link came back")
     wait_for(lambda: len(lan.status()["replicas"]) == 2 and len(lan.ready()) == 2, 60,
              "exactly 2 replicas, all READY")
-    time.sleep(3)  # a duplicate would show up at the next reconcile passes
+    wait_reconcile_passes(lambda: SimpleNamespace(reconcile_passes=int(lan.status().get("reconcile_passes", 0))), 3)
     assert len(lan.status()["replicas"]) == 2
     assert all(lan.chat()[0] == 200 for _ in range(5))
 

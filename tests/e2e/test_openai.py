@@ -11,10 +11,11 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clusterlib import Cluster, http, wait_for
+from support.cluster import Cluster, http
+from support.waiting import wait_for
 from gridserve.common.model_config import DEFAULT_MODEL_CONFIGS
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 KEY = "sk-e2e-openai-key-0001"
 MODEL = "smollm2"

@@ -4,22 +4,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
 
 import pytest
 
-from clusterlib import GRIDSERVE, http, pid_alive, wait_for
+from support.cluster import GRIDSERVE, http, pid_alive
+from support.waiting import wait_for
+from support.waiting import free_port
 
-pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Up:

@@ -8,9 +8,10 @@ import textwrap
 
 import pytest
 
-from clusterlib import FAILED, GRIDSERVE, Cluster, wait_for
+from support.cluster import FAILED, GRIDSERVE, Cluster
+from support.waiting import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 # Picked by the model's description: "fake:fatal" exits like an offline hub model; others tick.
 FAKE_REPLICA = textwrap.dedent('''

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from clusterlib import FAILED, READY, Cluster, chat, http, pid_alive, wait_for
+from support.cluster import FAILED, READY, Cluster, chat, http, pid_alive
+from support.waiting import wait_for
 
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_hub_model_offline_fails_with_a_clear_message_and_no_restart_loop(cluste
     cluster.cli("deploy", "gpt2")
     failed = wait_for(lambda: cluster.replicas("gpt2", FAILED), 90, "gpt2 replica to fail")
     assert "hub" in failed[0].message.lower() or "network" in failed[0].message.lower(), failed[0].message
-    time.sleep(3)
+    cluster.wait_reconcile_passes(3)
     again = cluster.replicas("gpt2")
     assert len(again) == 1 and again[0].state == FAILED and again[0].restarts == 0
     out = cluster.cli("status").stdout

@@ -15,7 +15,6 @@ import pytest
 from gridserve.common import grpcutil
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
-pytestmark = pytest.mark.integration
 
 SERVER = """
 import asyncio

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from clusterlib import Cluster, http, wait_for
+from support.cluster import Cluster, http
+from support.waiting import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 
 KEY = "sk-head-given-key-1234"
 

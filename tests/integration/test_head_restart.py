@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
-from clusterlib import READY, Cluster, RequestLoad, free_port, pid_alive, wait_for
+from support.cluster import READY, Cluster, RequestLoad, pid_alive
+from support.waiting import free_port, wait_for
 
-pytestmark = pytest.mark.integration
 
 
 def test_a_killed_head_restarts_and_adopts_its_proxy_and_replicas_while_requests_succeed(tmp_path, tiny_configs):

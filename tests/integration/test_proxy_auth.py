@@ -5,9 +5,9 @@ import aiohttp
 import openai
 import pytest
 
-from proxylib import FakeHead, FakeReplica, Proxy, publish
+from support.fakes import FakeHead, FakeReplica, Proxy, publish
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 
 FILE_KEY, FLAG_KEY = "sk-from-the-file-123", "sk-from-the-flag-456"
 

@@ -7,10 +7,10 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxylib import CHUNKS, SCRIPT, SCRIPT_IDS, SCRIPT_TEXT, FakeReplica, Proxy, publish
-from proxylib import head, http, replicas  # noqa: F401  (shared fixtures)
+from support.fakes import CHUNKS, SCRIPT, SCRIPT_IDS, SCRIPT_TEXT, FakeReplica, Proxy, publish
+from support.fakes import head, http, replicas  # noqa: F401  (shared fixtures)
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 
 ACCEPT_TIMEOUT_S = 1.0
 

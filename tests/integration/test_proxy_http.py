@@ -3,13 +3,14 @@ import asyncio
 import json
 import time
 
-import aiohttp
 import pytest
 
-from proxylib import CHUNKS, FakeHead, FakeReplica, Proxy, free_port, publish
-from proxylib import head, http, proxy  # noqa: F401  (shared fixtures)
+from support.fakes import CHUNKS, FakeHead, FakeReplica, Proxy, publish
+from support.waiting import free_port
+from support.fakes import head, http, proxy  # noqa: F401  (shared fixtures)
+from support.waiting import wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
@@ -48,8 +49,10 @@ async def test_tokens_stream_in_separate_chunks_as_the_replica_produces_them(pro
     assert sum(g > 0.15 for g in gaps) >= 2, gaps  # pieces came as produced (0.3 s apart), not at the end
     sent = r1.requests[-1]
     assert sent.request_id == "stream-test-1" and sent.chat.messages[0].role == "user"
-    await asyncio.sleep(0.2)
-    lines = [ln for ln in proxy.log_path.read_text().splitlines() if "request_id=stream-test-1" in ln]
+    def logged():
+        lines = [ln for ln in proxy.log_path.read_text().splitlines() if "request_id=stream-test-1" in ln]
+        return lines if any(" request_done " in ln for ln in lines) else None
+    lines = await wait_until(logged, 5, "the request_done line")
     assert any(" request_start " in ln for ln in lines)
     done = [ln for ln in lines if " request_done " in ln]
     assert done and "replica=tiny-aaaaaa" in done[0] and "status=200" in done[0] and "tokens=4" in done[0]

@@ -6,9 +6,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gridserve.v1 import head_pb2 as pb
-from proxylib import FakeHead, FakeReplica, Proxy, publish
+from support.fakes import FakeHead, FakeReplica, Proxy, publish
+from support.waiting import wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +76,12 @@ async def test_counters_move_by_the_requests_made_and_cluster_gauges_come_from_s
             assert len(down.requests) == 1  # the idle replica was tried first, then the busy good one
             during = await scrape(http, proxy)
             holder.close()
-            await asyncio.sleep(1.2)  # a metrics poll of the head and the replicas
-            after = await scrape(http, proxy)
+            async def polled():  # a metrics poll of the head and the replicas after the held stream ended
+                after = await scrape(http, proxy)
+                done = value(after, "gridserve_streams_in_flight", model="tiny") == 0
+                return after if done and value(after, "gridserve_head_up") == 1 and value(
+                    after, "gridserve_replica_batch_size", model="tiny", replica="tiny-m00001") == 2 else None
+            after = await wait_until(polled, 10, "a metrics poll after the held stream")
         finally:
             await asyncio.gather(good.server.stop(None), down.server.stop(None))
 

@@ -1,15 +1,14 @@
 """The proxy's OpenAI-compatible API over HTTP (raw and with the openai client) against in-test fake replicas."""
-import asyncio
 import json
 
-import aiohttp
 import openai
 import pytest
 
-from proxylib import CHUNKS, FakeReplica, publish
-from proxylib import head, http, proxy  # noqa: F401  (shared fixtures)
+from support.fakes import CHUNKS, FakeReplica, publish
+from support.fakes import head, http, proxy  # noqa: F401  (shared fixtures)
+from support.waiting import wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 
 TEXT = "".join(CHUNKS)
 
@@ -205,8 +204,10 @@ async def test_openai_client_streams_and_not_and_sees_errors(proxy, http, replic
 async def test_request_id_is_in_the_proxy_log_lines_of_openai_requests(proxy, http, replica):
     body = {"model": "tiny", "prompt": "x"}
     await post(http, proxy, "/v1/completions", body, **{"X-Request-Id": "oa-log-7"})
-    await asyncio.sleep(0.2)
-    lines = [ln for ln in proxy.log_path.read_text().splitlines() if "request_id=oa-log-7" in ln]
+    def logged():
+        lines = [ln for ln in proxy.log_path.read_text().splitlines() if "request_id=oa-log-7" in ln]
+        return lines if any(" request_done " in ln for ln in lines) else None
+    lines = await wait_until(logged, 5, "the request_done line")
     assert any(" request_start " in ln and "api=completions" in ln for ln in lines), lines
     assert any(" request_done " in ln and "status=200" in ln and "replica=tiny-000001" in ln for ln in lines)
     assert replica.requests[-1].request_id == "oa-log-7"

@@ -7,10 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from clusterlib import Cluster, chat
+from support.cluster import Cluster, chat
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
-pytestmark = pytest.mark.integration
 CONCURRENT = 6
 
 

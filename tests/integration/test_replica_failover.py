@@ -12,8 +12,8 @@ import pytest
 from gridserve.common.grpcutil import NOT_SERVING, check_health
 from gridserve.v1 import replica_pb2
 from test_replica_process import Replica, request
+from support.waiting import wait_until
 
-pytestmark = pytest.mark.integration
 ACCEPTED = ("x-gridserve-accepted", "1")
 MULTIBYTE_PROMPT = "word8 日本"  # the tiny model's greedy output holds a byte token back after token 18
 
@@ -85,14 +85,6 @@ async def test_an_accepted_call_says_so_in_its_initial_metadata(pair):
     assert sum(len(c.token_ids) for c in [c async for c in call]) == 4
 
 
-async def wait_for(check, timeout: float, what: str) -> None:
-    """Poll the coroutine function `check` until it returns True."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
-        await asyncio.sleep(0.05)
-
-
 async def logged(r: Replica, text: str) -> bool:
     return text in r.log()
 
@@ -111,13 +103,13 @@ async def test_a_wedged_engine_turns_health_not_serving_while_grpc_still_answers
         await streaming.read()
         r.proc.send_signal(signal.SIGUSR1)
         wedged = time.monotonic()
-        await wait_for(lambda: logged(r, "fault_injected"), 5, "fault_injected event")
+        await wait_until(lambda: logged(r, "fault_injected"), 5, "fault_injected event")
         # A request that has to wait (the engine makes no steps) is still accepted at once.
         waiting = r.stub.Generate(request("Another prompt", max_tokens=4))
         first_token = asyncio.create_task(waiting.read())
         assert ACCEPTED in tuple(await asyncio.wait_for(waiting.initial_metadata(), 3))
         assert not first_token.done()
-        await wait_for(lambda: not_serving(r), 8, "NOT_SERVING")
+        await wait_until(lambda: not_serving(r), 8, "NOT_SERVING")
         assert time.monotonic() - wedged >= 1.5
         info = await r.stub.Info(replica_pb2.InfoRequest(), timeout=2)  # gRPC still answers
         assert info.seconds_since_step > 1.5 and info.waiting == 1 and info.loaded

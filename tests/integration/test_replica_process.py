@@ -15,7 +15,6 @@ import pytest
 from gridserve.common.grpcutil import NOT_SERVING, SERVING, channel, check_health
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
-pytestmark = pytest.mark.integration
 CONTEXT = 256
 LIMIT = 64
 
@@ -60,7 +59,11 @@ class Replica:
         while not seen or seen[-1] != SERVING:
             assert self.proc.poll() is None, f"replica exited:\n{self.log()}"
             assert time.monotonic() < deadline, f"not SERVING after {timeout}s:\n{self.log()}"
-            seen.append(await check_health(self.channel, "gridserve.v1.Replica"))
+            try:
+                seen.append(await check_health(self.channel, "gridserve.v1.Replica"))
+            except grpc.aio.AioRpcError as e:  # a replica busy loading torch may miss one probe's deadline
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
             await asyncio.sleep(0.05)
         return seen
 

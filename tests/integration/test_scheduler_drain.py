@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from clusterlib import Cluster, RequestLoad, http, pid_alive, wait_for
+from support.cluster import Cluster, RequestLoad, http, pid_alive
+from support.waiting import wait_for
 
-pytestmark = pytest.mark.integration
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 900, "temperature": 0}
 

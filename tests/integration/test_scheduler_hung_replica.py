@@ -5,11 +5,10 @@ import os
 import signal
 import time
 
-import pytest
 
-from clusterlib import READY, Cluster, RequestLoad, pid_alive, wait_for
+from support.cluster import READY, Cluster, RequestLoad, pid_alive
+from support.waiting import wait_for
 
-pytestmark = pytest.mark.integration
 
 
 def test_a_stopped_replica_is_killed_as_hung_and_replaced_while_requests_succeed(tmp_path, tiny_configs):

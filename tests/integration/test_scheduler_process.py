@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import grpc
@@ -14,6 +13,8 @@ import pytest
 from gridserve.common.security import METADATA_KEY
 from gridserve.v1 import head_pb2 as pb
 from gridserve.v1 import head_pb2_grpc
+from support.cluster import wait_reconcile_passes
+from support.waiting import wait_for
 
 GRIDSERVE = str(Path(sys.executable).parent / "gridserve")
 
@@ -54,16 +55,6 @@ FAKE_REPLICA = textwrap.dedent('''
 def model(description: str, cpus: float) -> dict:
     return {"source": {"type": "local", "path": "/nonexistent"}, "context_length": 64, "max_tokens_limit": 32,
             "sampling": {"max_new_tokens": 16}, "resources": {"num_cpus": cpus}, "description": description}
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def alive(pid: int) -> bool:
@@ -171,7 +162,7 @@ def test_fatal_replica_is_failed_with_its_message_and_never_restarted(node):
     node.cli("deploy", "broken")
     failed = wait_for(lambda: node.replicas("broken", pb.REPLICA_STATE_FAILED), 20, "a FAILED replica")
     assert failed[0].message == "fatal: cannot load broken: the hub is offline"
-    time.sleep(2)
+    wait_reconcile_passes(node.status, 3)
     again = node.replicas("broken")
     assert [(r.replica_id, r.state, r.restarts) for r in again] == [(failed[0].replica_id, pb.REPLICA_STATE_FAILED, 0)]
     dep = next(d for d in node.status().deployments if d.model == "broken")

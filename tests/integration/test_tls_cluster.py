@@ -5,10 +5,9 @@ import subprocess
 
 import pytest
 
-from clusterlib import GRIDSERVE, Cluster, chat
-from tlslib import make_certs
+from support.cluster import GRIDSERVE, Cluster, chat
+from support.tls import make_certs
 
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

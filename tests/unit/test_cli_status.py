@@ -2,7 +2,6 @@
 head is down."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from gridserve.cli.render import models_data, models_table, render_status, status_json
 from gridserve.common.model_config import ModelConfig
 from gridserve.v1 import head_pb2 as pb
+from support.waiting import free_port as closed_port
 
 GRIDSERVE = str(Path(sys.executable).parent / "gridserve")
 BASE = {"source": {"type": "local", "path": "/x"}, "context_length": 64, "max_tokens_limit": 32,
@@ -58,12 +58,6 @@ def test_status_json_keeps_proto_field_names_and_zero_values():
     assert data["replicas"][1]["state"] == "REPLICA_STATE_FAILED"
     assert data["replicas"][1]["restarts"] == 0
     assert data["nodes"][0]["node_id"] == "n1"
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 HEAD_COMMANDS = (["status"], ["nodes"], ["deployments"], ["replicas"], ["deploy", "smollm2"],

@@ -12,8 +12,8 @@ from gridserve.proxy.http_errors import HttpError
 from gridserve.proxy.route_cache import RouteCache
 from gridserve.proxy.retry import RetryPolicy, open_stream, replica_lost
 from gridserve.v1 import head_pb2, replica_pb2
-from proxylib import MODEL_JSON, SCRIPT, SCRIPT_IDS, SCRIPT_TEXT, FakeReplica
-from proxylib import replicas  # noqa: F401  (shared fixture)
+from support.fakes import MODEL_JSON, SCRIPT, SCRIPT_IDS, SCRIPT_TEXT, FakeReplica
+from support.fakes import replicas  # noqa: F401  (shared fixture)
 
 pytestmark = pytest.mark.timeout(30)
 

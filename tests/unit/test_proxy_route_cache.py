@@ -6,6 +6,7 @@ from gridserve.common import grpcutil
 from gridserve.common.model_config import ModelConfig
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.v1 import head_pb2, head_pb2_grpc
+from support.waiting import wait_until as wait_for
 
 
 def config_json(name: str) -> str:
@@ -147,13 +148,6 @@ async def start_head(head: FakeHead, port: int = 0):
     port = grpcutil.bind(server, "127.0.0.1", port)
     await server.start()
     return server, port
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_watcher_applies_snapshots_keeps_the_last_while_the_head_is_away_and_reconnects():

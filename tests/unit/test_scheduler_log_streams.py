@@ -6,6 +6,7 @@ import pytest
 from gridserve.scheduler import log_streams as logs
 from gridserve.scheduler.log_streams import LogStreams, log_path, tail_offset
 from gridserve.v1 import head_pb2 as pb
+from support.waiting import wait_until
 
 
 @pytest.mark.parametrize("text,lines,want", [
@@ -73,6 +74,6 @@ async def test_follow_sends_what_is_appended_until_cancelled(tmp_path, monkeypat
         f.write(b"new\n")
     assert (await drain(streams, lambda c: True))[0].data == b"new\n"
     streams.cancel("s1")
-    await asyncio.sleep(0.05)
-    assert streams.tasks == {} and streams.outbox.empty()
+    await wait_until(lambda: streams.tasks == {}, 5, "the cancelled stream's task to end")
+    assert streams.outbox.empty()
     await streams.close()

@@ -11,7 +11,7 @@ from gridserve.common import grpcutil
 from gridserve.common.errors import ConfigError
 from gridserve.common.security import add_security_args, security_from_args
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
-from tlslib import make_certs
+from support.tls import make_certs
 
 TOKEN = "a-cluster-token-of-enough-length"
 

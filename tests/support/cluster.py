@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from gridserve.common.security import METADATA_KEY
+from support.waiting import wait_for
 from gridserve.v1 import head_pb2, head_pb2_grpc
 
 READY = head_pb2.REPLICA_STATE_READY
@@ -21,21 +21,12 @@ FAILED = head_pb2.REPLICA_STATE_FAILED
 GRIDSERVE = str(Path(sys.executable).parent / "gridserve")
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    """Polls predicate() until it returns something truthy; fails the test with `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    last_error = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except AssertionError:  # the predicate saw something that will not get better
-            raise
-        except Exception as e:  # the thing polled may not be up yet
-            last_error = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})")
+
+
+def wait_reconcile_passes(status, passes: int = 3, timeout: float = 30) -> None:
+    """Waits until `status()` (a head's ClusterStatus) shows `passes` more reconcile passes than now."""
+    start = status().reconcile_passes
+    wait_for(lambda: status().reconcile_passes >= start + passes, timeout, f"{passes} reconcile passes")
 
 
 def pid_alive(pid: int) -> bool:
@@ -186,6 +177,11 @@ class Cluster:
         return [r for r in self.status().replicas
                 if (model is None or r.model == model) and (state is None or r.state == state)]
 
+    def wait_reconcile_passes(self, passes: int = 3, timeout: float = 30) -> None:
+        """Waits until the head has run `passes` more reconcile passes: how a test that checks that nothing
+        happens (no restart, no duplicate) gives the cluster time to do the wrong thing, without guessing a delay."""
+        wait_reconcile_passes(self.status, passes, timeout)
+
     def wait_ready(self, model: str, count: int, timeout: float = 120) -> list:
         return wait_for(lambda: (lambda rs: rs if len(rs) >= count else None)(self.replicas(model, READY)),
                         timeout, f"{count} READY replica(s) of {model}")
@@ -224,11 +220,6 @@ def chat(cluster: Cluster, model: str, body: dict | str, **kw) -> tuple[int, dic
     return status, headers, b"".join(pieces).decode()
 
 
-def free_port() -> int:
-    """A port free on 127.0.0.1 now, for processes that must come back on the same one."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ClientThreads:

@@ -56,7 +56,7 @@ def build_tiny_model(out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gridserve.replica.tiny", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python tests/support/tiny_model.py", description=__doc__)
     parser.add_argument("out_dir", help="folder to build the tiny model into (skipped if already built)")
     args = parser.parse_args(argv)
     print(build_tiny_model(args.out_dir))

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import openai
 
-from clusterlib import ClientThreads, Cluster
+from support.cluster import ClientThreads, Cluster
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",

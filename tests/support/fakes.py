@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -231,10 +230,6 @@ async def publish(http, proxy: Proxy, head: FakeHead, **models) -> None:
     await wait_version(http, proxy, head.publish(**models))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Module-scoped fixtures a proxy test module imports: a fake head, the real proxy on it, an HTTP client.
