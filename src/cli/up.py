@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gridserve.cli.headclient import DEFAULT_HEAD, DEFAULT_STATE_DIR, CliError, Head, call_head
 from gridserve.cli.render import STATE_NAMES
+from gridserve.common.paths import StateDir, WorkDir
 from gridserve.common.procs import python_module_cmd, stop_sync, tied_child_env
 from gridserve.common.security import security_from_args
 from gridserve.v1 import head_pb2
@@ -97,7 +98,7 @@ def cmd_up(args) -> int:
         print(call_head(head, "Deploy", head_pb2.DeployRequest(model=model, replicas=args.replicas)).message,
               flush=True)
         wait_model_ready(cluster, head, model, args.timeout)
-        http = wait_head_json(cluster, Path(args.state_dir), "http_address", 60.0)["http_address"]
+        http = wait_head_json(cluster, StateDir(args.state_dir), "http_address", 60.0)["http_address"]
         print_ready(model, head, http, args.state_dir, bool(args.api_key_file))
         while True:
             time.sleep(0.5)
@@ -114,20 +115,20 @@ def cmd_up(args) -> int:
 
 
 def start_head(cluster: LocalCluster, args) -> Head:
-    state = Path(args.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    (state / "head.json").unlink(missing_ok=True)
+    state = StateDir(args.state_dir)
+    state.root.mkdir(parents=True, exist_ok=True)
+    state.head_json.unlink(missing_ok=True)
     argv = ["--host", args.host, "--grpc-port", str(args.grpc_port), "--http-host", args.host,
-            "--http-port", str(args.http_port), "--state-dir", str(state)]
+            "--http-port", str(args.http_port), "--state-dir", str(state.root)]
     if args.model_configs:
         argv += ["--model-configs", args.model_configs]
     for path in args.api_key_file:
         argv += ["--api-key-file", path]
-    proc = cluster.spawn("head", "gridserve.head", argv, state / "head.log")
-    print(f"starting the head on {args.host}:{args.grpc_port} (pid {proc.pid}, log {state / 'head.log'})", flush=True)
+    proc = cluster.spawn("head", "gridserve.head", argv, state.head_log)
+    print(f"starting the head on {args.host}:{args.grpc_port} (pid {proc.pid}, log {state.head_log})", flush=True)
     address = wait_head_json(cluster, state, "grpc_address", 60.0)["grpc_address"]
     # The head made (or reused) the cluster token in its state dir before it wrote head.json.
-    return Head(address, security_from_args(security_defaults(), state_dir=state))
+    return Head(address, security_from_args(security_defaults(), state_dir=state.root))
 
 
 def security_defaults() -> argparse.Namespace:
@@ -136,29 +137,29 @@ def security_defaults() -> argparse.Namespace:
                               tls_ca=None)
 
 
-def wait_head_json(cluster: LocalCluster, state: Path, key: str, timeout: float) -> dict:
+def wait_head_json(cluster: LocalCluster, state: StateDir, key: str, timeout: float) -> dict:
     """Waits until the head (the one we started) has written `key` into head.json."""
     deadline = time.monotonic() + timeout
     pid = cluster.procs["head"][0].pid
     while time.monotonic() < deadline:
         cluster.check()
         try:
-            info = json.loads((state / "head.json").read_text())
+            info = json.loads(state.head_json.read_text())
             if info.get("pid") == pid and info.get(key):
                 return info
         except (OSError, ValueError):
             pass
         time.sleep(0.1)
-    raise CliError(f"error: the head did not report its {key} within {timeout:g}s (see {state / 'head.log'})")
+    raise CliError(f"error: the head did not report its {key} within {timeout:g}s (see {state.head_log})")
 
 
 def start_scheduler(cluster: LocalCluster, args, head: Head) -> None:
-    work = Path(args.work_dir)
-    argv = ["--head", head.address, "--host", args.host, "--work-dir", str(work), *head.security.child_args()]
+    work = WorkDir(args.work_dir)
+    argv = ["--head", head.address, "--host", args.host, "--work-dir", str(work.root), *head.security.child_args()]
     if args.num_cpus is not None:
         argv += ["--num-cpus", f"{args.num_cpus:g}"]
-    proc = cluster.spawn("scheduler", "gridserve.scheduler", argv, work / "scheduler.log")
-    print(f"starting a scheduler (pid {proc.pid}, log {work / 'scheduler.log'})", flush=True)
+    proc = cluster.spawn("scheduler", "gridserve.scheduler", argv, work.scheduler_log)
+    print(f"starting a scheduler (pid {proc.pid}, log {work.scheduler_log})", flush=True)
     deadline = time.monotonic() + 60.0
     while time.monotonic() < deadline:
         cluster.check()

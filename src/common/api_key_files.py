@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from gridserve.common.errors import ConfigError
+from gridserve.common.files import write_atomic
 
-KEY_FILE_NAME = "api-keys"  # under the head's state dir: what the head passes to the proxy it starts
 MIN_KEY_LENGTH = 8
 
 
@@ -52,15 +51,4 @@ def write_key_file(path: Path, keys: tuple[str, ...] | list[str]) -> None:
     if not keys:
         path.unlink(missing_ok=True)
         return
-    write_private_file(path, "".join(f"{k}\n" for k in keys))
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """Writes a secret readable by its owner only (0600), atomically (tmp + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # also when a leftover tmp file had other permissions
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(f"{k}\n" for k in keys), private=True)

@@ -1,10 +1,11 @@
-"""gRPC helpers shared by every server and client: the error interceptor, channel options, health."""
+"""gRPC helpers shared by every server and client: the error interceptor, channel options, health, reflection."""
 from __future__ import annotations
 
 import logging
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from gridserve.common.errors import GridserveError
 from gridserve.common.eventlog import event
@@ -38,13 +39,43 @@ SERVER_OPTIONS = [
 ]
 
 
+REQUEST_ID_METADATA = "x-request-id"
+
+
+def request_id_of(request, context) -> str:
+    """The request id a call carries: the request message's `request_id` field, else x-request-id metadata."""
+    rid = getattr(request, "request_id", "")
+    if isinstance(rid, str) and rid:
+        return rid
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_METADATA:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""
+
+
+async def _abort_for(e: Exception, method: str, request, context) -> None:
+    """Ends the call with the status `e` stands for: its own code and message for a GridserveError; for
+    anything else (a bug) INTERNAL with a short message, the traceback going to the log."""
+    rid = request_id_of(request, context)
+    fields = {"request_id": rid} if rid else {}
+    if isinstance(e, GridserveError):
+        event(log, "rpc_error", logging.INFO, method=method, code=e.grpc_code.name, error=e.message, **fields)
+        await context.abort(e.grpc_code, e.message)
+    log.error("rpc_failed method=%s error=%s%s", method, type(e).__name__,
+              f" request_id={rid}" if rid else "", exc_info=e)
+    where = f" (request id {rid})" if rid else ""
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"internal error in {method}{where}: {type(e).__name__}; the server's log has the details")
+
+
 def _wrap_unary(fn, method: str):
     async def handler(request, context):
         try:
             return await fn(request, context)
-        except GridserveError as e:
-            event(log, "rpc_error", logging.INFO, method=method, code=e.grpc_code.name, error=e.message)
-            await context.abort(e.grpc_code, e.message)
+        except grpc.aio.AbortError:
+            raise  # the handler set the status itself (context.abort)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status; cancellation passes
+            await _abort_for(e, method, request, context)
 
     return handler
 
@@ -54,15 +85,17 @@ def _wrap_stream(fn, method: str):
         try:
             async for item in fn(request_or_iterator, context):
                 yield item
-        except GridserveError as e:
-            event(log, "rpc_error", logging.INFO, method=method, code=e.grpc_code.name, error=e.message)
-            await context.abort(e.grpc_code, e.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            await _abort_for(e, method, request_or_iterator, context)
 
     return handler
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps gridserve's named exceptions to gRPC status codes with their message, in one place."""
+    """Maps gridserve's named exceptions to gRPC status codes with their message, and any other exception
+    to INTERNAL with a short message, logged with the call's request id, in one place."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -100,6 +133,14 @@ def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     return servicer
+
+
+def add_reflection(server: grpc.aio.Server, *service_names: str) -> None:
+    """Registers gRPC server reflection (grpc.reflection.v1alpha) listing `service_names`, health and
+    reflection itself, so that grpcurl and similar tools can list and call the services. Like every
+    method but health, it needs the cluster token (see TokenInterceptor)."""
+    names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

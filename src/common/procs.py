@@ -1,16 +1,12 @@
-"""Process helpers: children that die with their parent, stopping them gracefully, and role entry points."""
+"""Process helpers: children that die with their parent, and stopping them gracefully."""
 from __future__ import annotations
 
 import asyncio
 import ctypes
-import faulthandler
 import os
 import signal
 import subprocess
 import sys
-
-from gridserve.common.errors import ConfigError
-from gridserve.common.eventlog import setup_logging
 
 _PR_SET_PDEATHSIG = 1
 PARENT_ENV = "GRIDSERVE_PARENT_PID"
@@ -38,42 +34,6 @@ def exit_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != int(parent):  # the spawner died before the tie was armed
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def run_service(role: str, parse_config, serve, argv: list[str] | None = None) -> int:
-    """The main() of a long-running role: tie to a spawning parent, parse flags, log, run `serve` (its event
-    loop watched, see watch_event_loop) until a signal. A bad flag or config is one `fatal:` line and
-    exit 2; Ctrl-C is 130."""
-    exit_with_parent()
-    faulthandler.enable()  # a crash in native code (gRPC, torch) leaves its stack in the log, not silence
-    try:
-        cfg = parse_config(argv)
-        setup_logging(role, cfg.log_level)
-        return asyncio.run(watch_event_loop(serve(cfg)))
-    except ConfigError as e:
-        print(f"fatal: {e.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-LOOP_STALL_DUMP_S = 30.0  # an event loop blocked this long gets every thread's stack written to stderr
-
-
-async def watch_event_loop(main):
-    """Runs `main` with a heartbeat that keeps pushing back a faulthandler stack dump: if the event loop
-    is ever blocked (a deadlock in native code), the log shows where instead of going silent."""
-    async def heartbeat() -> None:
-        while True:
-            faulthandler.dump_traceback_later(LOOP_STALL_DUMP_S, repeat=True)
-            await asyncio.sleep(LOOP_STALL_DUMP_S / 6)
-
-    beat = asyncio.create_task(heartbeat(), name="loop-stall-dump")
-    try:
-        return await main
-    finally:
-        beat.cancel()
-        faulthandler.cancel_dump_traceback_later()
 
 
 def python_module_cmd(module: str, *args: str) -> list[str]:

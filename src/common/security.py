@@ -12,10 +12,10 @@ import grpc
 
 from gridserve.common.errors import ConfigError
 from gridserve.common.eventlog import event
-from gridserve.common.api_key_files import write_private_file
+from gridserve.common.files import write_atomic
+from gridserve.common.paths import StateDir
 
 log = logging.getLogger("gridserve.security")
-TOKEN_FILE_NAME = "cluster-token"
 METADATA_KEY = "x-gridserve-token"
 # Open without a token: standard health probes (load balancers, orchestrators) change nothing.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -76,7 +76,7 @@ def read_token_file(path: str | Path) -> str:
 
 def write_token_file(path: Path, token: str) -> None:
     """Writes the token readable by its owner only (0600), atomically."""
-    write_private_file(path, token + "\n")
+    write_atomic(path, token + "\n", private=True)
 
 
 def security_from_args(args: argparse.Namespace, state_dir: Path | None = None,
@@ -90,12 +90,12 @@ def security_from_args(args: argparse.Namespace, state_dir: Path | None = None,
     if args.cluster_token:
         token = args.cluster_token.strip()
         if create and state_dir is not None and len(token) >= 16:
-            token_file = str((Path(state_dir) / TOKEN_FILE_NAME).resolve())
+            token_file = str(StateDir(state_dir).cluster_token.resolve())
             write_token_file(Path(token_file), token)
     elif args.cluster_token_file:
         token, token_file = read_token_file(args.cluster_token_file), str(Path(args.cluster_token_file).resolve())
     elif state_dir is not None:
-        path = Path(state_dir) / TOKEN_FILE_NAME
+        path = StateDir(state_dir).cluster_token
         if path.exists():
             token, token_file = read_token_file(path), str(path.resolve())
         elif create:

@@ -17,6 +17,9 @@ from gridserve.v1 import head_pb2, head_pb2_grpc
 log = logging.getLogger("gridserve.head")
 
 HELLO_TIMEOUT = 10.0
+# Full names of the services add_services registers (listed by server reflection).
+SERVICE_NAMES = tuple(head_pb2.DESCRIPTOR.services_by_name[name].full_name
+                      for name in ("NodeService", "RouteService", "AdminService"))
 
 
 class NodeServicer(head_pb2_grpc.NodeServiceServicer):

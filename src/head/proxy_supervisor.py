@@ -3,7 +3,6 @@ exits, and keeps head.json current."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -11,7 +10,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from gridserve.common.backoff import Backoff
 from gridserve.common.eventlog import event
+from gridserve.common.files import read_port_file
 from gridserve.common.procs import python_module_cmd, stop_async
 
 log = logging.getLogger("gridserve.head.proxy")
@@ -22,20 +23,6 @@ STABLE_SECONDS = 10.0  # a proxy that ran this long resets the backoff
 PORT_FILE_POLL = 0.05
 ADOPTED_POLL = 0.2  # an adopted proxy is not our child: its exit is noticed by polling /proc
 PROXY_MODULE = "gridserve.proxy"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_port_file(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
 
 
 def proxy_cmdline(pid: int) -> list[str]:
@@ -63,13 +50,13 @@ class ProxySupervisor:
     backoff when it exits (on the port it first bound). Not tied to the head's life (no tied_child_env):
     a graceful head shutdown stops it explicitly."""
 
-    def __init__(self, head_address: str, host: str, port: int, state_dir: Path,
+    def __init__(self, head_address: str, host: str, port: int, port_file: Path,
                  on_change: Callable[[str, int, int], None], api_key_file: Path | None = None,
                  security_args: list[str] = ()):
         self.head_address = head_address
         self.host = host
         self.port = port
-        self.port_file = state_dir / "proxy.port"
+        self.port_file = port_file  # <state-dir>/proxy.port
         self.api_key_file = api_key_file  # the proxy reads its keys here (0600), not from its argv
         self.security_args = list(security_args)  # the cluster token by file, TLS files
         self.on_change = on_change  # (http_address, pid, restarts)
@@ -88,7 +75,7 @@ class ProxySupervisor:
     async def run(self, adopt_pid: int = 0) -> None:
         """Keeps a proxy running until cancelled (first the one at adopt_pid, if it is still alive and
         serves this head); stops it in finally."""
-        backoff = FIRST_BACKOFF
+        backoff = Backoff(FIRST_BACKOFF, MAX_BACKOFF, stable_s=STABLE_SECONDS)
         try:
             while not self._stopping:
                 started = time.monotonic()
@@ -97,9 +84,7 @@ class ProxySupervisor:
                 if self._stopping:
                     break
                 ran = time.monotonic() - started
-                if ran > STABLE_SECONDS:
-                    backoff = FIRST_BACKOFF
-                delay, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
+                delay = backoff.next_delay(ran)
                 self.restarts += 1
                 event(log, "proxy_exited", logging.WARNING, code=code, ran_s=f"{ran:.1f}",
                       restart_in_s=f"{delay:.2f}", restarts=self.restarts)

@@ -10,6 +10,7 @@ from pathlib import Path
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import ConfigError, GridserveError
 from gridserve.common.eventlog import event
+from gridserve.common.paths import StateDir
 
 log = logging.getLogger("gridserve.head.state")
 
@@ -55,7 +56,7 @@ class StateStore:
     """SQLite file `<state-dir>/state.db`; every change is committed before the call returns."""
 
     def __init__(self, state_dir: str | Path):
-        path = Path(state_dir) / "state.db"
+        path = StateDir(state_dir).db
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         try:

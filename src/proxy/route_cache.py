@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from gridserve.common import grpcutil
+from gridserve.common.backoff import Backoff
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import ConfigError
 from gridserve.common.eventlog import event
@@ -192,14 +193,12 @@ class RouteWatcher:
     async def run(self) -> None:
         channel = open_channel(self.head_address, self.table.security)
         stub = head_pb2_grpc.RouteServiceStub(channel)
-        delay = self.backoff_initial_s
+        backoff = Backoff(self.backoff_initial_s, self.backoff_max_s, jitter=0.5)
         try:
             while True:
                 if await self._watch_once(stub):
-                    delay = self.backoff_initial_s
-                pause = min(self.backoff_max_s, delay * random.uniform(0.5, 1.5))
-                await asyncio.sleep(pause)
-                delay = min(self.backoff_max_s, delay * 2)
+                    backoff.reset()  # the stream worked: the next break is a fresh one
+                await asyncio.sleep(backoff.next_delay())
         finally:
             await channel.close()
 

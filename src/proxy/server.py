@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
-from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from gridserve.common.errors import FatalError, NotFound
 from gridserve.common.eventlog import event
+from gridserve.common.files import write_port_file
+from gridserve.common.service import Stop
 from gridserve.proxy import native_wire as native, openai_wire as openai_api
 from gridserve.proxy.auth import ApiKeys, auth_middleware
 from gridserve.proxy.cluster_metrics import ClusterCollector, ClusterPoller
@@ -102,14 +102,6 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "models": counts})
 
 
-def write_port_file(path: str, port: int) -> None:
-    """Writes the port atomically (tmp + rename) so readers never see a partial file."""
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(f"{port}\n")
-    os.replace(tmp, target)
-
-
 async def _listen(runner: web.AppRunner, cfg: ProxyConfig) -> int:
     site = web.TCPSite(runner, cfg.host, cfg.port)
     try:
@@ -119,20 +111,8 @@ async def _listen(runner: web.AppRunner, cfg: ProxyConfig) -> int:
     return runner.addresses[0][1]
 
 
-async def _until_signalled() -> str:
-    loop = asyncio.get_running_loop()
-    got: asyncio.Future[str] = loop.create_future()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: got.done() or got.set_result(s.name))
-    try:
-        return await got
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-
-
-async def serve(cfg: ProxyConfig) -> int:
-    """Runs the proxy until SIGTERM/SIGINT; open streams get cfg.shutdown_grace_s to finish."""
+async def serve(cfg: ProxyConfig, stop: Stop) -> int:
+    """Runs the proxy until `stop` (SIGTERM/SIGINT); open streams get cfg.shutdown_grace_s to finish."""
     disable_created_metrics()  # no *_created series: they double the exposition for little use
     table = RouteCache(security=cfg.security)
     watcher = RouteWatcher(cfg.head, table)
@@ -154,8 +134,8 @@ async def serve(cfg: ProxyConfig) -> int:
             write_port_file(cfg.port_file, port)
         event(log, "proxy_listening", host=cfg.host, port=port, head=cfg.head, pid=os.getpid(),
               api_keys=len(cfg.api_keys))
-        sig = await _until_signalled()
-        event(log, "proxy_stopping", signal=sig)
+        await stop.wait()
+        event(log, "proxy_stopping", signal=stop.signal)
     finally:
         for t in tasks:
             t.cancel()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import logging
 import os
 import secrets
@@ -10,12 +9,12 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
-from gridserve.common.errors import FatalError, GridserveError, InvalidRequest, Unavailable
-from gridserve.common.grpcutil import NOT_SERVING, SERVING, add_health, bind, make_server
-from gridserve.common.eventlog import event, setup_logging
-from gridserve.common.procs import exit_with_parent, watch_event_loop
+from gridserve.common.errors import GridserveError, InvalidRequest, Unavailable
+from gridserve.common.files import write_port_file
+from gridserve.common.grpcutil import NOT_SERVING, SERVING, add_health, add_reflection, bind, make_server
+from gridserve.common.eventlog import event
+from gridserve.common.service import Stop, run_service
 from gridserve.replica.settings import ReplicaConfig, parse_config
 from gridserve.replica.request_params import resolve_input, resolve_sampling
 from gridserve.replica.stall_watchdog import StallWatch
@@ -25,7 +24,6 @@ log = logging.getLogger("gridserve.replica")
 SERVICE_NAME = replica_pb2.DESCRIPTOR.services_by_name["Replica"].full_name
 FINISH = {"stop": replica_pb2.FINISH_REASON_STOP, "length": replica_pb2.FINISH_REASON_LENGTH,
           "abort": replica_pb2.FINISH_REASON_ABORT}
-EXIT_FATAL = 3
 # Initial metadata sent as soon as the engine has taken a request (queued or running), before its first
 # token: a caller that gets no accept in a few seconds may try another replica.
 ACCEPTED = (("x-gridserve-accepted", "1"),)
@@ -108,14 +106,6 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
         return info
 
 
-def write_port_file(path: Path, port: int) -> None:
-    """Write the bound port atomically (tmp + rename) so a reader never sees a partial number."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{port}\n")
-    os.replace(tmp, path)
-
-
 def _build_engine(cfg: ReplicaConfig):
     """Runs in the load thread: import torch, load the model, build (not start) the engine."""
     import torch
@@ -160,11 +150,12 @@ class ReplicaProcess:
         for name in ("", SERVICE_NAME):
             await health.set(name, status)
 
-    async def run(self) -> int:
+    async def run(self, stop: Stop) -> int:
         cfg = self.cfg
         server = make_server(cfg.security)
         replica_pb2_grpc.add_ReplicaServicer_to_server(self.service, server)
         health = add_health(server)
+        add_reflection(server, SERVICE_NAME)
         await self._set_health(health, NOT_SERVING)
         port = bind(server, cfg.host, cfg.port, cfg.security)
         await server.start()
@@ -172,12 +163,8 @@ class ReplicaProcess:
             write_port_file(cfg.port_file, port)
         event(log, "listening", replica_id=cfg.replica_id, address=f"{cfg.host}:{port}", model=cfg.model.name,
               source=cfg.model.source.describe(), pid=os.getpid())
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         if cfg.fault_injection:
-            loop.add_signal_handler(signal.SIGUSR1, self._inject_fault)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._inject_fault)
         try:
             if await self._load(health, stop):
                 await self._serve(health, stop)
@@ -236,28 +223,18 @@ class ReplicaProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m gridserve.replica`; 0 on a clean stop, 3 on a fatal config/load error."""
-    exit_with_parent()
-    faulthandler.enable()  # a native crash (torch, gRPC) leaves its stack in the replica's log
-    try:
-        cfg = parse_config(argv)
-    except FatalError as e:
-        print(f"fatal: {_one_line(e.message)}", file=sys.stderr, flush=True)
-        return EXIT_FATAL
-    setup_logging("replica", cfg.log_level)
-    proc = ReplicaProcess(cfg)
-    try:
-        code = asyncio.run(watch_event_loop(proc.run()))
-    except FatalError as e:
-        print(f"fatal: {_one_line(e.message)}", file=sys.stderr, flush=True)
-        code = EXIT_FATAL
-    if proc.load_thread is not None and proc.load_thread.is_alive():
+    """Entry point of `python -m gridserve.replica`: 0 on a clean stop, 3 (ExitCode.FATAL) on a fatal
+    config or load error, which tells the scheduler not to restart it."""
+    started: list[ReplicaProcess] = []
+
+    def serve(cfg: ReplicaConfig, stop: Stop):
+        started.append(ReplicaProcess(cfg))
+        return started[0].run(stop)
+
+    code = run_service("replica", parse_config, serve, argv)
+    if started and started[0].load_thread is not None and started[0].load_thread.is_alive():
         # Stopped mid-load: a torch import or load still running in a daemon thread can crash
         # interpreter teardown, so leave without it.
         sys.stderr.flush()
         os._exit(code)
     return code
-
-
-def _one_line(message: str) -> str:
-    return " ".join(message.split())

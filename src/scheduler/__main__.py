@@ -4,32 +4,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 
 from gridserve.common.eventlog import event
-from gridserve.common.procs import run_service
+from gridserve.common.paths import WorkDir
+from gridserve.common.service import Stop, run_service, stop_or_task_exit
 from gridserve.scheduler.head_link import NodeAgent
 from gridserve.scheduler.settings import SchedulerConfig, parse_config
 
 log = logging.getLogger("gridserve.scheduler")
 
 
-async def serve(cfg: SchedulerConfig) -> int:
-    (cfg.work_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (cfg.work_dir / "run").mkdir(parents=True, exist_ok=True)
+async def serve(cfg: SchedulerConfig, stop: Stop) -> int:
+    """Runs the node agent until `stop` (SIGTERM/SIGINT); then stops the local replicas and the session."""
+    WorkDir(cfg.work_dir).create()
     agent = NodeAgent(cfg)
     event(log, "scheduler_started", node=cfg.node_id, head=cfg.head, cpus=f"{cfg.num_cpus:g}",
           gpus=f"{cfg.num_gpus:g}", host=cfg.host, advertise=cfg.advertise_host, work_dir=cfg.work_dir)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     session = asyncio.create_task(agent.run(), name="session")
     try:
-        await stop.wait()
-        event(log, "scheduler_stopping", replicas=len(agent.replicas))
-        return 0
+        code = await stop_or_task_exit(stop, [session])
+        event(log, "scheduler_stopping", signal=stop.signal, replicas=len(agent.replicas))
+        return code
     finally:
         # Replicas first, while the session can still report them STOPPING; then the session.
         try:
@@ -38,12 +34,11 @@ async def serve(cfg: SchedulerConfig) -> int:
             session.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await session
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             event(log, "scheduler_stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes in gridserve.common.service.ExitCode."""
     return run_service("scheduler", parse_config, serve, argv)
 
 

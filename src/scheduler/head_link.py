@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
 import time
 
 import grpc
 import psutil
 
+from gridserve.common.backoff import Backoff
 from gridserve.common.grpcutil import channel
 from gridserve.common.eventlog import event
 from gridserve.common.security import call_metadata
@@ -110,7 +110,7 @@ class NodeAgent:
 
     async def run(self) -> None:
         """Keeps a session with the head open, reconnecting with exponential backoff and jitter."""
-        backoff = FIRST_RECONNECT
+        backoff = Backoff(FIRST_RECONNECT, MAX_RECONNECT, jitter=0.5, stable_s=STABLE_SESSION)
         while True:
             started = time.monotonic()
             try:
@@ -125,10 +125,7 @@ class NodeAgent:
                           hint="pass the head's token with --cluster-token-file (its state dir holds it)")
             finally:
                 self.connected = False
-            if time.monotonic() - started > STABLE_SESSION:
-                backoff = FIRST_RECONNECT
-            delay = backoff * random.uniform(0.5, 1.5)
-            backoff = min(backoff * 2, MAX_RECONNECT)
+            delay = backoff.next_delay(time.monotonic() - started)
             event(log, "head_disconnected", logging.WARNING, head=self.cfg.head, reason=reason,
                   retry_in_s=f"{delay:.2f}", replicas_kept=len(self.replicas))
             await asyncio.sleep(delay)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from gridserve.common.eventlog import event
+from gridserve.common.paths import WorkDir
 from gridserve.v1 import head_pb2
 
 log = logging.getLogger("gridserve.scheduler.log_streams")
@@ -25,7 +26,7 @@ def log_path(work_dir: Path, replica_id: str) -> Path | None:
     """<work-dir>/logs/<replica_id>.log, or None for an id that is not a plain name (no path tricks)."""
     if not REPLICA_ID.fullmatch(replica_id):
         return None
-    return work_dir / "logs" / f"{replica_id}.log"
+    return WorkDir(work_dir).replica_log(replica_id)
 
 
 def tail_offset(f, lines: int) -> int:

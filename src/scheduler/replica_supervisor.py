@@ -15,18 +15,21 @@ from typing import Callable
 
 import grpc
 
+from gridserve.common.backoff import Backoff
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import GridserveError, Unavailable
+from gridserve.common.files import read_port_file
 from gridserve.common.grpcutil import SERVING, channel, check_health
 from gridserve.common.eventlog import event
+from gridserve.common.paths import WorkDir
 from gridserve.common.procs import stop_async, tied_child_env
+from gridserve.common.service import ExitCode
 from gridserve.scheduler.settings import SchedulerConfig
 from gridserve.v1 import head_pb2, replica_pb2, replica_pb2_grpc
 
 log = logging.getLogger("gridserve.scheduler")
 
 S = head_pb2.ReplicaState
-FATAL_EXIT_CODE = 3
 CRASH_LIMIT = 5          # more crashes than this within CRASH_WINDOW -> FAILED
 CRASH_WINDOW = 60.0
 FIRST_BACKOFF = 1.0
@@ -77,9 +80,9 @@ class CrashWindow:
         return len(self.times) > self.limit
 
 
-def backoff_delay(attempt: int, first: float = FIRST_BACKOFF, cap: float = MAX_BACKOFF) -> float:
-    """1 s, 2 s, 4 s ... capped; attempt counts from 0."""
-    return min(first * (2 ** min(attempt, 30)), cap)
+def restart_backoff() -> Backoff:
+    """1 s, 2 s, 4 s ... 30 s between restarts; a process that ran longer than CRASH_WINDOW starts over."""
+    return Backoff(FIRST_BACKOFF, MAX_BACKOFF, stable_s=CRASH_WINDOW)
 
 
 class ReplicaRunner:
@@ -101,8 +104,9 @@ class ReplicaRunner:
         self.task: asyncio.Task | None = None
         self.stopping = False
         self.kill_reason = ""  # why the scheduler killed the current process (a hung replica)
-        self.log_path = cfg.work_dir / "logs" / f"{self.replica_id}.log"
-        self.port_file = cfg.work_dir / "run" / f"{self.replica_id}.port"
+        work = WorkDir(cfg.work_dir)
+        self.log_path = work.replica_log(self.replica_id)
+        self.port_file = work.replica_port(self.replica_id)
 
     # state
 
@@ -172,7 +176,7 @@ class ReplicaRunner:
         except GridserveError as e:
             self._set(S.REPLICA_STATE_FAILED, f"bad model config from the head: {e.message}")
             return
-        crashes, attempt = CrashWindow(), 0
+        crashes, backoff = CrashWindow(), restart_backoff()
         while not self.stopping:
             started = time.monotonic()
             code, offset = await self._run_once(num_threads)
@@ -181,16 +185,14 @@ class ReplicaRunner:
             tail = tail_message(self.log_path, offset)
             if self.kill_reason:
                 tail, self.kill_reason = f"{self.kill_reason}; log: {tail}", ""
-            if code == FATAL_EXIT_CODE:
+            if code == ExitCode.FATAL:
                 self._set(S.REPLICA_STATE_FAILED, tail or f"fatal error ({describe_exit(code)})")
                 return
             if crashes.add(time.monotonic()):
                 self._set(S.REPLICA_STATE_FAILED, f"crash loop: {len(crashes.times)} exits within "
                           f"{CRASH_WINDOW:g}s, gave up; last: {describe_exit(code)}: {tail}")
                 return
-            attempt = 0 if time.monotonic() - started > CRASH_WINDOW else attempt
-            delay = backoff_delay(attempt)
-            attempt += 1
+            delay = backoff.next_delay(time.monotonic() - started)
             self.restarts += 1
             why = f"{describe_exit(code)}; restart in {delay:g}s: {tail}"
             self._set(S.REPLICA_STATE_RESTARTING, why[:MESSAGE_LIMIT])
@@ -235,7 +237,7 @@ class ReplicaRunner:
 
     async def _probe(self) -> None:
         """Waits for the port file, then probes grpc.health.v1 until cancelled; kills a hung replica."""
-        while (port := _read_port(self.port_file)) is None:
+        while (port := read_port_file(self.port_file)) is None:
             await asyncio.sleep(0.05)
         self.address, self.port = f"{_bracket(self.cfg.advertise_host)}:{port}", port
         self.on_change()
@@ -305,14 +307,6 @@ def pick_port(host: str, low: int, high: int) -> int:
             except OSError:
                 continue
     raise Unavailable(f"no free port in --port-range {low}-{high} on {host}")
-
-
-def _read_port(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
 
 
 def _bracket(host: str) -> str:

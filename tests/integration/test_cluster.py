@@ -10,6 +10,7 @@ import pytest
 
 from support.cluster import FAILED, READY, Cluster, chat, http, pid_alive
 from support.waiting import wait_for
+from support.reflect import list_services
 
 
 
@@ -182,3 +183,11 @@ def test_undeploy_stops_replicas_and_the_model_answers_404(cluster):
     wait_for(lambda: not cluster.replicas("tiny"), 30, "tiny replicas to go")
     wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "replica processes to exit")
     assert chat(cluster, "tiny", "hi")[0] == 404
+
+
+def test_the_head_lists_its_services_by_reflection_to_a_caller_with_the_cluster_token(cluster):
+    token = cluster.token_file.read_text().strip()
+    services, methods = list_services(cluster.grpc_address, token, describe="gridserve.v1.AdminService")
+    assert {"gridserve.v1.NodeService", "gridserve.v1.RouteService", "gridserve.v1.AdminService",
+            "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} == set(services)
+    assert "Deploy" in methods and "Status" in methods

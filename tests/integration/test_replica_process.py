@@ -14,6 +14,7 @@ import pytest
 
 from gridserve.common.grpcutil import NOT_SERVING, SERVING, channel, check_health
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
+from support.reflect import list_services
 
 CONTEXT = 256
 LIMIT = 64
@@ -175,6 +176,12 @@ async def test_info_reports_batch_size_queue_depth_and_tokens_per_second(replica
     assert (info.max_batch_size, info.max_waiting, info.num_threads) == (4, 32, 1)
     assert info.tokens_per_second > 0 and info.mean_batch_size > 1
     assert info.steps_total < info.tokens_generated_total  # several rows per forward pass
+
+
+async def test_the_replica_lists_its_services_by_reflection(replica):
+    services, methods = await asyncio.to_thread(list_services, replica.address, None, "gridserve.v1.Replica")
+    assert services == ["gridserve.v1.Replica", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
+    assert methods == ["Generate", "Info"]
 
 
 async def test_cancelled_stream_frees_the_replica_and_the_next_call_succeeds(replica):

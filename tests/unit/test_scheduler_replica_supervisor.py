@@ -1,5 +1,5 @@
 """The scheduler's replica bookkeeping: failure messages from logs, crash-loop window, restart backoff, hangs."""
-from gridserve.scheduler.replica_supervisor import S, CrashWindow, HangWatch, backoff_delay, describe_exit, tail_message
+from gridserve.scheduler.replica_supervisor import CRASH_WINDOW, S, CrashWindow, HangWatch, describe_exit, restart_backoff, tail_message
 
 
 def test_the_fatal_line_is_the_message_of_a_fatal_exit(tmp_path):
@@ -36,9 +36,11 @@ def test_crashes_spread_over_more_than_a_minute_are_not_a_loop():
     assert not any(window.add(t) for t in range(0, 600, 20))
 
 
-def test_restart_backoff_doubles_and_is_capped():
-    assert [backoff_delay(i) for i in range(7)] == [1, 2, 4, 8, 16, 30, 30]
-    assert backoff_delay(1000) == 30
+def test_restart_backoff_doubles_is_capped_and_starts_over_after_a_long_run():
+    backoff = restart_backoff()
+    assert [backoff.next_delay(ran_s=1.0) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert [backoff.next_delay(ran_s=1.0) for _ in range(1000)][-1] == 30
+    assert backoff.next_delay(ran_s=CRASH_WINDOW + 1) == 1  # it ran past the crash window: start over
 
 
 def test_exit_descriptions_name_signals():
