@@ -70,7 +70,7 @@ async def test_json_body_reaches_the_replica_as_prompt_and_sampling_params(proxy
 
 def error_of(body: bytes) -> dict:
     err = json.loads(body)["error"]
-    assert set(err) == {"message", "type", "code"}
+    assert set(err) == {"message", "type", "param", "code"}
     return err
 
 
@@ -97,9 +97,12 @@ async def test_bad_requests_get_json_errors_with_fitting_statuses(proxy, head, h
     async with http.post(f"{proxy.url}/v1/chat/tiny", data="x" * 5000) as r:
         assert r.status == 413 and error_of(await r.read())["type"] == "request_too_large"
     async with http.get(f"{proxy.url}/no/such/path") as r:
-        assert r.status == 404 and error_of(await r.read())["type"] == "not_found_error"
+        err = error_of(await r.read())
+        assert r.status == 404 and err["type"] == "not_found_error" and "X-Request-Id" in r.headers
+        assert err["code"] == "not_found" and err["param"] is None  # outside the native path: a string code
     async with http.get(f"{proxy.url}/v1/chat/tiny") as r:
         assert r.status == 405 and "allowed: POST" in error_of(await r.read())["message"]
+        assert r.headers["Allow"] == "POST" and "X-Request-Id" in r.headers
 
 
 async def test_replica_invalid_argument_becomes_400_with_the_replicas_message(proxy, head, http, replicas):
