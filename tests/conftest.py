@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 # Property tests: few enough examples for `make test`; `pytest --hypothesis-profile=gridserve-long` runs more.
-settings.register_profile("gridserve", max_examples=150, deadline=None, database=None,
+settings.register_profile("gridserve", max_examples=300, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("gridserve-long", settings.get_profile("gridserve"), max_examples=3000)
 settings.load_profile("gridserve")

@@ -72,10 +72,22 @@ class _JsonRejectionsServer(web.Server):
         return handler
 
 
+def _not_answered_already(record: logging.LogRecord) -> bool:
+    """False for aiohttp's traceback of a body that failed to decode: the handler already answered it 400."""
+    return not (record.exc_info and isinstance(record.exc_info[1], web.RequestPayloadError))
+
+
+_SERVER_LOG = logging.getLogger("aiohttp.server.proxy")  # aiohttp's connection log, less that noise
+_SERVER_LOG.addFilter(_not_answered_already)
+
+
 class JsonErrorsRunner(web.AppRunner):
     """web.AppRunner whose connections answer parser rejections in JSON. aiohttp 3.14 has no hook for those
     answers (aio-libs/aiohttp#3287, #6463): they come from RequestHandler.handle_error, so the runner's server
     makes connections of a subclass that overrides it."""
+
+    def __init__(self, app: web.Application, **kwargs):
+        super().__init__(app, logger=_SERVER_LOG, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

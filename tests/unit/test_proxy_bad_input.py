@@ -4,6 +4,7 @@ sockets so that malformed HTTP reaches it as sent."""
 import asyncio
 import gzip
 import json
+import logging
 import re
 import zlib
 
@@ -153,6 +154,13 @@ async def test_bodies_that_cannot_be_used_get_a_4xx_naming_the_field(proxy_port,
     err = assert_json_error(got, hdrs, raw)
     assert got == status and err["param"] == param, err
     assert hdrs["x-request-id"] == "rid-7"
+
+
+async def test_a_body_that_fails_to_decode_is_answered_without_an_error_traceback_in_the_log(proxy_port, caplog):
+    status, _, _ = await exchange(proxy_port, request("POST", "/v1/chat/tiny", b"not gzip" * 100,
+                                                      [("Content-Encoding", "gzip")]))
+    await asyncio.sleep(0.2)  # aiohttp tries to drain the rest of the body after the answer
+    assert status == 400 and not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_an_authorization_header_that_is_not_utf8_is_just_a_wrong_key():
