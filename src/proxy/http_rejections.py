@@ -27,9 +27,9 @@ def rejection(status: int, exc: BaseException | None) -> HttpError:
         limit = exc.args[1] if len(exc.args) > 1 else "the"
         return HttpError(431, "invalid_request_error", f"the request line or a header is longer than {limit} "
                          "bytes", code="header_too_large")
-    if isinstance(exc, hx.BadHttpMethod):
+    if isinstance(exc, hx.BadHttpMethod):  # also TLS sent to the plain HTTP port, which aiohttp names
         first = _first_line(exc)
-        message = first if "HTTPS" in first else "unsupported or malformed HTTP method (the proxy serves GET and POST)"
+        message = first if "HTTPS" in first else "unsupported or malformed HTTP method (the proxy serves GET, POST)"
         return HttpError(400, "invalid_request_error", message, code="invalid_method")
     if isinstance(exc, hx.ContentEncodingError) and "install" in _first_line(exc):
         return HttpError(415, "invalid_request_error", "this Content-Encoding is not supported (use gzip, deflate "
