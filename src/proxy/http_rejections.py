@@ -6,7 +6,6 @@ import logging
 import uuid
 
 from aiohttp import http_exceptions as hx, web
-from aiohttp.web_protocol import RequestHandler
 
 from gridserve.common.eventlog import event
 from gridserve.proxy.http_errors import HttpError, error_body, error_response
@@ -46,7 +45,7 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 120 else line[:117] + "..."
 
 
-class _JsonRejections(RequestHandler):
+class _JsonRejections(web.RequestHandler):
     """aiohttp's connection protocol, with its error answer in the proxy's JSON error shape."""
     __slots__ = ()
 
@@ -66,7 +65,7 @@ class _JsonRejections(RequestHandler):
 
 
 class _JsonRejectionsServer(web.Server):
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> web.RequestHandler:
         handler = super().__call__()
         handler.__class__ = _JsonRejections  # same slots, one method more: the error answer
         return handler

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import zlib
+from types import SimpleNamespace
 
 import pytest
 from aiohttp import web
@@ -35,7 +36,7 @@ class PlainReplica(FakeReplica):
 
 
 @pytest.fixture(scope="module")
-async def proxy_port():
+async def proxy():
     replica = await PlainReplica("tiny-aaaaaa").start()
     table = RouteCache()
     snapshot = head_pb2.RoutingTable(version=1)
@@ -46,10 +47,15 @@ async def proxy_port():
     runner = JsonErrorsRunner(make_app(state), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield runner.addresses[0][1]
+    yield SimpleNamespace(port=runner.addresses[0][1], table=table, replica=replica)
     await runner.cleanup()
     await table.close()
     await replica.server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def proxy_port(proxy) -> int:
+    return proxy.port
 
 
 async def exchange(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict, bytes]:
@@ -283,8 +289,9 @@ async def test_any_request_gets_a_success_or_a_json_error_never_a_5xx(proxy_port
     assert health == 200
 
 
-async def test_the_proxy_still_streams_after_all_that(proxy_port):
-    status, headers, body = await exchange(proxy_port, request("POST", "/v1/chat/tiny", b"hello"))
+async def test_the_proxy_still_streams_after_all_that(proxy):
+    status, headers, body = await exchange(proxy.port, request("POST", "/v1/chat/tiny", b"hello"))
     assert status == 200 and headers["transfer-encoding"] == "chunked" and body.decode() == "".join(CHUNKS)
-    status, _, body = await exchange(proxy_port, request("GET", "/health"))
+    status, _, body = await exchange(proxy.port, request("GET", "/health"))
     assert status == 200 and json.loads(body)["status"] == "ok"
+    assert proxy.table.inflight(proxy.replica.address) == 0  # no request left holding the replica
