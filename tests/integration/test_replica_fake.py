@@ -11,7 +11,6 @@ import pytest
 from gridserve.v1 import replica_pb2
 from test_replica_process import Replica
 
-pytestmark = pytest.mark.integration
 TPS = 50
 
 

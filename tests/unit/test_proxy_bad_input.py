@@ -20,7 +20,7 @@ from gridserve.proxy.relay import ProxyState
 from gridserve.proxy.route_cache import RouteCache
 from gridserve.proxy.server import make_app
 from gridserve.v1 import head_pb2
-from proxylib import CHUNKS, MODEL_JSON, FakeReplica
+from support.fakes import CHUNKS, MODEL_JSON, FakeReplica
 
 pytestmark = pytest.mark.timeout(180)
 
