@@ -14,7 +14,7 @@ from gridserve.common.model_config import load_model_catalog
 from gridserve.common.grpcutil import SERVING, add_health, bind, make_server
 from gridserve.common.eventlog import event
 from gridserve.common.procs import run_service
-from gridserve.common.api_key_files import KEY_FILE_NAME, write_key_file
+from gridserve.common.api_key_files import KEY_FILE_NAME, admin_key_args, write_key_file
 from gridserve.head.settings import HeadConfig, parse_config
 from gridserve.head.controller import Controller
 from gridserve.head.route_table import RouteTable
@@ -115,7 +115,8 @@ def _proxy(cfg: HeadConfig, grpc_port: int, ctl: Controller, info: HeadInfo) -> 
     key_file = cfg.state_dir / KEY_FILE_NAME
     write_key_file(key_file, cfg.api_keys)  # 0600; removed when the head has no keys
     return ProxySupervisor(f"{cfg.local_host}:{grpc_port}", cfg.http_host, cfg.http_port, cfg.state_dir,
-                           on_change, key_file if cfg.api_keys else None, cfg.security.child_args())
+                           on_change, key_file if cfg.api_keys else None,
+                           cfg.security.child_args() + admin_key_args(cfg.state_dir, cfg.admin_keys))
 
 
 async def _until_signal(tasks: list[asyncio.Task]) -> None:
