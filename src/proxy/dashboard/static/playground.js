@@ -80,6 +80,8 @@ export class Playground {
     const stats = { started: performance.now(), first: 0, chunks: 0, usage: null, finish: "", replica: "" };
     this.controller = new AbortController();
     this.busy(true);
+    delete $("pg-stats").dataset.outcome;
+    $("pg-stats").textContent = "waiting for the first token …";
     let outcome = "done";
     try {
       await this.stream(body, answer, stats);
