@@ -160,6 +160,9 @@ async def logs(request: web.Request) -> web.StreamResponse:
     if not replica:
         raise HttpError(400, "invalid_request_error", "replica must name a replica", param="replica")
     tail = _int_query(request, "tail", 200, 0, MAX_TAIL_LINES)
+    status = dash.collector.status
+    if status is not None and all(r.replica_id != replica for r in status.replicas):
+        raise HttpError(404, "not_found_error", f"no replica {replica!r} in the cluster", param="replica")
     call = dash.head().Logs(head_pb2.LogsRequest(replica_id=replica, follow=True, tail_lines=tail))
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
