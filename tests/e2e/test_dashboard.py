@@ -148,6 +148,8 @@ def test_read_views_need_a_key_and_never_carry_the_cluster_token(cluster):
         assert token not in b"".join(body).decode() and token not in json.dumps(headers)
     _, headers, _ = http("GET", cluster.url("/dashboard"))
     assert "script-src 'self'" in headers["content-security-policy"]
+    status, headers, _ = http("GET", cluster.url("/dashboard/"))
+    assert status == 302 and headers["location"] == "/dashboard"
 
 
 def test_a_chart_has_points_after_some_load(cluster, tabs):

@@ -77,6 +77,7 @@ def add_dashboard_routes(app: web.Application, state: ProxyState, cfg: ProxyConf
     dash = Dashboard(state, cfg)
     app[DASHBOARD] = dash
     app.router.add_get("/dashboard", page)
+    app.router.add_get("/dashboard/", to_page)
     app.router.add_static("/dashboard/static", STATIC_DIR, append_version=False)
     app.router.add_get("/dashboard/api/config", config)
     app.router.add_get("/dashboard/api/cluster", cluster)
@@ -95,6 +96,11 @@ def _dash(request: web.Request) -> Dashboard:
 async def page(request: web.Request) -> web.FileResponse:
     """GET /dashboard: the single page; it holds no data (that comes from /dashboard/api/ with a key)."""
     return web.FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+
+async def to_page(request: web.Request) -> web.Response:
+    """GET /dashboard/: the page lives at /dashboard (its asset paths are absolute either way)."""
+    raise web.HTTPFound("/dashboard")
 
 
 async def config(request: web.Request) -> web.Response:
