@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -44,6 +45,14 @@ def get(cluster: Cluster, path: str) -> tuple[int, dict]:
 def act(cluster: Cluster, action: str, body: dict) -> tuple[int, dict]:
     status, _, data = request("POST", cluster.url(f"/dashboard/api/admin/{action}"), json.dumps(body), ACTION)
     return status, json.loads(b"".join(data))
+
+
+def test_the_head_hands_the_admin_key_to_its_proxy_in_a_private_file_not_on_its_command_line(cluster):
+    path = cluster.root / "state" / "admin-keys"
+    assert path.read_text() == f"{ADMIN}\n" and path.stat().st_mode & 0o777 == 0o600
+    proxy_pid = cluster.status().proxy_pid
+    argv = Path(f"/proc/{proxy_pid}/cmdline").read_bytes().decode().split("\0")
+    assert "--admin-key-file" in argv and not any(ADMIN in a for a in argv)
 
 
 def test_cluster_view_joins_the_heads_status_with_each_replicas_info(cluster):
