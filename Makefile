@@ -10,9 +10,17 @@ GEN_STAMP := src/v1/.generated
 INSTALL_STAMP := $(VENV)/.gridserve-installed
 PYTEST_ARGS ?=
 
-.PHONY: install protos up test test-unit test-integration test-e2e bench clean
+.PHONY: install protos up test test-unit test-integration test-e2e bench clean chromium chromium
 
-install: $(INSTALL_STAMP) $(GEN_STAMP)
+install: $(INSTALL_STAMP) $(GEN_STAMP) chromium
+
+# The dashboard's browser tests drive Debian's chromium (Playwright's own browser download cannot work here):
+# installed with apt when missing; a no-op when present; only a warning where apt is unavailable or fails.
+APT_GET := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && $(APT_GET) update -qq && $(APT_GET) install -y -qq chromium; } || \
+	  echo "warning: chromium is missing and apt-get could not install it: tests/e2e/test_dashboard.py will fail"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -16,6 +16,7 @@ from gridserve.common.service import Stop
 from gridserve.proxy import native_wire as native, openai_wire as openai_api
 from gridserve.proxy.auth import ApiKeys, auth_middleware
 from gridserve.proxy.cluster_metrics import ClusterCollector, ClusterPoller
+from gridserve.proxy.dashboard import add_dashboard_routes
 from gridserve.proxy.settings import ProxyConfig
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_body, error_middleware, escaped_errors_in_json
 from gridserve.proxy.http_rejections import JsonErrorsRunner
@@ -135,10 +136,12 @@ async def serve(cfg: ProxyConfig, stop: Stop) -> int:
     poller = ClusterPoller(cfg.head, table, collector, cfg.metrics_interval_s,
                            on_poll=lambda: state.metrics.known_models(table.routes))
     app = make_app(state, ApiKeys(cfg.api_keys))
+    dashboard = add_dashboard_routes(app, state, cfg)
     runner = JsonErrorsRunner(app, handler_cancellation=True, access_log=None,
                               shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()
-    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(poller.run())]
+    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(poller.run()),
+             asyncio.create_task(dashboard.run())]
     try:
         port = await _listen(runner, cfg)
         if cfg.port_file:
