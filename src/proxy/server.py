@@ -19,9 +19,9 @@ from gridserve.proxy.cluster_metrics import ClusterCollector, ClusterPoller
 from gridserve.proxy.settings import ProxyConfig
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_middleware
 from gridserve.proxy.request_metrics import ProxyMetrics
-from gridserve.proxy.openai_requests import ModelNotFound
+from gridserve.proxy.openai_parse import ModelNotFound
 from gridserve.proxy.relay import STATE, ProxyState, Wire, handle
-from gridserve.proxy.native_requests import lookup_model
+from gridserve.common.request_contract import lookup_model
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy
 

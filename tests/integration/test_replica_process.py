@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,8 @@ import time
 import grpc
 import pytest
 
+from gridserve.common.model_config import ModelConfig
+from gridserve.common.model_config_proto import config_to_arg
 from gridserve.common.grpcutil import NOT_SERVING, SERVING, channel, check_health
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
@@ -21,21 +22,21 @@ LIMIT = 64
 
 
 def tiny_config(path) -> str:
-    return json.dumps({"name": "tiny", "source": {"type": "local", "path": str(path)},
-                       "context_length": CONTEXT, "max_tokens_limit": LIMIT,
-                       "sampling": {"temperature": 0, "max_new_tokens": 16}, "max_batch_size": 4})
+    return config_to_arg(ModelConfig.from_dict("tiny", {
+        "source": {"type": "local", "path": str(path)}, "context_length": CONTEXT, "max_tokens_limit": LIMIT,
+        "sampling": {"temperature": 0, "max_new_tokens": 16}, "max_batch_size": 4}))
 
 
 class Replica:
     """One spawned replica process, its stderr log and a channel to it."""
 
-    def __init__(self, tmp, model_config_json: str, name: str = "r", env: dict[str, str] | None = None):
+    def __init__(self, tmp, model_config: str, name: str = "r", env: dict[str, str] | None = None):
         self.port_file = tmp / f"{name}.port"
         self.log_path = tmp / f"{name}.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gridserve.replica", "--replica-id", f"tiny-{name}00000",
-             "--model-config-json", model_config_json, "--host", "127.0.0.1", "--port", "0",
+             "--model-config", model_config, "--host", "127.0.0.1", "--port", "0",
              "--port-file", str(self.port_file), "--num-threads", "1", "--cache-dir", str(tmp / "cache")],
             stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"), env=env)
         self.address = None
@@ -211,8 +212,8 @@ async def test_sigterm_lets_the_open_stream_finish_and_exits_zero(tiny_model_dir
 
 
 async def test_hub_model_offline_is_fatal_with_exit_code_3(tmp_path):
-    cfg = json.dumps({"name": "gpt2", "source": {"type": "hub", "repo": "openai-community/gpt2"},
-                      "context_length": 1024, "max_tokens_limit": 512})
+    cfg = config_to_arg(ModelConfig.from_dict("gpt2", {"source": {"type": "hub", "repo": "openai-community/gpt2"},
+                                                       "context_length": 1024, "max_tokens_limit": 512}))
     r = Replica(tmp_path, cfg, name="hub")
     try:
         assert r.proc.wait(60) == 3
