@@ -127,16 +127,19 @@ def chat(*messages) -> replica_pb2.GenerateRequest:
         messages=[replica_pb2.ChatMessage(role=r, content=c) for r, c in messages]))
 
 
-BAD_REQUESTS = [
-    (request(prompt=""), "prompt is empty"),
-    (replica_pb2.GenerateRequest(), "set prompt or chat"),
-    (chat(), "no messages"),
-    (chat(("user", "hi"), ("wizard", "hi")), "unknown role 'wizard'"),
-    (request(max_tokens=0), f"max_tokens must be in [1, {LIMIT}]"),
+BAD_REQUESTS = [  # each message names the field, as the proxy's 400 for the same input would
+    (request(prompt=""), "'prompt' must be a non-empty string"),
+    (replica_pb2.GenerateRequest(), "the request has no input"),
+    (chat(), "'messages' must be a non-empty list"),
+    (chat(("user", "hi"), ("wizard", "hi")), 'messages[1].role must be one of system, user, assistant, got "wizard"'),
+    (request(max_tokens=0), f"'max_tokens' must be an integer in [1, {LIMIT}]"),
     (request(max_tokens=LIMIT + 1), f"got {LIMIT + 1}"),
-    (request(temperature=3.0), "temperature must be in [0, 2]"),
-    (request(top_p=0.0), "top_p must be in (0, 1]"),
-    (request(stop=[""]), "stop string"),
+    (request(temperature=3.0), "'temperature' must be a number in [0, 2]"),
+    (request(top_p=0.0), "'top_p' must be a number in (0, 1]"),
+    (request(top_p=1e-300), "'top_p' must be a number in (0, 1]"),
+    (request(top_k=2**31), "'top_k' must be an integer in [0, 2147483647]"),
+    (request(stop=[""]), "'stop' must be"),
+    (request(stop=list("abcde")), "up to 4 non-empty strings"),
     (request(prompt="word " * (CONTEXT + 10)), f"context length of {CONTEXT}"),
 ]
 
