@@ -15,7 +15,8 @@ from gridserve.common.model_config import ModelConfig
 from gridserve.v1 import replica_pb2
 
 ROLES = ("system", "user", "assistant")
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+SCALAR_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")  # optional in SamplingParams
+SAMPLING_FIELDS = (*SCALAR_FIELDS, "stop")
 MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 2**31 - 1
 MAX_SEED = 2**64 - 1
@@ -156,7 +157,7 @@ class Sampling:
 
     @classmethod
     def from_proto(cls, params: replica_pb2.SamplingParams, config: ModelConfig) -> "Sampling":
-        fields: dict[str, Any] = {name: getattr(params, name) for name in SAMPLING_FIELDS[:-1]
+        fields: dict[str, Any] = {name: getattr(params, name) for name in SCALAR_FIELDS
                                   if params.HasField(name)}
         if params.stop:
             fields["stop"] = list(params.stop)
@@ -164,7 +165,7 @@ class Sampling:
 
     def to_proto(self) -> replica_pb2.SamplingParams:
         p = replica_pb2.SamplingParams(stop=self.stop)
-        for name in SAMPLING_FIELDS[:-1]:
+        for name in SCALAR_FIELDS:
             if getattr(self, name) is not None:
                 setattr(p, name, getattr(self, name))
         return p
@@ -173,12 +174,15 @@ class Sampling:
         """Every field set: the model's defaults for those not given. Temperatures under 5e-7 round to 0
         (greedy); top_p keeps 6 significant digits, so a positive one stays positive."""
         d = config.sampling
-        pick = lambda given, default: default if given is None else given  # noqa: E731
         return SamplingOptions(
-            max_tokens=pick(self.max_tokens, d.max_new_tokens),
-            temperature=round(float(pick(self.temperature, d.temperature)), 6),
-            top_p=float(f"{pick(self.top_p, d.top_p):.6g}"),
-            top_k=pick(self.top_k, d.top_k), seed=self.seed, stop=self.stop)
+            max_tokens=_given_or(self.max_tokens, d.max_new_tokens),
+            temperature=round(float(_given_or(self.temperature, d.temperature)), 6),
+            top_p=float(f"{_given_or(self.top_p, d.top_p):.6g}"),
+            top_k=_given_or(self.top_k, d.top_k), seed=self.seed, stop=self.stop)
+
+
+def _given_or(given, default):
+    return default if given is None else given
 
 
 def check_messages(messages: list[tuple[Any, Any]]) -> tuple[tuple[str, str], ...]:
