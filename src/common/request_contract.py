@@ -61,7 +61,7 @@ def clip(text: str, limit: int = QUOTE_CHARS) -> str:
 def quote(value: Any) -> str:
     """A value as JSON, cut to QUOTE_CHARS: error messages never echo unbounded input."""
     try:
-        text = json.dumps(value, ensure_ascii=False)
+        text = json.dumps(value)  # ASCII: a lone surrogate cannot break a log line or a response
     except (TypeError, ValueError):
         text = repr(value)
     return clip(text)
