@@ -6,7 +6,7 @@ import json
 import time
 
 from gridserve.proxy.http_errors import HttpError
-from gridserve.proxy.openai_requests import parse_chat, parse_completion
+from gridserve.proxy.openai_parse import parse_chat, parse_completion
 from gridserve.proxy.relay import Job, Result, Wire
 from gridserve.proxy.route_cache import ModelRoute
 
@@ -55,7 +55,7 @@ class _OpenAIAnswer:
         return _sse(data)
 
     def tail(self, result: Result) -> bytes:
-        out = self._chunk(self._final_choice(result.finish))
+        out = self._chunk(self._final_choice(result.finish.value))
         if self.include_usage:
             out += _sse({**self._envelope(self.chunk_object, []), "usage": _usage(result)})
         return out + DONE
@@ -64,7 +64,7 @@ class _OpenAIAnswer:
         return _sse(error_body(err)) + DONE
 
     def whole(self, text: str, result: Result) -> dict:
-        choice = {"index": 0, **self._whole_choice(text), "logprobs": None, "finish_reason": result.finish}
+        choice = {"index": 0, **self._whole_choice(text), "logprobs": None, "finish_reason": result.finish.value}
         return {**self._envelope(self.whole_object, [choice]), "usage": _usage(result)}
 
     def _final_choice(self, finish: str) -> dict:

@@ -21,9 +21,10 @@ from gridserve.proxy.settings import ProxyConfig
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_body, error_middleware, escaped_errors_in_json
 from gridserve.proxy.http_rejections import JsonErrorsRunner
 from gridserve.proxy.request_metrics import ProxyMetrics
-from gridserve.proxy.openai_requests import ModelNotFound
+from gridserve.proxy.openai_parse import ModelNotFound
 from gridserve.proxy.relay import STATE, ProxyState, Wire, handle
-from gridserve.proxy.native_requests import lookup_model, request_id_from
+from gridserve.common.request_contract import lookup_model
+from gridserve.proxy.request_body import request_id_from
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy
 

@@ -16,14 +16,13 @@ from gridserve.common.grpcutil import NOT_SERVING, SERVING, add_health, add_refl
 from gridserve.common.eventlog import event
 from gridserve.common.service import Stop, run_service
 from gridserve.replica.settings import ReplicaConfig, parse_config
-from gridserve.replica.request_params import resolve_input, resolve_sampling
+from gridserve.common.request_contract import FinishReason
+from gridserve.replica.request_params import resolve_request
 from gridserve.replica.stall_watchdog import StallWatch
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
 log = logging.getLogger("gridserve.replica")
 SERVICE_NAME = replica_pb2.DESCRIPTOR.services_by_name["Replica"].full_name
-FINISH = {"stop": replica_pb2.FINISH_REASON_STOP, "length": replica_pb2.FINISH_REASON_LENGTH,
-          "abort": replica_pb2.FINISH_REASON_ABORT}
 # Initial metadata sent as soon as the engine has taken a request (queued or running), before its first
 # token: a caller that gets no accept in a few seconds may try another replica.
 ACCEPTED = (("x-gridserve-accepted", "1"),)
@@ -53,8 +52,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
                 completion = out.completion_tokens or completion
                 chunk = replica_pb2.GenerateResponse(text=out.text, token_ids=out.token_ids)
                 if out.finish_reason:
-                    finish = out.finish_reason
-                    chunk.finish_reason = FINISH[out.finish_reason]
+                    finish = FinishReason(out.finish_reason)
+                    chunk.finish_reason = finish.to_proto()
                     chunk.usage.prompt_tokens = len(prompt_ids)
                     chunk.usage.completion_tokens = out.completion_tokens
                 yield chunk
@@ -75,8 +74,7 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
         engine = self.engine
         if engine is None:
             raise Unavailable(f"replica {self.cfg.replica_id} is still loading model '{self.cfg.model.name}'")
-        opts = resolve_sampling(request.params, self.cfg.model)
-        kind, value = resolve_input(request)
+        kind, value, opts = resolve_request(request, self.cfg.model)
         encode = engine.loaded.encode_prompt if kind == "prompt" else engine.loaded.encode_chat
         prompt_ids = await asyncio.to_thread(encode, value)
         ctx = self.cfg.model.context_length

@@ -130,10 +130,7 @@ async def catalog(request: web.Request) -> web.Response:
     resp = await _call_head(dash.head().Models(head_pb2.ModelsRequest(), timeout=HEAD_TIMEOUT_S))
     models = []
     for m in resp.models:
-        try:
-            description = json.loads(m.model_config_json).get("description", "")
-        except (ValueError, AttributeError):
-            description = ""
+        description = m.model_config.description
         models.append({"name": m.name, "deployed": m.deployed, "replicas": m.replicas, "ready": m.ready,
                        "is_default": m.is_default, "description": description})
     return web.json_response({"models": models})
