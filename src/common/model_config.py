@@ -11,8 +11,10 @@ from gridserve.common.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_CONFIGS = REPO_ROOT / "model_configs.json"
-SOURCE_TYPES = ("gguf_package", "hub", "local")
+SOURCE_TYPES = ("gguf_package", "hub", "local", "package")
 DTYPES = ("float32", "bfloat16", "float16")
+TASKS = ("generate", "embedding")  # what a model's replicas serve: text generation or sentence embeddings
+NO_EMBEDDING_FIELDS = ("max_tokens_limit", "sampling")  # generation settings an embedding model refuses
 
 
 def _take(d: dict, key: str, where: str, kinds: tuple, default: Any = ..., check=None, rule: str = ""):
@@ -52,7 +54,8 @@ NUM = (int, float)
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the weights come from: a GGUF file in a Python package, a hub id, or a local folder."""
+    """Where the weights come from: a GGUF file in a Python package, a hub id, a local folder, or a
+    transformers folder inside an installed Python package (`package`, with `path` inside it)."""
     type: str
     package: str = ""
     file: str = ""
@@ -66,10 +69,11 @@ class ModelSource:
             raise ConfigError(f"{where}: must be an object")
         kind = _take(d, "type", where, (str,), check=lambda v: v in SOURCE_TYPES,
                      rule=f"one of {', '.join(SOURCE_TYPES)}")
-        need = {"gguf_package": ("package", "file"), "hub": ("repo",), "local": ("path",)}[kind]
+        need = {"gguf_package": ("package", "file"), "hub": ("repo",), "local": ("path",),
+                "package": ("package",)}[kind]
         allowed = {"type", *need, "revision"} if kind == "hub" else {"type", *need}
-        if kind == "local":
-            allowed.add("file")
+        if kind in ("local", "package"):
+            allowed.add("file" if kind == "local" else "path")
         _no_extra(d, allowed, where)
         vals = {k: _take(d, k, where, (str,), check=bool, rule="a non-empty string") for k in need}
         rest = {k: _take(d, k, where, (str,), default="") for k in allowed - set(need) - {"type"}}
@@ -80,6 +84,8 @@ class ModelSource:
             return f"{self.package}/{self.file}"
         if self.type == "hub":
             return self.repo + (f"@{self.revision}" if self.revision else "")
+        if self.type == "package":
+            return f"{self.package}/{self.path}" if self.path else self.package
         return self.path
 
 
@@ -133,9 +139,13 @@ class ModelConfig:
     # With work queued or running, a replica whose engine finishes no step for this long reports
     # NOT_SERVING (and is replaced). 60 s leaves room for a slow CPU prefill of a long prompt on a 7B model.
     stall_timeout_s: float = 60.0
+    # "generate" (chat and completions) or "embedding" (POST /v1/embeddings). For an embedding model,
+    # context_length is the most tokens one input may have, max_batch_size the inputs in one forward
+    # pass and max_waiting the inputs queued beyond them; max_tokens_limit is 0 and sampling unused.
+    task: str = "generate"
 
     FIELDS = ("source", "context_length", "max_tokens_limit", "sampling", "resources", "dtype",
-              "max_batch_size", "max_waiting", "description", "stall_timeout_s")
+              "max_batch_size", "max_waiting", "description", "stall_timeout_s", "task")
 
     @classmethod
     def from_dict(cls, name: str, d: Any, where: str = "") -> "ModelConfig":
@@ -143,6 +153,9 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: must be an object")
         _no_extra(d, set(cls.FIELDS), where)
+        task = _take(d, "task", where, (str,), "generate", lambda v: v in TASKS, f"one of {', '.join(TASKS)}")
+        if task == "embedding":
+            return cls._embedding(name, d, where)
         ctx = _take(d, "context_length", where, (int,), check=lambda v: v >= 16, rule="an integer >= 16")
         limit = _take(d, "max_tokens_limit", where, (int,), check=lambda v: 1 <= v <= ctx,
                       rule=f"an integer in [1, context_length={ctx}]")
@@ -156,6 +169,26 @@ class ModelConfig:
             context_length=ctx,
             max_tokens_limit=limit,
             sampling=sampling,
+            **cls._common(d, where),
+        )
+
+    @classmethod
+    def _embedding(cls, name: str, d: dict, where: str) -> "ModelConfig":
+        """An embedding model's entry: no generation settings; context_length bounds one input."""
+        for key in NO_EMBEDDING_FIELDS:
+            if key in d:
+                raise ConfigError(f"{where}.{key}: does not apply to an embedding model (task \"embedding\" "
+                                  f"generates no tokens); remove it")
+        ctx = _take(d, "context_length", where, (int,), check=lambda v: v >= 16, rule="an integer >= 16")
+        return cls(name=name, task="embedding", context_length=ctx, max_tokens_limit=0,
+                   source=ModelSource.from_dict(_take(d, "source", where, (dict,), rule="an object"),
+                                                f"{where}.source"),
+                   **cls._common(d, where))
+
+    @staticmethod
+    def _common(d: dict, where: str) -> dict:
+        """The fields every task shares, validated."""
+        return dict(
             resources=Resources.from_dict(_obj(d, "resources", where), f"{where}.resources"),
             dtype=_take(d, "dtype", where, (str,), "float32", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
             max_batch_size=_take(d, "max_batch_size", where, (int,), 8, lambda v: v >= 1, "an integer >= 1"),
@@ -168,6 +201,9 @@ class ModelConfig:
         d = asdict(self)
         d.pop("name")
         d["source"] = {k: v for k, v in d["source"].items() if v}
+        if self.task == "embedding":
+            for key in NO_EMBEDDING_FIELDS:
+                d.pop(key)
         return d
 
     def to_json(self) -> str:

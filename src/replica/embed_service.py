@@ -1,0 +1,54 @@
+"""The replica's Embed RPC: check the inputs, tokenize off the loop, queue them on the embedding engine, answer the vectors."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+from gridserve.common.errors import GridserveError, InvalidRequest, Unavailable
+from gridserve.common.eventlog import event
+from gridserve.v1 import replica_pb2
+
+log = logging.getLogger("gridserve.replica")
+ACCEPTED = (("x-gridserve-accepted", "1"),)  # as Generate: sent once the engine has taken the request
+
+
+def generate_refused(model) -> InvalidRequest:
+    """What a Generate call to an embedding model gets."""
+    return InvalidRequest(f"model '{model.name}' is an embedding model: it answers POST /v1/embeddings, "
+                          f"not chat or completions")
+
+
+async def embed(cfg, engine, request: replica_pb2.EmbedRequest, context) -> replica_pb2.EmbedResponse:
+    """Serve one Embed call on a replica (`engine` None while loading)."""
+    request_id = request.request_id or f"emb-{secrets.token_hex(6)}"
+    if cfg.model.task != "embedding":
+        raise InvalidRequest(f"model '{cfg.model.name}' generates text: it answers chat and completions, "
+                             f"not POST /v1/embeddings")
+    if engine is None:
+        raise Unavailable(f"replica {cfg.replica_id} is still loading model '{cfg.model.name}'")
+    start = time.monotonic()
+    try:
+        if any(not text for text in request.inputs):
+            raise InvalidRequest("every input must be a non-empty string")
+        rows = await asyncio.to_thread(engine.loaded.encode, list(request.inputs))
+        handle = engine.submit(request_id, rows)
+    except GridserveError as e:
+        event(log, "embed_rejected", request_id=request_id, code=e.grpc_code.name, error=e.message)
+        raise
+    outcome = "error"
+    try:
+        await context.send_initial_metadata(ACCEPTED)
+        vectors = await handle.result()
+        outcome = "ok"
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+        raise
+    finally:
+        handle.cancel()  # no-op once done; drops queued inputs of a caller that went away
+        event(log, "embed_done", request_id=request_id, outcome=outcome, inputs=len(rows),
+              prompt_tokens=handle.prompt_tokens, seconds=f"{time.monotonic() - start:.3f}")
+    return replica_pb2.EmbedResponse(
+        embeddings=[replica_pb2.Embedding(values=v) for v in vectors.tolist()],
+        prompt_tokens=handle.prompt_tokens, dimensions=vectors.shape[1])
