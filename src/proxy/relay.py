@@ -18,6 +18,7 @@ from gridserve.common.eventlog import event
 from gridserve.proxy.stream_resume import Upstreams
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_response
 from gridserve.proxy.request_metrics import UNKNOWN_MODEL, ProxyMetrics
+from gridserve.proxy.model_tasks import check_task
 from gridserve.proxy.native_requests import request_id_from
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy, UpstreamStream
@@ -158,6 +159,7 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
     upstreams: Upstreams | None = None
     try:
         job = await _parse(request, wire, state, rec)
+        check_task(state.table.models[job.model], "generate")
         failovers = state.metrics.failovers
         upstreams = Upstreams(state.table, job.model, job.generate, state.policy,
                               on_retry=state.metrics.retries.labels(job.model).inc,
