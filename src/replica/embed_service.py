@@ -1,4 +1,4 @@
-"""The replica's Embed RPC: check the inputs, tokenize off the loop, queue them on the embedding engine, answer the vectors."""
+"""The replica's Embed RPC: queue the inputs on the embedding engine, say it took them, answer the vectors."""
 from __future__ import annotations
 
 import asyncio
@@ -30,25 +30,25 @@ async def embed(cfg, engine, request: replica_pb2.EmbedRequest, context) -> repl
         raise Unavailable(f"replica {cfg.replica_id} is still loading model '{cfg.model.name}'")
     start = time.monotonic()
     try:
-        if any(not text for text in request.inputs):
-            raise InvalidRequest("every input must be a non-empty string")
-        rows = await asyncio.to_thread(engine.loaded.encode, list(request.inputs))
-        handle = engine.submit(request_id, rows)
+        handle = engine.submit(request_id, list(request.inputs))  # tokenized in the engine's thread, batched
     except GridserveError as e:
         event(log, "embed_rejected", request_id=request_id, code=e.grpc_code.name, error=e.message)
         raise
-    outcome = "error"
+    outcome, tokens, error = "error", 0, {}
     try:
         await context.send_initial_metadata(ACCEPTED)
-        vectors = await handle.result()
-        outcome = "ok"
+        result = await handle.result()
+        outcome, tokens = "ok", result.prompt_tokens
     except asyncio.CancelledError:
         outcome = "cancelled"
         raise
+    except GridserveError as e:
+        error = {"error": e.message}
+        raise
     finally:
         handle.cancel()  # no-op once done; drops queued inputs of a caller that went away
-        event(log, "embed_done", request_id=request_id, outcome=outcome, inputs=len(rows),
-              prompt_tokens=handle.prompt_tokens, seconds=f"{time.monotonic() - start:.3f}")
+        event(log, "embed_done", request_id=request_id, outcome=outcome, inputs=handle.inputs,
+              prompt_tokens=tokens, seconds=f"{time.monotonic() - start:.3f}", **error)
     return replica_pb2.EmbedResponse(
-        embeddings=[replica_pb2.Embedding(values=v) for v in vectors.tolist()],
-        prompt_tokens=handle.prompt_tokens, dimensions=vectors.shape[1])
+        embeddings=[replica_pb2.Embedding(values=v) for v in result.vectors.tolist()],
+        prompt_tokens=result.prompt_tokens, dimensions=result.vectors.shape[1])

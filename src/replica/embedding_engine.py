@@ -16,7 +16,7 @@ from gridserve.common.errors import GridserveError, InvalidRequest, Overloaded, 
 from gridserve.common.eventlog import event
 from gridserve.replica.embedding_model import LoadedEmbedder
 
-__all__ = ["EmbeddingEngine", "EmbeddingStats", "EmbedHandle", "MAX_INPUTS"]
+__all__ = ["EmbeddingEngine", "EmbeddingStats", "EmbedHandle", "EmbedResult", "MAX_INPUTS"]
 log = logging.getLogger("gridserve.replica.embedding_engine")
 RATE_WINDOW_S = 5.0
 MAX_INPUTS = 2048  # inputs in one request, as OpenAI allows
@@ -44,15 +44,22 @@ class EmbeddingStats:
     input_tokens_total: int = 0
 
 
-class EmbedJob:
-    """One request inside the engine: its inputs' token ids, the vectors so far, the future that gets them."""
+@dataclass
+class EmbedResult:
+    vectors: torch.Tensor  # [inputs, dimensions] float32 unit vectors, in the order of the inputs
+    prompt_tokens: int     # tokens of every input, special tokens included
 
-    def __init__(self, request_id: str, rows: list[list[int]], loop: asyncio.AbstractEventLoop):
+
+class EmbedJob:
+    """One request inside the engine: its texts, the vectors and token counts so far, the future that gets them."""
+
+    def __init__(self, request_id: str, texts: list[str], loop: asyncio.AbstractEventLoop):
         self.request_id = request_id
-        self.rows = rows
+        self.texts = texts
         self.loop = loop
         self.future: asyncio.Future = loop.create_future()
-        self.vectors: list[torch.Tensor | None] = [None] * len(rows)
+        self.vectors: list[torch.Tensor | None] = [None] * len(texts)
+        self.tokens = 0      # of the inputs embedded so far
         self.next = 0        # the first input not yet taken into a forward pass
         self.done = 0        # inputs embedded
         self.cancelled = False
@@ -60,7 +67,7 @@ class EmbedJob:
 
     @property
     def unscheduled(self) -> int:
-        return len(self.rows) - self.next
+        return len(self.texts) - self.next
 
 
 class EmbedHandle:
@@ -69,10 +76,10 @@ class EmbedHandle:
     def __init__(self, engine: "EmbeddingEngine", job: EmbedJob):
         self._engine, self._job = engine, job
         self.request_id = job.request_id
-        self.prompt_tokens = sum(len(r) for r in job.rows)
+        self.inputs = len(job.texts)
 
-    async def result(self) -> torch.Tensor:
-        """[inputs, dimensions] float32 unit vectors, in the order of the inputs; raises the request's error."""
+    async def result(self) -> EmbedResult:
+        """The vectors and token count; raises the request's error (InvalidRequest for an input too long)."""
         return await self._job.future
 
     def cancel(self) -> None:
@@ -85,9 +92,11 @@ class EmbeddingEngine:
 
     `submit` (on the event loop) answers at once: a handle, or Overloaded when the inputs queued and
     running would pass max_batch_size + max_waiting (a request alone on an idle engine is always
-    taken). Each pass takes up to max_batch_size inputs from the front of the queue, whichever
-    requests they belong to (a large request spans several passes), runs one right-padded forward,
-    mean-pools over the attention mask and L2-normalises. A request's future is settled when its
+    taken), so the caller hears at once whether its request was taken. Each pass takes up to
+    max_batch_size inputs from the front of the queue, whichever requests they belong to (a large
+    request spans several passes), tokenizes them in one call (a request with an input longer than
+    context_length fails alone, with InvalidRequest), runs one right-padded forward, mean-pools over
+    the attention mask and L2-normalises. A request's future is settled when its
     last input is embedded; one pass's results reach each event loop in one hand-off.
     """
 
@@ -129,11 +138,11 @@ class EmbeddingEngine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, request_id: str, rows: list[list[int]]) -> EmbedHandle:
-        """Queue a request's inputs (token ids each); call on the event loop."""
-        self._check(rows)
-        job = EmbedJob(request_id or f"embed-{next(self._ids)}", [list(r) for r in rows],
-                       asyncio.get_running_loop())
+    def submit(self, request_id: str, texts: list[str]) -> EmbedHandle:
+        """Queue a request's texts; call on the event loop. Answers at once (no tokenizing here)."""
+        self._check(texts)
+        rows = list(texts)
+        job = EmbedJob(request_id or f"embed-{next(self._ids)}", rows, asyncio.get_running_loop())
         capacity = self.max_batch_size + self.max_waiting
         with self._cv:
             if self._stopping:
@@ -150,17 +159,15 @@ class EmbeddingEngine:
             self._cv.notify_all()
         return EmbedHandle(self, job)
 
-    def _check(self, rows: list[list[int]]) -> None:
-        if not rows:
+    @staticmethod
+    def _check(texts: list[str]) -> None:
+        if not texts:
             raise InvalidRequest("no inputs: send at least one text to embed")
-        if len(rows) > MAX_INPUTS:
-            raise InvalidRequest(f"{len(rows)} inputs in one request; at most {MAX_INPUTS} are allowed")
-        for i, r in enumerate(rows):
-            if not r:
-                raise InvalidRequest(f"input[{i}] is empty after tokenization")
-            if len(r) > self.context_length:
-                raise InvalidRequest(f"input[{i}] is {len(r)} tokens; model '{self.loaded.config.name}' embeds "
-                                     f"at most {self.context_length} tokens per input")
+        if len(texts) > MAX_INPUTS:
+            raise InvalidRequest(f"{len(texts)} inputs in one request; at most {MAX_INPUTS} are allowed")
+        empty = next((i for i, t in enumerate(texts) if not t), None)
+        if empty is not None:
+            raise InvalidRequest(f"input[{empty}] is an empty string: every input must have some text")
 
     def abort(self, job: EmbedJob) -> None:
         """Cancel a request: its queued inputs leave the queue; a pass already running finishes unread."""
@@ -235,29 +242,50 @@ class EmbeddingEngine:
         return batch
 
     def _pass(self, batch: list[tuple[EmbedJob, int]]) -> None:
-        """One forward over the batch; if it fails, each request's part alone, so only a failing one fails."""
-        live = [(job, i) for job, i in batch if not job.cancelled]
+        """Tokenize and embed the batch; an input too long fails its request alone."""
+        live = [(job, i) for job, i in batch if not job.cancelled and not job.finished]
         if not live:
             return
-        rows = [job.rows[i] for job, i in live]
         try:
+            rows = self.loaded.encode([job.texts[i] for job, i in live])
+        except Exception as e:  # a tokenizer failure: each request alone, as for a failed forward
+            rows = [None] * len(live)
+            event(log, "tokenize_failed", logging.ERROR, rows=len(live), error=repr(e)[:300])
+        keep = []
+        for (job, i), ids in zip(live, rows):
+            if ids is not None and len(ids) > self.context_length:
+                self._fail(job, InvalidRequest(f"input[{i}] is {len(ids)} tokens; model "
+                                               f"'{self.loaded.config.name}' embeds at most "
+                                               f"{self.context_length} tokens per input"))
+            elif not job.finished:
+                keep.append(((job, i), ids))
+        self._forward([p for p, _ in keep], [ids for _, ids in keep])
+
+    def _forward(self, live: list[tuple[EmbedJob, int]], rows: list[list[int] | None]) -> None:
+        """One forward over the rows; if it fails, each request's part alone, so only a failing one fails."""
+        if not live:
+            return
+        try:
+            if any(r is None for r in rows):
+                raise ValueError("the tokenizer failed on this batch")
             vectors = self.loaded.embed(rows)
         except Exception as e:
             jobs = list(dict.fromkeys(job for job, _ in live))
             if len(jobs) > 1:
                 for job in jobs:
-                    self._pass([(j, i) for j, i in live if j is job])
+                    self._pass([(j, i) for j, i in live if j is job])  # tokenized again, alone
                 return
             event(log, "embed_pass_failed", logging.ERROR, request_id=jobs[0].request_id, rows=len(rows),
                   error=repr(e)[:300])
             self._fail(jobs[0], EmbedError(f"embedding failed: {type(e).__name__}: {e}"))
             return
-        for (job, i), vector in zip(live, vectors):
+        for (job, i), vector, ids in zip(live, vectors, rows):
             job.vectors[i] = vector
+            job.tokens += len(ids)
             job.done += 1
-            if job.done == len(job.rows) and not job.finished:
+            if job.done == len(job.texts) and not job.finished:
                 job.finished = True
-                self._settle.append((job, torch.stack(job.vectors)))
+                self._settle.append((job, EmbedResult(torch.stack(job.vectors), job.tokens)))
         self._record(sum(len(r) for r in rows), len(rows))
 
     def _fail(self, job: EmbedJob, error: GridserveError) -> None:
