@@ -16,7 +16,6 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop
 from gridserve.common.eventlog import event
 from gridserve.proxy.embedding_requests import EmbeddingsJob, parse_embeddings
 from gridserve.proxy.http_errors import HttpError, error_response
-from gridserve.proxy.model_tasks import check_task
 from gridserve.proxy.native_requests import request_id_from
 from gridserve.proxy.openai_wire import error_body
 from gridserve.proxy.relay import STATE, RequestRecord, Wire, _parse
@@ -27,7 +26,7 @@ from gridserve.v1 import replica_pb2, replica_pb2_grpc
 log = logging.getLogger("gridserve.proxy")
 API = "embeddings"
 # The relay's parse step (routing-table wait, body size, metrics label) with this endpoint's parser.
-WIRE = Wire(api=API, parse=parse_embeddings, answer=None, error_body=error_body)
+WIRE = Wire(api=API, parse=parse_embeddings, answer=None, error_body=error_body, task="embedding")
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -38,7 +37,6 @@ async def embeddings(request: web.Request) -> web.Response:
     headers = {"X-Request-Id": rec.request_id}
     try:
         job: EmbeddingsJob = await _parse(request, WIRE, state, rec)
-        check_task(state.table.models[job.model], "embedding")
         reply, endpoint = await call_embed(state.table, job.model, job.embed, state.policy,
                                            on_retry=state.metrics.retries.labels(job.model).inc)
         rec.replica = endpoint.replica_id

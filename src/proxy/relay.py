@@ -81,6 +81,7 @@ class Wire:
     parse: Parse
     answer: Callable[[Job, str], Answer]
     error_body: ErrorBody
+    task: str = "generate"  # the model task it serves; a model of another task is a 400
 
 
 @dataclass
@@ -159,7 +160,6 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
     upstreams: Upstreams | None = None
     try:
         job = await _parse(request, wire, state, rec)
-        check_task(state.table.models[job.model], "generate")
         failovers = state.metrics.failovers
         upstreams = Upstreams(state.table, job.model, job.generate, state.policy,
                               on_retry=state.metrics.retries.labels(job.model).inc,
@@ -196,8 +196,11 @@ async def _parse(request: web.Request, wire: Wire, state: ProxyState, rec: Reque
     except GridserveError as e:
         rec.model = rec.model or _model_hint(body)
         rec.known = rec.model in state.table.routes
+        if rec.known:  # a model of the other task explains a bad body better (max_tokens for minilm ...)
+            check_task(state.table.models[rec.model], wire.task)
         raise HttpError.from_gridserve(e) from None
     rec.model, rec.known = job.model, True
+    check_task(state.table.models[job.model], wire.task)
     return job
 
 

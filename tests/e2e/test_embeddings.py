@@ -125,8 +125,12 @@ def test_chat_to_an_embedding_model_and_embeddings_from_a_chat_model_are_400(clu
     err = _bad_request(lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user",
                                                                                       "content": "hi"}]))
     assert err["param"] == "model" and err["code"] == "wrong_model_task" and "/v1/embeddings" in err["message"]
+    err = _bad_request(lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=5))
+    assert err["code"] == "wrong_model_task"  # not a complaint about max_tokens
     err = _bad_request(lambda: client.embeddings.create(model="tiny", input="hi"))
     assert err["code"] == "wrong_model_task" and "text-generation model" in err["message"]
+    err = _bad_request(lambda: client.embeddings.create(model="tiny", input="hi", dimensions=8))
+    assert err["code"] == "wrong_model_task"
     status, _, text = chat(cluster, MODEL, "hello")  # the native API too
     assert status == 400 and "embedding model" in text
     models = {m["id"]: m for m in json.loads(b"".join(http("GET", cluster.url("/v1/models"))[2]))["data"]}
