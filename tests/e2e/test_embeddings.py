@@ -28,22 +28,25 @@ SENTENCES = ["The cat sits on the mat.", "A feline rests on a rug.",
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_model_dir):
-    """Head, proxy and one scheduler serving minilm (from model_configs.json) and the tiny chat model."""
+    """Head, proxy and one scheduler serving minilm (from model_configs.json), the tiny chat model, and
+    minilm-tight: minilm with room for one input (max_batch_size 1, no queue)."""
     root = tmp_path_factory.mktemp("embeddings")
     minilm = json.loads(load_model_catalog().get(MODEL).to_json())
     minilm.pop("name")
     tiny = {"source": {"type": "local", "path": str(tiny_model_dir)}, "context_length": 256,
             "max_tokens_limit": 64, "sampling": {"max_new_tokens": 16}, "resources": {"num_cpus": 1}}
     configs = root / "model_configs.json"
-    configs.write_text(json.dumps({"default_model": MODEL, "models": {MODEL: minilm, "tiny": tiny}}))
+    tight = {**minilm, "max_batch_size": 1, "max_waiting": 0}
+    configs.write_text(json.dumps({"default_model": MODEL,
+                                   "models": {MODEL: minilm, "tiny": tiny, "minilm-tight": tight}}))
     c = Cluster(root, configs)
     with c:
         c.start_head()
-        c.start_scheduler("n1", num_cpus=2)
-        c.cli("deploy", MODEL)
-        c.cli("deploy", "tiny")
-        c.wait_ready(MODEL, 1)
-        c.wait_ready("tiny", 1)
+        c.start_scheduler("n1", num_cpus=3)
+        for model in (MODEL, "tiny", "minilm-tight"):
+            c.cli("deploy", model)
+        for model in (MODEL, "tiny", "minilm-tight"):
+            c.wait_ready(model, 1)
         yield c
 
 
@@ -168,3 +171,20 @@ def test_concurrent_requests_share_forward_passes(cluster, client, reference):
     assert passes < 32 and after.mean_batch_size > 1  # some requests shared a pass
     for text, reply in zip(texts[:4], replies[:4]):  # batched with others, the vectors are the same
         assert cosine(reply.data[0].embedding, reference(text)[0]) >= 0.9999
+
+
+def test_inputs_past_batch_and_queue_get_429_with_retry_after(cluster, client):
+    """minilm-tight holds one input at a time: while one 128-input request runs (128 passes, longer than the
+    proxy's retries take), the others are refused."""
+    body = json.dumps({"model": "minilm-tight", "input": [f"{SENTENCES[2]} ({i})" for i in range(128)]})
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: http("POST", cluster.url("/v1/embeddings"), body,
+                                                {"Content-Type": "application/json"}), range(6)))
+    statuses = sorted(a[0] for a in answers)
+    assert 200 in statuses and 429 in statuses, statuses
+    for status, headers, pieces in answers:
+        if status == 429:
+            error = json.loads(b"".join(pieces))["error"]
+            assert headers["retry-after"] == "1" and error["type"] == "overloaded_error"
+            assert "max_batch_size + max_waiting = 1" in error["message"]
+    assert len(client.embeddings.create(model="minilm-tight", input="free again").data) == 1
