@@ -112,9 +112,15 @@ async def _embed_on(table: RouteCache, endpoint: Endpoint, request: replica_pb2.
     call = replica_pb2_grpc.ReplicaStub(lease.channel).Embed(request)
     try:
         await _accepted(call, endpoint, accept_timeout_s)
-        return await call  # no time limit once admitted: the inputs may wait in the replica's queue
+        reply = await call.read()  # no time limit once admitted: the inputs may wait in the replica's queue
+        if reply is not grpc.aio.EOF:
+            await call.read()  # the end of the stream (and its status) follows at once
     except grpc.aio.AioRpcError as e:
         raise HttpError.from_grpc(e, where=f"replica {endpoint.replica_id}") from None
     finally:
         call.cancel()  # no-op once done; otherwise the replica drops the request
         lease.release()
+    if reply is grpc.aio.EOF:
+        raise HttpError(502, "upstream_error", f"replica {endpoint.replica_id} ended the call without vectors")
+    return reply
+

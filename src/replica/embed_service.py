@@ -20,8 +20,8 @@ def generate_refused(model) -> InvalidRequest:
                           f"not chat or completions")
 
 
-async def embed(cfg, engine, request: replica_pb2.EmbedRequest, context) -> replica_pb2.EmbedResponse:
-    """Serve one Embed call on a replica (`engine` None while loading)."""
+async def embed(cfg, engine, request: replica_pb2.EmbedRequest, context):
+    """Serve one Embed call on a replica (`engine` None while loading): the accept, then one response."""
     request_id = request.request_id or f"emb-{secrets.token_hex(6)}"
     if cfg.model.task != "embedding":
         raise InvalidRequest(f"model '{cfg.model.name}' generates text: it answers chat and completions, "
@@ -49,6 +49,6 @@ async def embed(cfg, engine, request: replica_pb2.EmbedRequest, context) -> repl
         handle.cancel()  # no-op once done; drops queued inputs of a caller that went away
         event(log, "embed_done", request_id=request_id, outcome=outcome, inputs=handle.inputs,
               prompt_tokens=tokens, seconds=f"{time.monotonic() - start:.3f}", **error)
-    return replica_pb2.EmbedResponse(
+    yield replica_pb2.EmbedResponse(
         embeddings=[replica_pb2.Embedding(values=v) for v in result.vectors.tolist()],
         prompt_tokens=result.prompt_tokens, dimensions=result.vectors.shape[1])

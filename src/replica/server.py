@@ -91,7 +91,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
         return prompt_ids, opts, engine.submit(request_id, prompt_ids, opts, list(request.resume_token_ids))
 
     async def Embed(self, request, context):
-        return await embed(self.cfg, self.engine, request, context)
+        async for reply in embed(self.cfg, self.engine, request, context):
+            yield reply
 
     async def Info(self, request, context):
         cfg, engine = self.cfg, self.engine

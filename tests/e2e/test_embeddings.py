@@ -144,8 +144,8 @@ def test_the_replica_itself_refuses_the_wrong_rpc(cluster):
     """Behind the proxy's check: an embedding replica refuses Generate, a chat replica refuses Embed."""
     for model, call in ((MODEL, lambda s: list(s.Generate(replica_pb2.GenerateRequest(prompt="hi"), timeout=10,
                                                           metadata=cluster.metadata))),
-                        ("tiny", lambda s: s.Embed(replica_pb2.EmbedRequest(inputs=["hi"]), timeout=10,
-                                                   metadata=cluster.metadata))):
+                        ("tiny", lambda s: list(s.Embed(replica_pb2.EmbedRequest(inputs=["hi"]), timeout=10,
+                                                        metadata=cluster.metadata)))):
         with grpc.insecure_channel(cluster.replicas(model)[0].address) as ch:
             with pytest.raises(grpc.RpcError) as caught:
                 call(replica_pb2_grpc.ReplicaStub(ch))
@@ -181,7 +181,7 @@ def test_inputs_past_batch_and_queue_get_429_with_retry_after(cluster, client):
         answers = list(pool.map(lambda _: http("POST", cluster.url("/v1/embeddings"), body,
                                                 {"Content-Type": "application/json"}), range(6)))
     statuses = sorted(a[0] for a in answers)
-    assert 200 in statuses and 429 in statuses, statuses
+    assert 200 in statuses and 429 in statuses, [(a[0], b"".join(a[2])[:200]) for a in answers]
     for status, headers, pieces in answers:
         if status == 429:
             error = json.loads(b"".join(pieces))["error"]
