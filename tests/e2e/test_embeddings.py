@@ -188,3 +188,17 @@ def test_inputs_past_batch_and_queue_get_429_with_retry_after(cluster, client):
             assert headers["retry-after"] == "1" and error["type"] == "overloaded_error"
             assert "max_batch_size + max_waiting = 1" in error["message"]
     assert len(client.embeddings.create(model="minilm-tight", input="free again").data) == 1
+
+
+def test_the_replica_accepts_an_embed_call_before_its_vectors_are_ready(cluster):
+    """The accept (initial metadata) leaves when the engine takes the request, so the proxy's accept timeout
+    bounds the wait for admission, not for the whole embedding."""
+    with grpc.insecure_channel(cluster.replicas("minilm-tight")[0].address) as ch:
+        stub = replica_pb2_grpc.ReplicaStub(ch)
+        call = stub.Embed(replica_pb2.EmbedRequest(inputs=[f"{SENTENCES[2]} ({i})" for i in range(128)]),
+                          timeout=120, metadata=cluster.metadata)
+        assert ("x-gridserve-accepted", "1") in call.initial_metadata()
+        info = stub.Info(replica_pb2.InfoRequest(), timeout=10, metadata=cluster.metadata)
+        assert info.running + info.waiting > 0  # 128 passes of one input: still at work
+        replies = list(call)
+    assert len(replies) == 1 and len(replies[0].embeddings) == 128 and replies[0].dimensions == 384
