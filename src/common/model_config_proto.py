@@ -8,7 +8,7 @@ import binascii
 from google.protobuf.message import DecodeError
 
 from gridserve.common.errors import ConfigError
-from gridserve.common.model_config import ModelConfig
+from gridserve.common.model_config import NO_EMBEDDING_FIELDS, ModelConfig
 from gridserve.v1 import model_config_pb2
 
 SOURCE_FIELDS = ("type", "package", "file", "repo", "revision", "path", "tokens_per_second", "prefill_delay_s")
@@ -26,13 +26,14 @@ def config_to_proto(config: ModelConfig) -> model_config_pb2.ModelConfig:
                                                   memory_mb=r.memory_mb),
         dtype=config.dtype, max_batch_size=config.max_batch_size, max_waiting=config.max_waiting,
         description=config.description, stall_timeout_s=config.stall_timeout_s,
-        quantization=config.quantization)
+        quantization=config.quantization, task=config.task)
 
 
 def config_to_dict(msg: model_config_pb2.ModelConfig) -> dict:
-    """The message as a model_configs.json entry (every field given; empty source fields left out)."""
+    """The message as a model_configs.json entry (every field given; empty source fields, and an embedding
+    model's generation settings, left out)."""
     s, r = msg.sampling, msg.resources
-    return {
+    d = {
         "source": {k: getattr(msg.source, k) for k in SOURCE_FIELDS if getattr(msg.source, k)},
         "context_length": msg.context_length, "max_tokens_limit": msg.max_tokens_limit,
         "sampling": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
@@ -41,7 +42,12 @@ def config_to_dict(msg: model_config_pb2.ModelConfig) -> dict:
         "dtype": msg.dtype, "max_batch_size": msg.max_batch_size, "max_waiting": msg.max_waiting,
         "description": msg.description, "stall_timeout_s": msg.stall_timeout_s,
         "quantization": msg.quantization or "none",
+        "task": msg.task or "generate",
     }
+    if d["task"] == "embedding":
+        for key in NO_EMBEDDING_FIELDS:
+            d.pop(key)
+    return d
 
 
 def config_from_proto(msg: model_config_pb2.ModelConfig) -> ModelConfig:

@@ -11,7 +11,7 @@ from gridserve.proxy.relay import Job, Result, Wire
 from gridserve.proxy.route_cache import ModelRoute
 
 DONE = b"data: [DONE]\n\n"
-PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings")
 
 
 def is_openai_path(path: str) -> bool:
@@ -114,4 +114,5 @@ def model_object(name: str, route: ModelRoute) -> dict:
     """One deployed model as OpenAI lists it, plus what gridserve knows of it."""
     return {"id": name, "object": "model", "created": 0, "owned_by": "gridserve",
             "ready_replicas": len(route.endpoints), "context_length": route.config.context_length,
-            "max_tokens_limit": route.config.max_tokens_limit, "description": route.config.description}
+            "max_tokens_limit": route.config.max_tokens_limit, "description": route.config.description,
+            "task": route.config.task}

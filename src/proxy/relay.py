@@ -19,6 +19,7 @@ from gridserve.proxy.stream_resume import Upstreams
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_response
 from gridserve.proxy.request_metrics import UNKNOWN_MODEL, ProxyMetrics
 from gridserve.proxy.request_body import read_body, request_id_from, safe_json_loads
+from gridserve.proxy.model_tasks import check_task
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy, UpstreamStream
 from gridserve.v1 import replica_pb2
@@ -77,6 +78,7 @@ class Wire:
     parse: Parse
     answer: Callable[[Job, str], Answer]
     error_body: ErrorBody
+    task: str = "generate"  # the model task it serves; a model of another task is a 400
 
 
 @dataclass
@@ -188,8 +190,11 @@ async def _parse(request: web.Request, wire: Wire, state: ProxyState, rec: Reque
     except GridserveError as e:
         rec.model = rec.model or _model_hint(body)
         rec.known = rec.model in state.table.routes
+        if rec.known:  # a model of the other task explains a bad body better (max_tokens for minilm ...)
+            check_task(state.table.models[rec.model], wire.task)
         raise HttpError.from_gridserve(e) from None
     rec.model, rec.known = job.model, True
+    check_task(state.table.models[job.model], wire.task)
     return job
 
 

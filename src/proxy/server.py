@@ -1,5 +1,5 @@
-"""The proxy's aiohttp app: the generation endpoints of both wire formats, models, health, readiness,
-metrics, and the process lifecycle."""
+"""The proxy's aiohttp app: the generation endpoints of both wire formats, embeddings, models, health,
+readiness, metrics, and the process lifecycle."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +17,7 @@ from gridserve.proxy import native_wire as native, openai_wire as openai_api
 from gridserve.proxy.auth import ApiKeys, auth_middleware
 from gridserve.proxy.cluster_metrics import ClusterCollector, ClusterPoller
 from gridserve.proxy.dashboard import add_dashboard_routes
+from gridserve.proxy.embeddings import embeddings
 from gridserve.proxy.settings import ProxyConfig
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_body, error_middleware, escaped_errors_in_json
 from gridserve.proxy.http_rejections import JsonErrorsRunner
@@ -55,6 +56,7 @@ def make_app(state: ProxyState, keys: ApiKeys = ApiKeys()) -> web.Application:
     app.router.add_post("/v1/chat/completions", _generate(openai_api.CHAT))
     app.router.add_post("/v1/completions", _generate(openai_api.COMPLETIONS))
     app.router.add_post("/v1/chat/{model}", _generate(native.WIRE))  # after /v1/chat/completions
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/health", health)

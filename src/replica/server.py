@@ -18,6 +18,7 @@ from gridserve.common.service import Stop, run_service
 from gridserve.replica.settings import ReplicaConfig, parse_config
 from gridserve.common.request_contract import FinishReason
 from gridserve.replica.request_params import resolve_request
+from gridserve.replica.embed_service import embed, generate_refused
 from gridserve.replica.stall_watchdog import StallWatch
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
@@ -72,6 +73,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
     async def _admit(self, request, request_id: str):
         """Validate, tokenize (off the loop) and queue a request: (prompt ids, options, engine handle)."""
         engine = self.engine
+        if self.cfg.model.task != "generate":
+            raise generate_refused(self.cfg.model)
         if engine is None:
             raise Unavailable(f"replica {self.cfg.replica_id} is still loading model '{self.cfg.model.name}'")
         kind, value, opts = resolve_request(request, self.cfg.model)
@@ -82,6 +85,10 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
             raise InvalidRequest(f"the prompt is {len(prompt_ids)} tokens; model '{self.cfg.model.name}' has a "
                                  f"context length of {ctx} tokens, so the prompt must be shorter than that")
         return prompt_ids, opts, engine.submit(request_id, prompt_ids, opts, list(request.resume_token_ids))
+
+    async def Embed(self, request, context):
+        async for reply in embed(self.cfg, self.engine, request, context):
+            yield reply
 
     async def Info(self, request, context):
         cfg, engine = self.cfg, self.engine
@@ -112,6 +119,9 @@ def _build_engine(cfg: ReplicaConfig):
         return Engine(load_fake(cfg.model), cfg.num_threads)
     import torch
     torch.set_num_threads(cfg.num_threads)
+    if cfg.model.task == "embedding":
+        from gridserve.replica.embedding_engine import build_embedding_engine
+        return build_embedding_engine(cfg)
     from gridserve.replica.engine import Engine
     from gridserve.replica.model_loader import load_model
     loaded = load_model(cfg.model, cfg.cache_dir)
