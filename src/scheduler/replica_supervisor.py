@@ -20,6 +20,8 @@ from gridserve.common.errors import GridserveError, Unavailable
 from gridserve.common.grpcutil import SERVING, channel, check_health
 from gridserve.common.eventlog import event
 from gridserve.common.procs import stop_async, tied_child_env
+from gridserve.scheduler.download_watch import DownloadWatch
+from gridserve.scheduler.replica_memory import GpuMemory, over_limit, process_rss
 from gridserve.scheduler.settings import SchedulerConfig
 from gridserve.v1 import head_pb2, replica_pb2, replica_pb2_grpc
 
@@ -101,6 +103,10 @@ class ReplicaRunner:
         self.task: asyncio.Task | None = None
         self.stopping = False
         self.kill_reason = ""  # why the scheduler killed the current process (a hung replica)
+        self.rss_bytes = self.gpu_bytes = self.memory_limit = 0  # memory_limit: resources.memory_mb in bytes
+        self.download: head_pb2.ModelDownload | None = None  # HF cache progress while STARTING
+        self.gpu = GpuMemory(cfg.num_gpus)
+        self.hub_source: tuple[str, str] | None = None  # (repo, revision) of a hub model, for the download watch
         self.log_path = cfg.work_dir / "logs" / f"{self.replica_id}.log"
         self.port_file = cfg.work_dir / "run" / f"{self.replica_id}.port"
 
@@ -123,7 +129,8 @@ class ReplicaRunner:
         return head_pb2.ReplicaStatus(
             replica_id=self.replica_id, model=self.spec.model, node_id=node_id, address=self.address,
             state=self.state, pid=self.pid, restarts=self.restarts, message=self.message,
-            state_since=self.state_since)
+            state_since=self.state_since, rss_bytes=self.rss_bytes, gpu_bytes=self.gpu_bytes,
+            memory_limit_bytes=self.memory_limit, download=self.download)
 
     # lifecycle
 
@@ -168,10 +175,13 @@ class ReplicaRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await after
         try:
-            num_threads = max(1, math.ceil(ModelConfig.from_json(self.spec.model_config_json).resources.num_cpus))
+            config = ModelConfig.from_json(self.spec.model_config_json)
         except GridserveError as e:
             self._set(S.REPLICA_STATE_FAILED, f"bad model config from the head: {e.message}")
             return
+        num_threads = max(1, math.ceil(config.resources.num_cpus))
+        self.memory_limit = config.resources.memory_mb * 2**20
+        self.hub_source = (config.source.repo, config.source.revision) if config.source.type == "hub" else None
         crashes, attempt = CrashWindow(), 0
         while not self.stopping:
             started = time.monotonic()
@@ -224,13 +234,17 @@ class ReplicaRunner:
         self._set(S.REPLICA_STATE_STARTING, "")
         event(log, "replica_spawned", replica=self.replica_id, pid=self.pid, log=self.log_path)
         prober = asyncio.create_task(self._probe())
+        watcher = asyncio.create_task(self._watch())
         try:
             code = await self.proc.wait()
         finally:
-            prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await prober
+            for task in (prober, watcher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         self.address, self.pid, self.port = "", 0, 0
+        self.rss_bytes = self.gpu_bytes = 0
+        self.download = None
         return code, offset
 
     async def _probe(self) -> None:
@@ -257,6 +271,36 @@ class ReplicaRunner:
                     return
                 ready = self.state == S.REPLICA_STATE_READY
                 await asyncio.sleep(self.cfg.probe_interval if ready else min(STARTING_PROBE, self.cfg.probe_interval))
+
+    async def _watch(self) -> None:
+        """Every probe interval while the process runs: its RSS and GPU memory; SIGKILL past resources.memory_mb
+        (restarted through the same backoff); while STARTING, how far a hub model's download has come."""
+        downloads = DownloadWatch(*self.hub_source) if self.hub_source else None
+        if downloads is not None:
+            downloads.start()
+        try:
+            while True:
+                self.rss_bytes, self.gpu_bytes = process_rss(self.pid), self.gpu.get(self.pid)
+                if reason := over_limit(self.rss_bytes, self.memory_limit):
+                    self._kill_over_memory(reason)
+                    return
+                if downloads is not None:
+                    progress = downloads.sample() if self.state == S.REPLICA_STATE_STARTING else None
+                    if progress != self.download:
+                        self.download = progress
+                        self.on_change()
+                await asyncio.sleep(self.cfg.probe_interval)
+        finally:
+            if downloads is not None:
+                downloads.stop()
+
+    def _kill_over_memory(self, reason: str) -> None:
+        """SIGKILL a replica past its memory limit before the machine runs out; _supervise restarts it."""
+        self.kill_reason = reason
+        event(log, "replica_over_memory", logging.WARNING, replica=self.replica_id, pid=self.pid, reason=reason)
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
 
     def _kill_hung(self, reason: str) -> None:
         """SIGKILL (a stopped or wedged process ignores SIGTERM); _supervise restarts it with backoff."""
