@@ -32,6 +32,13 @@ def stream_pull(head: Head, request: head_pb2.PullRequest) -> Iterator[head_pb2.
         ch.close()
 
 
+def progress_dict(p: head_pb2.PullProgress) -> dict:
+    """One progress message for --output json, with numbers as numbers (proto JSON writes uint64 as strings)."""
+    return {"node_id": p.node_id, "repo": p.repo, "revision": p.revision, "done_bytes": p.done_bytes,
+            "total_bytes": p.total_bytes, "bytes_per_second": round(p.bytes_per_second, 1),
+            "files_done": p.files_done, "files_total": p.files_total, "done": p.done, "error": p.error}
+
+
 def rate(bps: float) -> str:
     return f"{render.mem(bps)}/s" if bps >= 1 else "-"
 
@@ -93,7 +100,7 @@ def cmd_pull(args) -> int:
     ended: dict[str, head_pb2.PullProgress] = {}
     for p in stream_pull(args.head, request):
         if args.output == "json":
-            print(json.dumps(render.to_dict(p)), flush=True)
+            print(json.dumps(progress_dict(p)), flush=True)
         else:
             board.update(p)
         if p.done or p.error:

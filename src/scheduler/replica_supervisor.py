@@ -130,7 +130,8 @@ class ReplicaRunner:
             replica_id=self.replica_id, model=self.spec.model, node_id=node_id, address=self.address,
             state=self.state, pid=self.pid, restarts=self.restarts, message=self.message,
             state_since=self.state_since, rss_bytes=self.rss_bytes, gpu_bytes=self.gpu_bytes,
-            memory_limit_bytes=self.memory_limit, download=self.download)
+            memory_limit_bytes=self.memory_limit,
+            download=self.download if self.state == S.REPLICA_STATE_STARTING else None)
 
     # lifecycle
 
