@@ -85,9 +85,14 @@ def memory_text(r: head_pb2.ReplicaStatus) -> str:
     return mem(r.rss_bytes) + (f"/{mem(r.memory_limit_bytes)}" if r.memory_limit_bytes else "")
 
 
+def message_text(r: head_pb2.ReplicaStatus) -> str:
+    """Its message; when it has none, why it was last restarted ('last restart: killed by SIGKILL: over ...')."""
+    return r.message or (f"last restart: {r.last_restart}" if r.last_restart else "-")
+
+
 def replicas_table(st: head_pb2.ClusterStatus) -> str:
     rows = [[r.replica_id, r.model, r.node_id or "-", r.address or "-", state_text(r), memory_text(r),
-             mem(r.gpu_bytes), str(r.restarts), ago(r.state_since), r.message or "-"] for r in st.replicas]
+             mem(r.gpu_bytes), str(r.restarts), ago(r.state_since), message_text(r)] for r in st.replicas]
     return table_or_none(["REPLICA", "MODEL", "NODE", "ADDRESS", "STATE", "MEM", "GPU MEM", "RESTARTS", "SINCE",
                           "MESSAGE"], rows)
 

@@ -106,6 +106,7 @@ class ReplicaRunner:
         self.rss_bytes = self.gpu_bytes = self.memory_limit = 0  # memory_limit: resources.memory_mb in bytes
         self.download: head_pb2.ModelDownload | None = None  # HF cache progress while STARTING
         self.gpu = GpuMemory(cfg.num_gpus)
+        self.last_restart = ""  # why the process was last restarted, kept in status after the restart
         self.hub_source: tuple[str, str] | None = None  # (repo, revision) of a hub model, for the download watch
         self.log_path = cfg.work_dir / "logs" / f"{self.replica_id}.log"
         self.port_file = cfg.work_dir / "run" / f"{self.replica_id}.port"
@@ -130,7 +131,7 @@ class ReplicaRunner:
             replica_id=self.replica_id, model=self.spec.model, node_id=node_id, address=self.address,
             state=self.state, pid=self.pid, restarts=self.restarts, message=self.message,
             state_since=self.state_since, rss_bytes=self.rss_bytes, gpu_bytes=self.gpu_bytes,
-            memory_limit_bytes=self.memory_limit,
+            memory_limit_bytes=self.memory_limit, last_restart=self.last_restart,
             download=self.download if self.state == S.REPLICA_STATE_STARTING else None)
 
     # lifecycle
@@ -204,6 +205,7 @@ class ReplicaRunner:
             attempt += 1
             self.restarts += 1
             why = f"{describe_exit(code)}; restart in {delay:g}s: {tail}"
+            self.last_restart = f"{describe_exit(code)}: {tail}"[:MESSAGE_LIMIT]
             self._set(S.REPLICA_STATE_RESTARTING, why[:MESSAGE_LIMIT])
             await asyncio.sleep(delay)
 
