@@ -79,7 +79,7 @@ def closed_port() -> int:
 
 HEAD_COMMANDS = (["status"], ["nodes"], ["deployments"], ["replicas"], ["deploy", "smollm2"],
                  ["deploy", "smollm2", "--node", "n1"], ["scale", "smollm2", "2"], ["undeploy", "smollm2"],
-                 ["models"], ["logs", "smollm2-abcdef"], ["logs", "smollm2-abcdef", "--follow"])
+                 ["models"], ["logs", "smollm2-abcdef"], ["logs", "smollm2-abcdef", "--follow"], ["pull", "gpt2"])
 
 
 def test_commands_against_a_head_that_is_down_print_one_line_and_exit_1():
@@ -106,7 +106,7 @@ def test_help_lists_every_command():
     res = subprocess.run([GRIDSERVE, "--help"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0
     for command in ("head", "scheduler", "replica", "proxy", "status", "nodes", "deployments", "replicas", "deploy",
-                    "scale", "undeploy", "models", "logs", "hardware", "recommend", "up"):
+                    "scale", "undeploy", "models", "logs", "pull", "hardware", "recommend", "up"):
         assert f"    {command}" in res.stdout, command
 
 
