@@ -44,7 +44,8 @@ class GpuMemory:
 
     def get(self, pid: int) -> int:
         """The last sample for `pid`; starts a new sample when the last one is old."""
-        if self.smi and time.monotonic() - self.sampled > GPU_SAMPLE_EVERY_S and (self._task is None or self._task.done()):
+        idle = self._task is None or self._task.done()
+        if self.smi and idle and time.monotonic() - self.sampled > GPU_SAMPLE_EVERY_S:
             self.sampled = time.monotonic()
             self._task = asyncio.get_running_loop().create_task(self._sample())
         return self.by_pid.get(pid, 0)
