@@ -58,3 +58,18 @@ def test_rss_of_this_process_is_measured_and_a_gone_process_has_none():
     import os
     assert process_rss(os.getpid()) > 10 << 20
     assert process_rss(2 ** 22 + 12345) == 0
+
+
+async def test_gpu_memory_is_sampled_from_nvidia_smi_only_on_a_node_with_gpus(tmp_path, monkeypatch):
+    import asyncio
+    import os
+    from gridserve.scheduler.replica_memory import GpuMemory
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '4242, 2048'\necho '7, 10'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert GpuMemory(0).get(4242) == 0 and GpuMemory(0).smi is None
+    gpu = GpuMemory(1)
+    assert gpu.get(4242) == 0  # the first call starts a sample
+    await asyncio.wait_for(gpu._task, 5)
+    assert gpu.get(4242) == 2048 << 20 and gpu.get(7) == 10 << 20 and gpu.get(1) == 0
