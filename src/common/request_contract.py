@@ -185,6 +185,25 @@ def _given_or(given, default):
     return default if given is None else given
 
 
+def message_objects(value: Any, fields: tuple[str, ...], ignore_null: bool = False) -> list[tuple[str, dict]]:
+    """(where, message) for each object of a non-empty `messages` list, each holding only `fields` (with
+    `ignore_null`, an unknown field set to null is let through); else FieldError naming the message."""
+    if not isinstance(value, list) or not value:
+        raise FieldError(f"'messages' must be a non-empty list of {{role, content}} objects, got {kind(value)}",
+                         "messages")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise FieldError(f"{where} must be an object with 'role' and 'content', got {kind(m)}", where)
+        extra = sorted(k for k in set(m) - set(fields) if not (ignore_null and m[k] is None))
+        if extra:
+            raise FieldError(f"{where}: unknown field {clip(extra[0])!r} (known: {', '.join(fields)})",
+                             f"{where}.{extra[0]}")
+        out.append((where, m))
+    return out
+
+
 def check_messages(messages: list[tuple[Any, Any]]) -> tuple[tuple[str, str], ...]:
     """A non-empty list of (role, content) with a known role and text content, or FieldError."""
     if not messages:

@@ -3,6 +3,7 @@ SIGTERM/SIGINT as a graceful stop, a watched event loop, and the exit codes, def
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import faulthandler
 import logging
@@ -90,6 +91,17 @@ async def stop_or_task_exit(stop: Stop, tasks: list[asyncio.Task]) -> ExitCode:
             stop.request(f"task {t.get_name()} ended")
             code = ExitCode.ERROR
     return code
+
+
+async def cancel_and_wait(*tasks: asyncio.Task | None) -> None:
+    """Cancels the tasks, then waits for each to end, swallowing what they raise: the cleanup half of a
+    task's life, which must not fail the caller's own cleanup."""
+    live = [t for t in tasks if t is not None]
+    for t in live:
+        t.cancel()
+    for t in live:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t
 
 
 def one_line(message: str) -> str:

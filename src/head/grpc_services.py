@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import grpc
 
 from gridserve.common.errors import InvalidRequest
 from gridserve.common.eventlog import event
+from gridserve.common.service import cancel_and_wait
 from gridserve.head.controller import Controller
 from gridserve.head.node_registry import Session
 from gridserve.head.pull_relay import pull_sessions, pull_source
@@ -47,9 +47,7 @@ class NodeServicer(head_pb2_grpc.NodeServiceServicer):
             reason = "session closed by the node"
             raise
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            await cancel_and_wait(reader)
             self.ctl.close_session(session, reason)
 
     async def _read(self, request_iterator, session: Session) -> None:

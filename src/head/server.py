@@ -15,7 +15,7 @@ from gridserve.common.model_config import load_model_catalog
 from gridserve.common.grpcutil import SERVING, add_health, add_reflection, bind, make_server
 from gridserve.common.eventlog import event
 from gridserve.common.paths import StateDir
-from gridserve.common.service import Stop, run_service, stop_or_task_exit
+from gridserve.common.service import cancel_and_wait, Stop, run_service, stop_or_task_exit
 from gridserve.common.api_key_files import admin_key_args, write_key_file
 from gridserve.head.settings import HeadConfig, parse_config
 from gridserve.head.controller import Controller
@@ -101,9 +101,7 @@ async def serve(cfg: HeadConfig, stop: Stop) -> int:
     finally:
         ctl.stopping = True
         for t in reversed(tasks):  # the proxy first: its supervisor stops it in its finally
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+            await cancel_and_wait(t)
         await server.stop(grace=1.0)
         store.close()
         if info is not None:

@@ -10,8 +10,6 @@ import sys
 
 import grpc
 from aiohttp import web
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential, \
-    wait_random
 
 from gridserve.common.eventlog import event
 from gridserve.proxy.embedding_requests import EmbeddingsJob, parse_embeddings
@@ -19,7 +17,7 @@ from gridserve.proxy.http_errors import HttpError, error_response
 from gridserve.proxy.request_body import request_id_from
 from gridserve.proxy.openai_wire import error_body
 from gridserve.proxy.relay import STATE, RequestRecord, Wire, _parse
-from gridserve.proxy.retry import RetryPolicy, _accepted, _no_endpoint
+from gridserve.proxy.retry import RetryPolicy, accepted, on_some_replica
 from gridserve.proxy.route_cache import Endpoint, RouteCache
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
@@ -71,39 +69,14 @@ def base64_floats(values) -> str:
     return base64.b64encode(packed.tobytes()).decode("ascii")
 
 
-def _retryable(e: BaseException) -> bool:
-    return isinstance(e, HttpError) and e.retryable
-
-
 async def call_embed(table: RouteCache, model: str, request: replica_pb2.EmbedRequest, policy: RetryPolicy,
                      on_retry=lambda: None) -> tuple[replica_pb2.EmbedResponse, Endpoint]:
     """Embed on a replica picked by power of two choices; on UNAVAILABLE, RESOURCE_EXHAUSTED or no admission
     within policy.accept_timeout_s, backs off and tries another (embedding is idempotent, so a replica that
     goes away mid-call is retried too). Raises HttpError: no replica, all failed, or a bad request."""
-    tried: set[str] = set()
-    last: list[HttpError] = []
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline_s),
-        wait=wait_exponential(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s)
-        + wait_random(0, policy.backoff_initial_s),
-        retry=retry_if_exception(_retryable), reraise=True)
-    async for attempt in retrying:
-        with attempt:
-            endpoint = table.pick(model, exclude=tried)
-            if endpoint is None:
-                raise _no_endpoint(model, last, others=bool(tried))
-            if attempt.retry_state.attempt_number > 1:
-                on_retry()
-            tried.add(endpoint.address)
-            try:
-                return await _embed_on(table, endpoint, request, policy.accept_timeout_s), endpoint
-            except HttpError as e:
-                last.append(e)
-                event(log, "upstream_attempt_failed", request_id=request.request_id, model=model,
-                      replica=endpoint.replica_id, attempt=attempt.retry_state.attempt_number,
-                      status=e.status, retry=e.retryable, error=e.message)
-                raise
-    raise AssertionError("unreachable: tenacity reraises the last error")
+    async def attempt(endpoint: Endpoint):
+        return await _embed_on(table, endpoint, request, policy.accept_timeout_s), endpoint
+    return await on_some_replica(table, model, request.request_id, policy, attempt, on_retry)
 
 
 async def _embed_on(table: RouteCache, endpoint: Endpoint, request: replica_pb2.EmbedRequest,
@@ -111,7 +84,7 @@ async def _embed_on(table: RouteCache, endpoint: Endpoint, request: replica_pb2.
     lease = table.acquire(endpoint)
     call = replica_pb2_grpc.ReplicaStub(lease.channel).Embed(request)
     try:
-        await _accepted(call, endpoint, accept_timeout_s)
+        await accepted(call, endpoint, accept_timeout_s)
         reply = await call.read()  # no time limit once admitted: the inputs may wait in the replica's queue
         if reply is not grpc.aio.EOF:
             await call.read()  # the end of the stream (and its status) follows at once

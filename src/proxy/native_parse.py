@@ -7,7 +7,7 @@ from typing import Any, Mapping
 from gridserve.common.errors import InvalidRequest
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.request_contract import (SAMPLING_FIELDS, FieldError, GenerationRequest, Sampling,
-                                               check_messages, check_prompt, clip, kind, lookup_model, quote)
+                                               check_messages, check_prompt, clip, lookup_model, message_objects, quote)
 from gridserve.proxy.relay import Job
 from gridserve.proxy.request_body import body_text, is_json, safe_json_loads
 from gridserve.v1 import replica_pb2
@@ -57,17 +57,5 @@ def _check_fields(data: dict, config: ModelConfig) -> None:
 
 def _messages(value: Any) -> tuple[tuple[str, str], ...]:
     """A non-empty list of {role, content} objects, nothing else in them."""
-    if not isinstance(value, list) or not value:
-        raise FieldError(f"'messages' must be a non-empty list of {{role, content}} objects, got {kind(value)}",
-                         "messages")
-    pairs = []
-    for i, m in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise FieldError(f"{where} must be an object with 'role' and 'content', got {kind(m)}", where)
-        extra = sorted(set(m) - set(MESSAGE_FIELDS))
-        if extra:
-            raise FieldError(f"{where}: unknown field {clip(extra[0])!r} (known: {', '.join(MESSAGE_FIELDS)})",
-                             f"{where}.{extra[0]}")
-        pairs.append((m.get("role"), m.get("content")))
-    return check_messages(pairs)
+    objects = message_objects(value, MESSAGE_FIELDS)
+    return check_messages([(m.get("role"), m.get("content")) for _, m in objects])

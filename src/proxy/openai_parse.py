@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from gridserve.common.errors import NotFound
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.request_contract import (FieldError, GenerationRequest, Sampling, check_messages,
-                                               check_prompt, clip, kind, lookup_model, quote)
+                                               check_prompt, clip, kind, lookup_model, message_objects, quote)
 from gridserve.proxy.relay import Job
 from gridserve.proxy.request_body import json_object
 
@@ -90,18 +90,8 @@ def _model(data: dict, models: Mapping[str, ModelConfig]) -> ModelConfig:
 def _messages(value: Any) -> tuple[tuple[str, str], ...]:
     """What OpenAI clients send, as (role, content) pairs: the developer role is system, content may be a
     list of text parts, `name` (and any null field) is ignored."""
-    if not isinstance(value, list) or not value:
-        raise FieldError(f"'messages' must be a non-empty list of {{role, content}} objects, got {kind(value)}",
-                         "messages")
     pairs = []
-    for i, m in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise FieldError(f"{where} must be an object with 'role' and 'content', got {kind(m)}", where)
-        extra = sorted(k for k in set(m) - set(MESSAGE_FIELDS) if m[k] is not None)
-        if extra:
-            raise FieldError(f"{where}: unknown field {clip(extra[0])!r} (known: {', '.join(MESSAGE_FIELDS)})",
-                             f"{where}.{extra[0]}")
+    for where, m in message_objects(value, MESSAGE_FIELDS, ignore_null=True):
         role = "system" if m.get("role") == "developer" else m.get("role")
         pairs.append((role, _text_parts(m.get("content"), where)))
     return check_messages(pairs)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 from tenacity import (AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay,
@@ -18,6 +18,7 @@ from gridserve.proxy.route_cache import Endpoint, Lease, RouteCache
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
 log = logging.getLogger("gridserve.proxy.retry")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,17 @@ async def open_stream(table: RouteCache, model: str, request: replica_pb2.Genera
     first chunk; on UNAVAILABLE/RESOURCE_EXHAUSTED or no admission before it, backs off and tries another
     replica (calling `on_retry` for each such try). `tried` (addresses) are skipped, and every address
     tried here is added to it. Raises HttpError (no replica, all failed, bad request)."""
+    async def attempt(endpoint: Endpoint) -> UpstreamStream:
+        return await _open_on(table, endpoint, request, policy.accept_timeout_s)
+    return await on_some_replica(table, model, request.request_id, policy, attempt, on_retry, tried)
+
+
+async def on_some_replica(table: RouteCache, model: str, request_id: str, policy: RetryPolicy,
+                          attempt_on: Callable[[Endpoint], Awaitable[T]], on_retry: Callable[[], None] = lambda: None,
+                          tried: set[str] | None = None) -> T:
+    """Runs `attempt_on(endpoint)` on a replica picked by power of two choices; when it raises a retryable
+    HttpError, backs off (exponential with jitter, tenacity) and tries a replica not tried yet, until
+    policy's attempts or deadline run out. Raises the last HttpError, or 503 when no replica is left."""
     tried = set() if tried is None else tried
     last: list[HttpError] = []
     retrying = AsyncRetrying(
@@ -107,22 +119,22 @@ async def open_stream(table: RouteCache, model: str, request: replica_pb2.Genera
         with attempt:
             endpoint = table.pick(model, exclude=tried)
             if endpoint is None:
-                raise _no_endpoint(model, last, others=bool(tried))
+                raise no_endpoint(model, last, others=bool(tried))
             if attempt.retry_state.attempt_number > 1:
                 on_retry()
             tried.add(endpoint.address)
             try:
-                return await _open_on(table, endpoint, request, policy.accept_timeout_s)
+                return await attempt_on(endpoint)
             except HttpError as e:
                 last.append(e)
-                event(log, "upstream_attempt_failed", request_id=request.request_id, model=model,
+                event(log, "upstream_attempt_failed", request_id=request_id, model=model,
                       replica=endpoint.replica_id, attempt=attempt.retry_state.attempt_number,
                       status=e.status, retry=e.retryable, error=e.message)
                 raise
     raise AssertionError("unreachable: tenacity reraises the last error")
 
 
-def _no_endpoint(model: str, last: list[HttpError], others: bool) -> HttpError:
+def no_endpoint(model: str, last: list[HttpError], others: bool) -> HttpError:
     if last:  # every endpoint was tried: the client sees what the last one said, not retried further
         e = last[-1]
         return HttpError(e.status, e.error_type, e.message, retryable=False)
@@ -135,7 +147,7 @@ async def _open_on(table: RouteCache, endpoint: Endpoint, request: replica_pb2.G
     lease = table.acquire(endpoint)
     call = replica_pb2_grpc.ReplicaStub(lease.channel).Generate(request)
     try:
-        await _accepted(call, endpoint, accept_timeout_s)
+        await accepted(call, endpoint, accept_timeout_s)
         first = await call.read()  # no time limit: an admitted request may wait in the replica's queue
     except grpc.aio.AioRpcError as e:
         call.cancel()
@@ -148,7 +160,7 @@ async def _open_on(table: RouteCache, endpoint: Endpoint, request: replica_pb2.G
     return UpstreamStream(lease, call, None if first is grpc.aio.EOF else first)
 
 
-async def _accepted(call, endpoint: Endpoint, timeout_s: float) -> None:
+async def accepted(call, endpoint: Endpoint, timeout_s: float) -> None:
     """Waits for the call's initial metadata: a replica sends it when it admits the request (a failure
     brings it too). A hung replica (stopped process, open connection) never does: retryable 503."""
     try:

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 
 from gridserve.common.eventlog import event
 from gridserve.common.paths import WorkDir
-from gridserve.common.service import Stop, run_service, stop_or_task_exit
+from gridserve.common.service import cancel_and_wait, Stop, run_service, stop_or_task_exit
 from gridserve.scheduler.head_link import NodeAgent
 from gridserve.scheduler.settings import SchedulerConfig, parse_config
 
@@ -31,9 +30,7 @@ async def serve(cfg: SchedulerConfig, stop: Stop) -> int:
         try:
             await agent.stop_all()
         finally:
-            session.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await session
+            await cancel_and_wait(session)
             event(log, "scheduler_stopped")
 
 

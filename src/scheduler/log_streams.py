@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Awaitable, Callable
 
 from gridserve.common.eventlog import event
 from gridserve.common.paths import WorkDir
+from gridserve.common.service import cancel_and_wait
 from gridserve.v1 import head_pb2
 
 log = logging.getLogger("gridserve.scheduler.log_streams")
@@ -112,8 +112,4 @@ class LogStreams:
 
     async def close(self) -> None:
         tasks, self.tasks = list(self.tasks.values()), {}
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(*tasks)

@@ -10,7 +10,6 @@ sends a PullProgress every half second.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -19,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from gridserve.common.eventlog import event
+from gridserve.common.service import cancel_and_wait
 from gridserve.scheduler.hf_cache import HubFile, RateMeter, bytes_present, hub_cache_dir, hub_files, repo_dir
 from gridserve.v1 import head_pb2
 
@@ -216,11 +216,7 @@ class ModelPulls:
 
     async def close(self) -> None:
         tasks, self.tasks = list(self.tasks.values()), {}
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(*tasks)
 
     def _progress(self, req, state: PullState, meter: RateMeter, **end) -> head_pb2.PullProgress:
         done = bytes_present(state.repo, state.files) if state.files else 0

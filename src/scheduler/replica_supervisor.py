@@ -23,7 +23,7 @@ from gridserve.common.grpcutil import SERVING, channel, check_health
 from gridserve.common.eventlog import event
 from gridserve.common.paths import WorkDir
 from gridserve.common.procs import stop_async, tied_child_env
-from gridserve.common.service import ExitCode
+from gridserve.common.service import cancel_and_wait, ExitCode
 from gridserve.scheduler.download_watch import DownloadWatch
 from gridserve.scheduler.replica_memory import GpuMemory, over_limit, process_rss
 from gridserve.scheduler.settings import SchedulerConfig
@@ -148,10 +148,7 @@ class ReplicaRunner:
         self.stopping = True
         drain = self.state == S.REPLICA_STATE_READY and self.port
         self._set(S.REPLICA_STATE_STOPPING, "draining in-flight streams" if drain else "")
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
+        await cancel_and_wait(self.task)
         if self.proc is not None and self.proc.returncode is None:
             if drain:
                 await self._drain()

@@ -1,6 +1,6 @@
 // A replica's log, live: /dashboard/api/logs streams it as Server-Sent Events (read with fetch, so that the
 // API key can go in a header); every line is shown as text.
-import { creds, syncOptions } from "./util.js";
+import { creds, readEvents, syncOptions } from "./util.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_LINES = 2000;
@@ -70,28 +70,15 @@ export class LogPanel {
   }
 
   async read(body, replica) {
-    const reader = body.getReader();
-    const decoder = new TextDecoder();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += decoder.decode(value, { stream: true });
-      const blocks = buf.split("\n\n");
-      buf = blocks.pop();
+    await readEvents(body, (events) => {
       const lines = [];
-      for (const block of blocks) {
-        let kind = "message", data = "";
-        for (const l of block.split("\n")) {
-          if (l.startsWith("event:")) kind = l.slice(6).trim();
-          else if (l.startsWith("data:")) data += l.slice(5).trim();
-        }
+      for (const { kind, data } of events) {
         const text = data ? JSON.parse(data) : "";
         if (kind === "line") lines.push(text);
         else if (kind === "error") this.status(`${replica}: the log stream broke: ${text}`);
         else if (kind === "end") this.status(`${replica}: ${text}`);
       }
       if (lines.length) this.append(lines);
-    }
+    });
   }
 }

@@ -1,6 +1,6 @@
 // The chat playground: streams /v1/chat/completions into the conversation as text; Stop aborts the request,
 // which the proxy passes on to the replica as a cancel.
-import { creds, el, syncOptions } from "./util.js";
+import { creds, el, readEvents, syncOptions } from "./util.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -14,25 +14,6 @@ function message(role, text = "") {
 function scrollDown() {
   const c = $("pg-conversation");
   c.scrollTop = c.scrollHeight;
-}
-
-// Server-Sent Events of a fetch body: calls onData with each `data:` payload.
-async function readEvents(body, onData) {
-  const reader = body.getReader();
-  const decoder = new TextDecoder();
-  let buf = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buf += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buf.indexOf("\n\n")) >= 0) {
-      const block = buf.slice(0, cut);
-      buf = buf.slice(cut + 2);
-      const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
-      if (data) onData(data);
-    }
-  }
 }
 
 export class Playground {
@@ -108,8 +89,8 @@ export class Playground {
       const err = await resp.json().catch(() => null);
       throw new Error(`HTTP ${resp.status}: ${(err && err.error && err.error.message) || resp.statusText}`);
     }
-    await readEvents(resp.body, (data) => {
-      if (data === "[DONE]") return;
+    await readEvents(resp.body, (events) => events.forEach(({ data }) => {
+      if (!data || data === "[DONE]") return;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message || "the stream failed");
       if (chunk.usage) stats.usage = chunk.usage;
@@ -124,7 +105,7 @@ export class Playground {
         answer.textContent += piece;
         scrollDown();
       }
-    });
+    }));
   }
 
   showStats(s, outcome) {

@@ -112,3 +112,29 @@ export function syncOptions(select, values, labels = {}) {
   select.replaceChildren(...values.map((v) => el("option", { value: v }, labels[v] || v)));
   if (values.includes(current)) select.value = current;
 }
+
+// Server-Sent Events of a fetch body: after each read, calls onEvents with the whole events it completed,
+// each {kind, data} (kind from `event:`, "message" without one; data lines joined with newlines).
+export async function readEvents(body, onEvents) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    const blocks = buf.split("\n\n");
+    buf = blocks.pop();
+    const events = [];
+    for (const block of blocks) {
+      let kind = "message";
+      const data = [];
+      for (const l of block.split("\n")) {
+        if (l.startsWith("event:")) kind = l.slice(6).trim();
+        else if (l.startsWith("data:")) data.push(l.slice(5).trimStart());
+      }
+      if (data.length || kind !== "message") events.push({ kind, data: data.join("\n") });
+    }
+    if (events.length) onEvents(events);
+  }
+}
