@@ -62,7 +62,8 @@ async def serve(cfg: HeadConfig) -> int:
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     store = StateStore(cfg.state_dir)
     routes = RouteTable()
-    ctl = Controller(catalog, store, routes, cfg.node_timeout, cfg.reconcile_interval)
+    ctl = Controller(catalog, store, routes, cfg.node_timeout, cfg.reconcile_interval,
+                     max_replicas=cfg.max_replicas)
     server = make_server(cfg.security)
     add_services(server, ctl, routes)
     health = add_health(server)

@@ -9,6 +9,7 @@ import time
 from gridserve.common.model_config import ModelCatalog
 from gridserve.common.errors import InvalidRequest, NotFound, Unavailable
 from gridserve.common.eventlog import event
+from gridserve.head.assignment_index import AssignmentIndex
 from gridserve.head.log_relay import LogRelay
 from gridserve.head.node_registry import Node, Session
 from gridserve.head.placement import NodeCapacity, ReplicaView, choose_removals, pending_message, place
@@ -18,7 +19,7 @@ from gridserve.v1 import head_pb2
 
 log = logging.getLogger("gridserve.head")
 
-MAX_REPLICAS = 64
+MAX_REPLICAS = 64  # default of the head's --max-replicas
 TOMBSTONE_SECONDS = 120.0  # a replica the head removed is not adopted back for this long
 S = head_pb2.ReplicaState
 
@@ -35,7 +36,7 @@ class Controller:
     """Owns desired state and the node registry; every mutation wakes the reconcile loop."""
 
     def __init__(self, catalog: ModelCatalog, store: StateStore, routes: RouteTable, node_timeout: float = 10.0,
-                 interval: float = 1.0):
+                 interval: float = 1.0, max_replicas: int = MAX_REPLICAS):
         self.catalog = catalog
         self.store = store
         self.routes = routes
@@ -44,8 +45,9 @@ class Controller:
         # reconnect backoff and this head's own startup both eat into the time.
         self.reconnect_grace = 2 * node_timeout
         self.interval = interval
+        self.max_replicas = max_replicas
         self.deployments: dict[str, Deployment] = {}
-        self.assignments: dict[str, Assignment] = {}
+        self.assignments = AssignmentIndex()
         self.nodes: dict[str, Node] = {}
         self.messages: dict[str, str] = {}
         self.stopping = False  # set on head shutdown: closing sessions then is not losing nodes
@@ -133,10 +135,10 @@ class Controller:
         self.wake()
         return f"{model}: replicas {old} -> {replicas}"
 
-    @staticmethod
-    def _check_replicas(replicas: int) -> None:
-        if not 1 <= replicas <= MAX_REPLICAS:
-            raise InvalidRequest(f"replicas must be between 1 and {MAX_REPLICAS}, got {replicas}")
+    def _check_replicas(self, replicas: int) -> None:
+        if not 1 <= replicas <= self.max_replicas:
+            raise InvalidRequest(f"replicas must be between 1 and {self.max_replicas} (the head's --max-replicas), "
+                                 f"got {replicas}")
 
     def undeploy(self, model: str) -> str:
         if model not in self.deployments:
@@ -144,7 +146,7 @@ class Controller:
             raise NotFound(f"model {model!r} is not deployed (deployed: {known})")
         del self.deployments[model]
         self.messages.pop(model, None)
-        gone = [a.replica_id for a in self.assignments.values() if a.model == model]
+        gone = list(self.assignments.of_model(model))
         self.store.delete_deployment(model)
         self._remove(gone, "undeployed")
         event(log, "undeploy", model=model, replicas=len(gone))
@@ -153,8 +155,8 @@ class Controller:
 
     def _drop_failed(self, model: str) -> list[str]:
         """A repeated deploy retries the model's FAILED replicas: they are replaced by new ones."""
-        failed = [a.replica_id for a in self.assignments.values()
-                  if a.model == model and self.replica_status(a).state == S.REPLICA_STATE_FAILED]
+        failed = [a.replica_id for a in self.assignments.of_model(model).values()
+                  if self._state(a) == S.REPLICA_STATE_FAILED]
         self._remove(failed, "redeployed after failure")
         return failed
 
@@ -210,14 +212,17 @@ class Controller:
         session.reports += 1
         old = node.reports
         node.reports = {r.replica_id: r for r in report.replicas}
+        changed = len(old) != len(node.reports) or not node.synced
         for r in report.replicas:
             prev = old.get(r.replica_id)
-            if prev is None or prev.state != r.state or prev.message != r.message:
+            if prev is None or prev.state != r.state or prev.message != r.message or prev.address != r.address:
+                changed = True
                 event(log, "replica_state", replica=r.replica_id, node=node.node_id, state=state_name(r.state),
                       address=r.address, pid=r.pid, restarts=r.restarts, message=r.message)
         self._adopt(node, report.replicas)
         node.synced = node.alive
-        self.wake()
+        if changed:  # a heartbeat that says nothing new does not need a reconcile pass (1,000 nodes send 1,000/s)
+            self.wake()
 
     def close_session(self, session: Session, reason: str) -> None:
         session.close(reason)
@@ -242,7 +247,7 @@ class Controller:
             dep = self.deployments.get(r.model)
             if dep is None or r.state == S.REPLICA_STATE_STOPPING:
                 continue
-            if sum(1 for a in self.assignments.values() if a.model == r.model) >= dep.replicas:
+            if len(self.assignments.of_model(r.model)) >= dep.replicas:
                 continue
             a = Assignment(r.replica_id, r.model, node.node_id, time.time())
             self.assignments[a.replica_id] = a
@@ -257,7 +262,7 @@ class Controller:
             node.session.close(reason)
             node.session = None
             self.logs.node_gone(node.node_id, reason)
-        gone = [a.replica_id for a in self.assignments.values() if a.node_id == node.node_id]
+        gone = list(self.assignments.of_node(node.node_id))
         for rid in gone:
             self.assignments.pop(rid)
         self.store.delete_assignments(gone)
@@ -288,18 +293,18 @@ class Controller:
         """After a restart the first table waits until every node holding stored placements has reported
         (or is given up): an earlier one would lack their replicas and empty the proxies' routes."""
         if not self._routes_warm:
-            holders = [self.nodes[a.node_id] for a in self.assignments.values() if a.node_id in self.nodes]
+            holders = [self.nodes[n] for n in self.assignments.node_ids() if n in self.nodes]
             self._routes_warm = not any(n.awaiting or (n.alive and not n.synced) for n in holders)
         return not self._routes_warm
 
     def _fit(self, dep: Deployment) -> None:
         """Adds or removes placements of one deployment until they match its replica count."""
-        mine = [a for a in self.assignments.values() if a.model == dep.model]
+        mine = list(self.assignments.of_model(dep.model).values())
         if dep.node:
             self._remove([a.replica_id for a in mine if a.node_id != dep.node], f"pinned to node {dep.node}")
             mine = [a for a in mine if a.node_id == dep.node]
         if len(mine) > dep.replicas:
-            views = [ReplicaView(a.replica_id, self.replica_status(a).state, a.created) for a in mine]
+            views = [ReplicaView(a.replica_id, self._state(a), a.created) for a in mine]
             self._remove(choose_removals(views, len(mine) - dep.replicas), "scaled down")
         pending = 0
         res = dep.config.resources
@@ -307,11 +312,13 @@ class Controller:
             want = dep.replicas - len(mine)
             nodes = [c for c in self._capacities() if not dep.node or c.node_id == dep.node]
             chosen, _ = place(nodes, res.num_cpus, res.num_gpus, want)
+            placed = []
             for node_id in chosen:
                 a = Assignment(new_replica_id(dep.model), dep.model, node_id, time.time())
                 self.assignments[a.replica_id] = a
-                self.store.put_assignment(a)
+                placed.append(a)
                 event(log, "replica_placed", replica=a.replica_id, model=dep.model, node=node_id)
+            self.store.put_assignments(placed)
             pending = want - len(chosen)
         self.messages[dep.model] = self._message(dep, pending)
 
@@ -321,13 +328,12 @@ class Controller:
             res = dep.config.resources
             parts.append(pending_message(pending, res.num_cpus, res.num_gpus, dep.node,
                                          dep.node in self.nodes and self.nodes[dep.node].alive))
-        failed = [s for s in (self.replica_status(a) for a in self.assignments.values() if a.model == dep.model)
-                  if s.state == S.REPLICA_STATE_FAILED]
+        mine = self.assignments.of_model(dep.model).values()
+        failed = [self.replica_status(a) for a in mine if self._state(a) == S.REPLICA_STATE_FAILED]
         if failed:
             parts.append(f"{len(failed)} replica(s) failed: {failed[0].message or 'no message'} "
                          f"(deploy again to retry)")
-        waiting = sorted({a.node_id for a in self.assignments.values()
-                          if a.model == dep.model and self.nodes.get(a.node_id, Node("")).awaiting})
+        waiting = sorted({a.node_id for a in mine if self.nodes.get(a.node_id, Node("")).awaiting})
         if waiting:
             parts.append(f"waiting for node(s) {', '.join(waiting)} to reconnect")
         return "; ".join(parts)
@@ -352,16 +358,16 @@ class Controller:
         self.store.delete_assignments(replica_ids)
 
     def _push_desired(self) -> None:
+        configs = {m: d.config.to_json() for m, d in self.deployments.items()}
         for node in self.nodes.values():
             if not (node.alive and node.synced and node.session):
                 continue
-            specs = [head_pb2.ReplicaSpec(replica_id=a.replica_id, model=a.model,
-                                          model_config_json=self.deployments[a.model].config.to_json())
-                     for a in sorted(self.assignments.values(), key=lambda a: a.replica_id)
-                     if a.node_id == node.node_id]
-            key = tuple((s.replica_id, s.model_config_json) for s in specs)
+            mine = sorted(self.assignments.of_node(node.node_id).values(), key=lambda a: a.replica_id)
+            key = tuple((a.replica_id, configs[a.model]) for a in mine)
             if key == node.sent_key:
                 continue
+            specs = [head_pb2.ReplicaSpec(replica_id=a.replica_id, model=a.model, model_config_json=configs[a.model])
+                     for a in mine]
             self._version += 1
             node.session.push(head_pb2.DesiredState(version=self._version, replicas=specs))
             node.sent_key = key
@@ -371,15 +377,21 @@ class Controller:
         routes = []
         for dep in self.deployments.values():
             endpoints = []
-            for a in self.assignments.values():
+            for a in self.assignments.of_model(dep.model).values():
                 node = self.nodes.get(a.node_id)
-                st = self.replica_status(a)
-                if a.model == dep.model and node and node.alive and st.state == S.REPLICA_STATE_READY and st.address:
+                st = node.reports.get(a.replica_id) if node and node.alive else None
+                if st is not None and st.state == S.REPLICA_STATE_READY and st.address:
                     endpoints.append(EndpointKey(a.replica_id, st.address, a.node_id))
             routes.append(RouteKey(dep.model, dep.config.to_json(), tuple(endpoints)))
         return routes
 
     # status
+
+    def _state(self, a: Assignment) -> int:
+        """The replica's reported state (PENDING when its node has not reported it), without a copy."""
+        node = self.nodes.get(a.node_id)
+        reported = node.reports.get(a.replica_id) if node else None
+        return reported.state if reported is not None else S.REPLICA_STATE_PENDING
 
     def replica_status(self, a: Assignment) -> head_pb2.ReplicaStatus:
         node = self.nodes.get(a.node_id)
@@ -395,9 +407,9 @@ class Controller:
 
     def _allocated(self, node_id: str) -> head_pb2.Resources:
         out = head_pb2.Resources()
-        for a in self.assignments.values():
+        for a in self.assignments.of_node(node_id).values():
             dep = self.deployments.get(a.model)
-            if a.node_id == node_id and dep:
+            if dep:
                 out.num_cpus += dep.config.resources.num_cpus
                 out.num_gpus += dep.config.resources.num_gpus
                 out.memory_bytes += dep.config.resources.memory_mb * 1024 * 1024
@@ -412,8 +424,8 @@ class Controller:
                 allocated=self._allocated(node.node_id), available=node.available,
                 cpu_percent=node.cpu_percent, alive=node.alive, last_seen=node.last_seen_wall))
         for dep in sorted(self.deployments.values(), key=lambda d: d.model):
-            mine = [self.replica_status(a) for a in self.assignments.values() if a.model == dep.model]
-            ready = sum(1 for s in mine if s.state == S.REPLICA_STATE_READY)
+            ready = sum(1 for a in self.assignments.of_model(dep.model).values()
+                        if self._state(a) == S.REPLICA_STATE_READY)
             out.deployments.append(head_pb2.DeploymentStatus(
                 model=dep.model, replicas=dep.replicas, ready=ready, message=self.messages.get(dep.model, ""),
                 node=dep.node))

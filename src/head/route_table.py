@@ -30,6 +30,7 @@ class RouteTable:
         self.version = 0
         self._routes: tuple[RouteKey, ...] = ()
         self._changed = asyncio.Event()
+        self._snapshot: head_pb2.RoutingTable | None = None
 
     def update(self, routes: list[RouteKey]) -> bool:
         """Replaces the routes; returns True (and wakes every watcher) if they differ from the current ones."""
@@ -44,6 +45,12 @@ class RouteTable:
         return True
 
     def snapshot(self) -> head_pb2.RoutingTable:
+        """The current table as a message, built once per version and shared by every watcher (do not change it)."""
+        if self._snapshot is None or self._snapshot.version != self.version:
+            self._snapshot = self._build()
+        return self._snapshot
+
+    def _build(self) -> head_pb2.RoutingTable:
         return head_pb2.RoutingTable(version=self.version, routes=[
             head_pb2.Route(model=r.model, model_config_json=r.model_config_json,
                            endpoints=[head_pb2.Endpoint(replica_id=e.replica_id, address=e.address,
