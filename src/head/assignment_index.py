@@ -16,6 +16,8 @@ class AssignmentIndex(dict):
         super().__init__()
         self._by_node: dict[str, dict[str, Assignment]] = {}
         self._by_model: dict[str, dict[str, Assignment]] = {}
+        self._generations: dict[str, int] = {}  # node -> bumped on every change of its assignments
+        self._clock = 0
         for a in items:
             self[a.replica_id] = a
 
@@ -24,6 +26,7 @@ class AssignmentIndex(dict):
             self._unindex(super().__getitem__(replica_id))
         super().__setitem__(replica_id, a)
         self._by_node.setdefault(a.node_id, {})[replica_id] = a
+        self._bump(a.node_id)
         self._by_model.setdefault(a.model, {})[replica_id] = a
 
     def __delitem__(self, replica_id: str) -> None:
@@ -47,7 +50,20 @@ class AssignmentIndex(dict):
         self._by_node.clear()
         self._by_model.clear()
 
+    def _bump(self, node_id: str) -> None:
+        self._clock += 1
+        self._generations[node_id] = self._clock
+
+    def generation(self, node_id: str) -> int:
+        """Changes whenever the node's set of assignments changes (never repeats a value)."""
+        return self._generations.get(node_id, 0)
+
+    def generation_now(self) -> int:
+        """Changes whenever any assignment changes."""
+        return self._clock
+
     def _unindex(self, a: Assignment) -> None:
+        self._bump(a.node_id)
         for index, key in ((self._by_node, a.node_id), (self._by_model, a.model)):
             group = index.get(key)
             if group is not None:

@@ -22,6 +22,10 @@ log = logging.getLogger("gridserve.head")
 MAX_REPLICAS = 64  # default of the head's --max-replicas
 TOMBSTONE_SECONDS = 120.0  # a replica the head removed is not adopted back for this long
 S = head_pb2.ReplicaState
+# The states as plain ints: head_pb2.ReplicaState.X is a Python-level attribute lookup, 10 µs each,
+# and a pass over 10,000 replicas makes tens of thousands of them.
+READY, FAILED, PENDING, STOPPING = (head_pb2.REPLICA_STATE_READY, head_pb2.REPLICA_STATE_FAILED,
+                                   head_pb2.REPLICA_STATE_PENDING, head_pb2.REPLICA_STATE_STOPPING)
 
 
 def new_replica_id(model: str) -> str:
@@ -59,6 +63,7 @@ class Controller:
         self._version = 0
         self._wake = asyncio.Event()
         self._routes_warm = False  # see _routes_held
+        self._routes_basis: tuple | None = None  # what the routes were last computed from, see _routes_stale
 
     # startup and the loop
 
@@ -78,6 +83,7 @@ class Controller:
               path=self.store.path)
 
     def wake(self) -> None:
+        self._routes_basis = None  # something changed: the next pass recomputes the routes
         self._wake.set()
 
     async def run(self) -> None:
@@ -88,10 +94,14 @@ class Controller:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+            started = time.monotonic()
             try:
                 self.reconcile()
             except Exception:  # a bug in one pass must not stop the controller; the next pass retries
                 log.exception("reconcile_failed")
+            # Wakes that come in a burst (1,000 nodes reconnecting) share passes: the loop spends at most
+            # about a third of its time reconciling and keeps the rest for the sessions themselves.
+            await asyncio.sleep(min(2 * (time.monotonic() - started), self.interval / 2))
 
     # admin
 
@@ -156,7 +166,7 @@ class Controller:
     def _drop_failed(self, model: str) -> list[str]:
         """A repeated deploy retries the model's FAILED replicas: they are replaced by new ones."""
         failed = [a.replica_id for a in self.assignments.of_model(model).values()
-                  if self._state(a) == S.REPLICA_STATE_FAILED]
+                  if self._state(a) == FAILED]
         self._remove(failed, "redeployed after failure")
         return failed
 
@@ -245,7 +255,7 @@ class Controller:
             if r.replica_id in self.assignments or r.replica_id in self._tombstones:
                 continue
             dep = self.deployments.get(r.model)
-            if dep is None or r.state == S.REPLICA_STATE_STOPPING:
+            if dep is None or r.state == STOPPING:
                 continue
             if len(self.assignments.of_model(r.model)) >= dep.replicas:
                 continue
@@ -285,9 +295,16 @@ class Controller:
         for dep in self.deployments.values():
             self._fit(dep)
         self._push_desired()
-        if not self._routes_held() and self.routes.update(self._route_keys()):
+        if not self._routes_held() and self._routes_stale() and self.routes.update(self._route_keys()):
             event(log, "routes_changed", version=self.routes.version,
                   endpoints=sum(len(r.endpoints) for r in self.routes.snapshot().routes))
+
+    def _routes_stale(self) -> bool:
+        """Whether the routes may have changed since they were last computed: a wake (a report that changed
+        something, a session, an admin call) or a change of placements. A quiet periodic pass skips them."""
+        basis = (self.assignments.generation_now(), tuple(sorted(self.deployments)))
+        stale, self._routes_basis = basis != self._routes_basis, basis
+        return stale
 
     def _routes_held(self) -> bool:
         """After a restart the first table waits until every node holding stored placements has reported
@@ -328,12 +345,13 @@ class Controller:
             res = dep.config.resources
             parts.append(pending_message(pending, res.num_cpus, res.num_gpus, dep.node,
                                          dep.node in self.nodes and self.nodes[dep.node].alive))
-        mine = self.assignments.of_model(dep.model).values()
-        failed = [self.replica_status(a) for a in mine if self._state(a) == S.REPLICA_STATE_FAILED]
+        mine = self.assignments.of_model(dep.model)
+        failed = [r for n in self.nodes.values() for r in n.reports.values() if r.state == FAILED and r.replica_id in mine]
         if failed:
             parts.append(f"{len(failed)} replica(s) failed: {failed[0].message or 'no message'} "
                          f"(deploy again to retry)")
-        waiting = sorted({a.node_id for a in mine if self.nodes.get(a.node_id, Node("")).awaiting})
+        waiting = sorted(n.node_id for n in self.nodes.values()
+                         if n.awaiting and any(r in mine for r in self.assignments.of_node(n.node_id)))
         if waiting:
             parts.append(f"waiting for node(s) {', '.join(waiting)} to reconnect")
         return "; ".join(parts)
@@ -359,9 +377,15 @@ class Controller:
 
     def _push_desired(self) -> None:
         configs = {m: d.config.to_json() for m, d in self.deployments.items()}
+        generation = tuple(sorted(configs.items()))
         for node in self.nodes.values():
             if not (node.alive and node.synced and node.session):
                 continue
+            # Unchanged placements on the node and unchanged configs: nothing to compare (the common case).
+            fast = (self.assignments.generation(node.node_id), generation)
+            if node.sent_key is not None and node.sent_fast == fast:
+                continue
+            node.sent_fast = fast
             mine = sorted(self.assignments.of_node(node.node_id).values(), key=lambda a: a.replica_id)
             key = tuple((a.replica_id, configs[a.model]) for a in mine)
             if key == node.sent_key:
@@ -380,7 +404,7 @@ class Controller:
             for a in self.assignments.of_model(dep.model).values():
                 node = self.nodes.get(a.node_id)
                 st = node.reports.get(a.replica_id) if node and node.alive else None
-                if st is not None and st.state == S.REPLICA_STATE_READY and st.address:
+                if st is not None and st.state == READY and st.address:
                     endpoints.append(EndpointKey(a.replica_id, st.address, a.node_id))
             routes.append(RouteKey(dep.model, dep.config.to_json(), tuple(endpoints)))
         return routes
@@ -391,7 +415,7 @@ class Controller:
         """The replica's reported state (PENDING when its node has not reported it), without a copy."""
         node = self.nodes.get(a.node_id)
         reported = node.reports.get(a.replica_id) if node else None
-        return reported.state if reported is not None else S.REPLICA_STATE_PENDING
+        return reported.state if reported is not None else PENDING
 
     def replica_status(self, a: Assignment) -> head_pb2.ReplicaStatus:
         node = self.nodes.get(a.node_id)
@@ -403,7 +427,7 @@ class Controller:
             return out
         message = f"waiting for node {a.node_id} to reconnect" if node and node.awaiting else ""
         return head_pb2.ReplicaStatus(replica_id=a.replica_id, model=a.model, node_id=a.node_id,
-                                      state=S.REPLICA_STATE_PENDING, message=message, state_since=a.created)
+                                      state=PENDING, message=message, state_since=a.created)
 
     def _allocated(self, node_id: str) -> head_pb2.Resources:
         out = head_pb2.Resources()
@@ -425,7 +449,7 @@ class Controller:
                 cpu_percent=node.cpu_percent, alive=node.alive, last_seen=node.last_seen_wall))
         for dep in sorted(self.deployments.values(), key=lambda d: d.model):
             ready = sum(1 for a in self.assignments.of_model(dep.model).values()
-                        if self._state(a) == S.REPLICA_STATE_READY)
+                        if self._state(a) == READY)
             out.deployments.append(head_pb2.DeploymentStatus(
                 model=dep.model, replicas=dep.replicas, ready=ready, message=self.messages.get(dep.model, ""),
                 node=dep.node))

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,19 +18,37 @@ import grpc
 from gridserve.common.errors import ConfigError
 from gridserve.common.eventlog import event
 from gridserve.common.grpcutil import NOT_SERVING, SERVING, add_health, bind, make_server
-from gridserve.common.model_config import parse_hostport
+from gridserve.common.model_config import ModelConfig, parse_hostport
 from gridserve.common.procs import run_service
 from gridserve.common.security import Security, add_security_args, security_from_args
 from gridserve.scheduler.head_link import NodeAgent
 from gridserve.scheduler.settings import LOG_LEVELS, SchedulerConfig
-from gridserve.v1 import head_pb2
+from gridserve.replica.engine import Engine
+from gridserve.replica.fake_model import load_fake
+from gridserve.replica.server import ReplicaService
+from gridserve.replica.settings import ReplicaConfig
+from gridserve.v1 import head_pb2, replica_pb2_grpc
 
 log = logging.getLogger("gridserve.simulate")
 
 S = head_pb2.ReplicaState
-# What a simulated replica serves besides health: given its spec, registers servicers on its gRPC server
-# and returns an async closer (or None). The fake engine plugs in here; without one, health alone.
-ServeHook = Callable[[head_pb2.ReplicaSpec, grpc.aio.Server], object]
+ENGINE_THREAD_STACK = 512 * 1024  # 10,000 engine threads in one process: small stacks
+
+
+def serve_fake(spec: head_pb2.ReplicaSpec, server: grpc.aio.Server, host: str, security: Security):
+    """Adds the real Replica service to `server`, with a started fake engine (the model's source must be
+    fake: a simulated node has no room for weights). Returns the function that stops the engine."""
+    model = ModelConfig.from_json(spec.model_config_json)
+    if model.source.type != "fake":
+        raise ConfigError(f"a simulated node runs only fake-engine models; {spec.model!r} is "
+                          f"{model.source.describe()}")
+    service = ReplicaService(ReplicaConfig(replica_id=spec.replica_id, model=model, host=host, port=0,
+                                           port_file=None, num_threads=1, cache_dir=Path("."), security=security))
+    engine = Engine(load_fake(model), 1)
+    engine.start()
+    service.engine = engine
+    replica_pb2_grpc.add_ReplicaServicer_to_server(service, server)
+    return engine.stop
 
 
 @dataclass(frozen=True)
@@ -46,7 +65,7 @@ class SimulateConfig:
     report_interval: float = 1.0
     start_delay: float = 0.2      # seconds a simulated replica spends STARTING before READY
     connect_rate: float = 500.0   # nodes opening their session per second, so a big simulation ramps up
-    serve: bool = True            # serve each replica on a real port (health, and Generate with the fake engine)
+    serve: bool = True            # serve each replica on a real port: health, Generate and Info (fake engine)
     log_level: str = "WARNING"
     security: Security = field(default=Security(), repr=False)
 
@@ -79,12 +98,11 @@ class SimulateConfig:
 
 class SimReplica:
     """One simulated replica: STARTING, then READY after start_delay; with serving, a gRPC server on a real
-    port (health, plus whatever the serve hook adds)."""
+    port with health and the real Replica service over a fake engine."""
 
-    def __init__(self, spec: head_pb2.ReplicaSpec, host: str, serve: ServeHook | None,
-                 security: Security, changed: Callable[[], None]):
+    def __init__(self, spec: head_pb2.ReplicaSpec, host: str, security: Security, changed: Callable[[], None]):
         self.spec, self.replica_id = spec, spec.replica_id
-        self.host, self.serve_hook, self.security, self.changed = host, serve, security, changed
+        self.host, self.security, self.changed = host, security, changed
         self.state, self.message, self.address = S.REPLICA_STATE_STARTING, "", ""
         self.state_since = time.time()
         self.server: grpc.aio.Server | None = None
@@ -110,8 +128,7 @@ class SimReplica:
                 self.server = make_server(self.security)
                 health = add_health(self.server)
                 await health.set("", NOT_SERVING)
-                if self.serve_hook is not None:
-                    self._closer = self.serve_hook(self.spec, self.server)
+                self._closer = serve_fake(self.spec, self.server, self.host, self.security)
                 port = bind(self.server, self.host, 0, self.security)
                 await self.server.start()
                 host = f"[{self.host}]" if ":" in self.host else self.host
@@ -122,7 +139,7 @@ class SimReplica:
             self._set(S.REPLICA_STATE_READY)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # a port that cannot be bound: FAILED with the reason, like a real replica
+        except Exception as e:  # a model that is not fake, a port that cannot be bound: FAILED, with why
             self._set(S.REPLICA_STATE_FAILED, f"simulated replica could not start: {e}")
 
     async def stop(self) -> None:
@@ -133,8 +150,7 @@ class SimReplica:
                 await self.task
         try:
             if self._closer is not None:
-                with contextlib.suppress(Exception):
-                    await self._closer()
+                await asyncio.to_thread(self._closer)
         finally:
             if self.server is not None:
                 await self.server.stop(0.5)
@@ -144,9 +160,9 @@ class SimNode(NodeAgent):
     """A NodeAgent (the real session, reconnects and report pacing) whose replicas are SimReplicas
     instead of processes, and whose report states the node's configured capacity instead of psutil's."""
 
-    def __init__(self, cfg: SchedulerConfig, sim: SimulateConfig, serve: ServeHook | None = None):
+    def __init__(self, cfg: SchedulerConfig, sim: SimulateConfig):
         super().__init__(cfg)
-        self.sim, self.serve_hook = sim, serve
+        self.sim = sim
         self.replicas: dict[str, SimReplica] = {}
 
     def report(self) -> head_pb2.NodeReport:
@@ -165,7 +181,7 @@ class SimNode(NodeAgent):
                 self._stop(replica)
         for rid, spec in want.items():
             if rid not in self.replicas:
-                replica = SimReplica(spec, self.cfg.host, self.serve_hook, self.cfg.security, self.changed)
+                replica = SimReplica(spec, self.cfg.host, self.cfg.security, self.changed)
                 self.replicas[rid] = replica
                 replica.start(self.sim.start_delay, self.sim.serve)
         self.changed()
@@ -191,21 +207,12 @@ class SimNode(NodeAgent):
             await asyncio.gather(*self._stops.values(), return_exceptions=True)
 
 
-def default_serve_hook() -> ServeHook | None:
-    """The fake engine's servicer when this installation has it; else None (health only)."""
-    try:
-        from gridserve.replica.fake_engine import serve_simulated  # noqa: PLC0415 - optional until merged
-    except ImportError:
-        return None
-    return serve_simulated
-
-
 class Simulation:
     """N SimNodes sharing one event loop; they open their sessions at `connect_rate` per second."""
 
-    def __init__(self, cfg: SimulateConfig, serve: ServeHook | None = None):
+    def __init__(self, cfg: SimulateConfig):
         self.cfg = cfg
-        self.nodes = [SimNode(cfg.node_config(i), cfg, serve) for i in range(cfg.nodes)]
+        self.nodes = [SimNode(cfg.node_config(i), cfg) for i in range(cfg.nodes)]
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -227,7 +234,8 @@ class Simulation:
 
 
 async def serve(cfg: SimulateConfig) -> int:
-    sim = Simulation(cfg, default_serve_hook() if cfg.serve else None)
+    threading.stack_size(ENGINE_THREAD_STACK)
+    sim = Simulation(cfg)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
