@@ -240,20 +240,50 @@ async def serve(cfg: SimulateConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     event(log, "simulate_started", logging.WARNING, head=cfg.head, nodes=cfg.nodes,
           cpus_per_node=f"{cfg.cpus_per_node:g}", serve=cfg.serve)
     starter = asyncio.create_task(sim.start(), name="sim-start")
+    lag = LoopLag()
+    ticker = asyncio.create_task(lag.run(), name="sim-loop-lag")
     try:
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 10.0)
-            event(log, "simulate_progress", logging.WARNING, **sim.counts())
+            event(log, "simulate_progress", logging.WARNING, **sim.counts(), loop_lag_max_ms=lag.take())
         return 0
     finally:
         starter.cancel()
+        ticker.cancel()
         await sim.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+
+
+class LoopLag:
+    """The longest delay of a 0.1 s timer since the last take(): how busy this process's loop is."""
+
+    def __init__(self):
+        self.worst = 0.0
+
+    async def run(self) -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.1)
+            self.worst = max(self.worst, time.monotonic() - t - 0.1)
+
+    def take(self) -> int:
+        worst, self.worst = self.worst, 0.0
+        return round(worst * 1000)
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: where every session task waits, one line each (what a stuck node is doing)."""
+    for task in asyncio.all_tasks():
+        if task.get_name().startswith("sim-session-"):
+            frames = task.get_stack(limit=8)
+            where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
+            event(log, "task_stack", logging.WARNING, task=task.get_name(), where=where)
 
 
 def build_parser() -> argparse.ArgumentParser:
