@@ -64,6 +64,7 @@ class Controller:
         self._wake = asyncio.Event()
         self._routes_warm = False  # see _routes_held
         self._routes_basis: tuple | None = None  # what the routes were last computed from, see _routes_stale
+        self._heard_from = 0.0  # monotonic end of this head's last stall: silence before it is not the nodes'
 
     # startup and the loop
 
@@ -88,6 +89,24 @@ class Controller:
 
     async def run(self) -> None:
         """Reconciles on every change and at least every `interval` seconds, until cancelled."""
+        watch = asyncio.create_task(self._watch_own_stalls(), name="head-stall-watch")
+        try:
+            await self._loop()
+        finally:
+            watch.cancel()
+
+    async def _watch_own_stalls(self, tick: float = 0.25, stall: float = 1.0) -> None:
+        """When this head's own event loop was stalled (starved of CPU, a long pass), reports sat unread in
+        its sockets: nodes are timed from the end of the stall, not lost for the head's silence."""
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(tick)
+            late = time.monotonic() - t - tick
+            if late > stall:
+                self._heard_from = time.monotonic()
+                event(log, "head_stalled", logging.WARNING, seconds=f"{late:.1f}")
+
+    async def _loop(self) -> None:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
@@ -285,7 +304,7 @@ class Controller:
         now = time.monotonic()
         self._tombstones = {r: t for r, t in self._tombstones.items() if now - t < TOMBSTONE_SECONDS}
         for node in list(self.nodes.values()):
-            silent = now - node.last_seen
+            silent = now - max(node.last_seen, self._heard_from)
             if node.alive and silent > self.node_timeout:
                 self._node_lost(node, f"no report for {silent:.1f}s")
             elif node.awaiting and silent > self.reconnect_grace:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -33,12 +34,28 @@ log = logging.getLogger("gridserve.simulate")
 
 S = head_pb2.ReplicaState
 ENGINE_THREAD_STACK = 512 * 1024  # 10,000 engine threads in one process: small stacks
+# Replica starts in progress at once. A start (gRPC server, engine thread) is milliseconds of work on the
+# loop: 5,000 started together would block every node's heartbeat for tens of seconds.
+CONCURRENT_STARTS = 16
+_starts: asyncio.Semaphore | None = None
+
+
+def _start_slots() -> asyncio.Semaphore:
+    global _starts
+    if _starts is None:
+        _starts = asyncio.Semaphore(CONCURRENT_STARTS)
+    return _starts
+
+
+@functools.lru_cache(maxsize=64)
+def _model(config_json: str) -> ModelConfig:
+    return ModelConfig.from_json(config_json)
 
 
 def serve_fake(spec: head_pb2.ReplicaSpec, server: grpc.aio.Server, host: str, security: Security):
     """Adds the real Replica service to `server`, with a started fake engine (the model's source must be
     fake: a simulated node has no room for weights). Returns the function that stops the engine."""
-    model = ModelConfig.from_json(spec.model_config_json)
+    model = _model(spec.model_config_json)
     if model.source.type != "fake":
         raise ConfigError(f"a simulated node runs only fake-engine models; {spec.model!r} is "
                           f"{model.source.describe()}")
@@ -106,6 +123,7 @@ class SimReplica:
         self.state, self.message, self.address = S.REPLICA_STATE_STARTING, "", ""
         self.state_since = time.time()
         self.server: grpc.aio.Server | None = None
+        self.health = None
         self._closer = None
         self.task: asyncio.Task | None = None
 
@@ -125,22 +143,28 @@ class SimReplica:
     async def _start(self, delay: float, serve: bool) -> None:
         try:
             if serve:
-                self.server = make_server(self.security)
-                health = add_health(self.server)
-                await health.set("", NOT_SERVING)
-                self._closer = serve_fake(self.spec, self.server, self.host, self.security)
-                port = bind(self.server, self.host, 0, self.security)
-                await self.server.start()
-                host = f"[{self.host}]" if ":" in self.host else self.host
-                self.address = f"{host}:{port}"
+                async with _start_slots():
+                    await self._serve()
             await asyncio.sleep(delay)
             if serve:
-                await health.set("", SERVING)
+                await self.health.set("", SERVING)
             self._set(S.REPLICA_STATE_READY)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a model that is not fake, a port that cannot be bound: FAILED, with why
             self._set(S.REPLICA_STATE_FAILED, f"simulated replica could not start: {e}")
+
+    async def _serve(self) -> None:
+        """Binds this replica's gRPC server: health, and the Replica service over a started fake engine."""
+        await asyncio.sleep(0)  # let sessions run between starts
+        self.server = make_server(self.security)
+        self.health = add_health(self.server)
+        await self.health.set("", NOT_SERVING)
+        self._closer = serve_fake(self.spec, self.server, self.host, self.security)
+        port = bind(self.server, self.host, 0, self.security)
+        await self.server.start()
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.address = f"{host}:{port}"
 
     async def stop(self) -> None:
         self._set(S.REPLICA_STATE_STOPPING)
