@@ -49,7 +49,7 @@ class Soak:
         self.state = self.root / "state"
         self.procs = Procs(self.root, env={"HF_HUB_OFFLINE": "1"})
         self.http_port = a.http_port
-        self.counts = {"real_ok": 0, "fake_ok": 0, "lost": 0, "proxy_clients_lost": 0}
+        self.counts = {"real_ok": 0, "fake_ok": 0, "lost": 0, "failed_while_proxy_down": 0}
         self.lost: list[dict] = []
         self.faults: list[dict] = []
         self.samples: list[dict] = []  # {t, name, pid, rss, fds}
@@ -134,7 +134,7 @@ class Soak:
         """A request that ends in a proxy-down window (or started before one and failed in it) was the
         killed proxy's own client; any other failure is a lost request."""
         own = any(s - 1.0 <= ended and (e is None or started <= e + 3.0) for s, e in self.proxy_down)
-        self.counts["proxy_clients_lost" if own else "lost"] += 1
+        self.counts["failed_while_proxy_down" if own else "lost"] += 1
         if not own:
             self.lost.append({"t": round(ended - self.t0, 1), "kind": kind, "why": why[:300]})
 

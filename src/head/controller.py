@@ -20,6 +20,7 @@ from gridserve.v1 import head_pb2
 log = logging.getLogger("gridserve.head")
 
 MAX_REPLICAS = 64  # default of the head's --max-replicas
+SLOW_PASS_S = 0.5  # a reconcile pass longer than this is logged (reconcile_slow)
 TOMBSTONE_SECONDS = 120.0  # a replica the head removed is not adopted back for this long
 S = head_pb2.ReplicaState
 # The states as plain ints: head_pb2.ReplicaState.X is a Python-level attribute lookup, 10 µs each,
@@ -95,9 +96,10 @@ class Controller:
         finally:
             watch.cancel()
 
-    async def _watch_own_stalls(self, tick: float = 0.25, stall: float = 1.0) -> None:
-        """When this head's own event loop was stalled (starved of CPU, a long pass), reports sat unread in
-        its sockets: nodes are timed from the end of the stall, not lost for the head's silence."""
+    async def _watch_own_stalls(self, tick: float = 0.25, stall: float = 0.5) -> None:
+        """When this head's own event loop was stalled or saturated (starved of CPU, long passes), reports
+        sat unread in its sockets: nodes are timed from the end of the stall, not lost for the head's
+        silence. (A node whose session breaks is still lost at once; this only delays loss by silence.)"""
         while True:
             t = time.monotonic()
             await asyncio.sleep(tick)
@@ -118,9 +120,13 @@ class Controller:
                 self.reconcile()
             except Exception:  # a bug in one pass must not stop the controller; the next pass retries
                 log.exception("reconcile_failed")
+            took = time.monotonic() - started
+            if took > SLOW_PASS_S:
+                event(log, "reconcile_slow", logging.WARNING, seconds=f"{took:.2f}", nodes=len(self.nodes),
+                      replicas=len(self.assignments))
             # Wakes that come in a burst (1,000 nodes reconnecting) share passes: the loop spends at most
             # about a third of its time reconciling and keeps the rest for the sessions themselves.
-            await asyncio.sleep(min(2 * (time.monotonic() - started), self.interval / 2))
+            await asyncio.sleep(min(2 * took, self.interval))
 
     # admin
 
