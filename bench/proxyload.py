@@ -46,7 +46,7 @@ def proxy_bench(a) -> dict:
     procs = Procs(root)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"tokens_per_second": a.tokens_per_second, "replicas": a.replicas, "levels": []}
+    result = {"tokens_per_second": a.tokens_per_second, "replicas": a.replicas, "proxies": a.proxies, "levels": []}
     try:
         head = procs.spawn("head", ["head", "--host", "127.0.0.1", "--grpc-port", str(a.grpc_port), "--no-proxy",
                                     "--state-dir", str(state), "--model-configs",
@@ -62,23 +62,29 @@ def proxy_bench(a) -> dict:
         wait_for(lambda: sum(n.alive for n in client.status().nodes) == nodes, 120, "nodes")
         client.deploy("fakebench", a.replicas)
         wait_for(lambda: sum(r.state == head_pb2.REPLICA_STATE_READY for r in client.status().replicas) >= a.replicas, 180, "replicas READY")
-        port_file = root / "proxy.port"
-        proxy = procs.spawn("proxy", ["proxy", "--head", address, "--port", "0", "--port-file", str(port_file),
-                                      "--cluster-token-file", str(token), "--log-level", "WARNING"])
-        port = int(wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 60, "proxy port"))
-        wait_for(lambda: _ready(port), 60, "proxy /ready")
+        ports, pids = [], []
+        for i in range(a.proxies):
+            port_file = root / f"proxy-{i}.port"
+            proxy = procs.spawn(f"proxy-{i}", ["proxy", "--head", address, "--port", "0", "--port-file",
+                                               str(port_file), "--cluster-token-file", str(token),
+                                               "--log-level", "WARNING"])
+            port = int(wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 60, "proxy port"))
+            wait_for(lambda: _ready(port), 60, "proxy /ready")
+            ports.append(port)
+            pids.append(proxy.pid)
         replicas = {r.replica_id: r.address for r in client.status().replicas}
         (root / "replicas.json").write_text(json.dumps(replicas))
         for streams in [int(s) for s in a.streams.split(",")]:
-            level = run_level(root, port, token, streams, a, proxy.pid)
+            level = run_level(root, ports, token, streams, a, pids)
             result["levels"].append(level)
             print(json.dumps({k: v for k, v in level.items() if k != "added_ms_samples"}), flush=True)
         client.close()
     finally:
         procs.stop()
     samples = {lv["streams"]: lv.pop("added_ms_samples") for lv in result["levels"]}
-    (out / "scale-proxy.json").write_text(json.dumps(result, indent=2))
-    plot_proxy(out, result, samples)
+    name = "scale-proxy" if a.proxies == 1 else f"scale-proxy-x{a.proxies}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot_proxy(out / f"{name}.png", result, samples)
     return result
 
 
@@ -88,24 +94,26 @@ def _ready(port: int) -> bool:
         return r.status == 200
 
 
-def run_level(root: Path, port: int, token: Path, streams: int, a, proxy_pid: int) -> dict:
+def run_level(root: Path, ports: list[int], token: Path, streams: int, a, proxy_pids: list[int]) -> dict:
     import subprocess
     res_file = root / f"client-{streams}.json"
-    cmd = [sys.executable, str(Path(__file__)), "client", "--port", str(port), "--streams", str(streams),
+    cmd = [sys.executable, str(Path(__file__)), "client", "--ports", ",".join(map(str, ports)),
+           "--streams", str(streams),
            "--seconds", str(a.seconds), "--tps", str(a.tokens_per_second), "--replicas-file",
            str(root / "replicas.json"), "--token-file", str(token), "--result", str(res_file)]
     client = subprocess.Popen(cmd, stdout=open(root / f"client-{streams}.log", "wb"), stderr=subprocess.STDOUT)
     time.sleep(min(10.0, 2 + streams / 300))  # ramp: streams open, first chunks arrive
-    cpu0, t0 = cpu_seconds(proxy_pid), time.monotonic()
+    cpu0, t0 = sum(map(cpu_seconds, proxy_pids)), time.monotonic()
     client.wait(a.seconds + 300)
-    cpu = (cpu_seconds(proxy_pid) - cpu0) / (time.monotonic() - t0)
+    cpu = (sum(map(cpu_seconds, proxy_pids)) - cpu0) / (time.monotonic() - t0)
     level = json.loads(res_file.read_text())
-    level.update(proxy_cpu_cores=cpu, proxy_rss_mb=rss_bytes(proxy_pid) / 2**20, load=load_average(),
+    level.update(proxies=len(proxy_pids), proxy_cpu_cores=cpu,
+                 proxy_rss_mb=sum(map(rss_bytes, proxy_pids)) / 2**20, load=load_average(),
                  chunks_per_proxy_core=level["chunks_per_s"] / cpu if cpu else None)
     return level
 
 
-def plot_proxy(out: Path, result: dict, samples: dict) -> None:
+def plot_proxy(path: Path, result: dict, samples: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -117,7 +125,7 @@ def plot_proxy(out: Path, result: dict, samples: dict) -> None:
     ax1.set_xlabel("concurrent streams")
     ax1.set_ylabel("chunks/s")
     ax1.legend()
-    ax1.set_title("one proxy process, fake engines")
+    ax1.set_title(f"{result['proxies']} proxy process(es), fake engines")
     for streams, vals in samples.items():
         s = sorted(vals)
         if s:
@@ -126,7 +134,7 @@ def plot_proxy(out: Path, result: dict, samples: dict) -> None:
     ax2.set_ylabel("fraction of chunks")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(out / "scale-proxy.png", dpi=90)
+    fig.savefig(path, dpi=90)
 
 
 # ---- the client process -------------------------------------------------------------------------
@@ -183,12 +191,12 @@ async def client_main(args) -> None:
     out = {"errors": 0, "streams": []}
     conn = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
-    url = f"http://127.0.0.1:{args.port}/v1/chat/fakebench"
+    urls = [f"http://127.0.0.1:{p}/v1/chat/fakebench" for p in args.ports.split(",")]
     max_tokens = int(args.tps * 20)  # 20 s streams, then a new request on the same slot
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         tasks = [asyncio.create_task(probe(addr, token, arrivals[rid], stop)) for rid, addr in replicas.items()]
         for i in range(args.streams):
-            tasks.append(asyncio.create_task(proxied(session, url, max_tokens, stop, out)))
+            tasks.append(asyncio.create_task(proxied(session, urls[i % len(urls)], max_tokens, stop, out)))
             if i % 50 == 49:
                 await asyncio.sleep(0.05)
         ramp = min(10.0, 2 + args.streams / 300)
@@ -229,7 +237,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="what", required=True)
     c = sub.add_parser("client")
-    c.add_argument("--port", type=int, required=True)
+    c.add_argument("--ports", required=True, help="proxy ports, comma-separated: streams go round-robin")
     c.add_argument("--streams", type=int, required=True)
     c.add_argument("--seconds", type=float, required=True)
     c.add_argument("--tps", type=float, required=True)

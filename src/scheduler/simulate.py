@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import signal
 import sys
@@ -45,6 +46,9 @@ def _start_slots() -> asyncio.Semaphore:
     if _starts is None:
         _starts = asyncio.Semaphore(CONCURRENT_STARTS)
     return _starts
+
+
+_unserved = itertools.count()
 
 
 @functools.lru_cache(maxsize=64)
@@ -145,6 +149,8 @@ class SimReplica:
             if serve:
                 async with _start_slots():
                     await self._serve()
+            else:  # nothing listens: an address that never resolves (RFC 2606), unique per replica
+                self.address = f"{self.replica_id}.sim.invalid:{50000 + next(_unserved) % 10000}"
             await asyncio.sleep(delay)
             if serve:
                 await self.health.set("", SERVING)
@@ -331,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-rate", type=float, default=500.0,
                    help="nodes that open their session per second at start (default 500)")
     p.add_argument("--no-serve", action="store_true",
-                   help="do not bind ports: replicas only report READY (head-only experiments)")
+                   help="bind no ports: replicas report READY at addresses that never resolve "
+                        "(<replica>.sim.invalid), so the head and the proxies' route tables carry them at no "
+                        "cost to this process; for control-plane experiments, nothing can stream from them")
     p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS)
     add_security_args(p)
     return p
