@@ -135,6 +135,7 @@ def head_bench(a) -> dict:
     result: dict = {"nodes": a.nodes, "replicas": a.replicas, "proxies": a.proxies, "node_timeout": a.node_timeout, "served": not a.no_serve,
                     "report_interval": a.report_interval, "load_start": load_average()}
     timeline: list[tuple[float, float, int, int]] = []  # (t, head cpu cores, rss, ready)
+    ramp: list[float] = []  # seconds after the deploy of each replica's READY
     try:
         extra = ["--node-timeout", str(a.node_timeout)]
         info = start_head(procs, state, a.grpc_port, a.replicas, extra=extra)
@@ -145,7 +146,7 @@ def head_bench(a) -> dict:
         wait_for(lambda: sum(n.alive for n in client.status().nodes) == a.nodes, 300, f"{a.nodes} nodes", 1.0)
         start_proxies(procs, root, head, token, a.proxies)
         result["idle_head_cpu_cores"] = sample_cpu(head_pid, 10)
-        t0 = time.monotonic()
+        t0, deployed_at = time.monotonic(), time.time()
         client.deploy("fake", a.replicas)
         cpu0, last = cpu_seconds(head_pid), time.monotonic()
         while True:
@@ -160,6 +161,8 @@ def head_bench(a) -> dict:
             time.sleep(2.0)  # a status of 10,000 replicas is itself work for the head: poll gently
         result["deploy_ready_s"] = time.monotonic() - t0
         result["ready"] = ready
+        ramp = sorted(t - deployed_at for t, f in log_events(root / "head.log", "replica_state")
+                      if f.get("state") == "READY" and t >= deployed_at)
         time.sleep(5)
         result["steady_head_cpu_cores"] = sample_cpu(head_pid, 30)
         result["head_rss_mb"] = rss_bytes(head_pid) / 2**20
@@ -181,23 +184,23 @@ def head_bench(a) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     delays = result.get("routes", {}).pop("delays", [])
     (out / "scale-head.json").write_text(json.dumps(result, indent=2))
-    plot_head(out, timeline, delays, result)
+    plot_head(out, timeline, ramp, delays, result)
     return result
 
 
-def plot_head(out: Path, timeline, delays, result) -> None:
+def plot_head(out: Path, timeline, ramp, delays, result) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    if timeline:
-        t = [x[0] for x in timeline]
-        ax1.plot(t, [x[3] for x in timeline], label="READY replicas")
+    if ramp:
+        ax1.plot(ramp, range(1, len(ramp) + 1), label="READY replicas (head log)")
         ax1.set_xlabel("seconds since deploy")
         ax1.set_ylabel("READY replicas")
+    if timeline:
         axc = ax1.twinx()
-        axc.plot(t, [x[1] for x in timeline], color="tab:red", alpha=0.6, label="head CPU (cores)")
-        axc.set_ylabel("head CPU (cores)")
+        axc.plot([x[0] for x in timeline], [x[1] for x in timeline], color="tab:red", alpha=0.6, marker=".")
+        axc.set_ylabel("head CPU (cores), red")
         ax1.set_title(f"deploy fake x{result['replicas']} on {result['nodes']} nodes")
     if delays:
         s = sorted(delays)

@@ -322,7 +322,7 @@ class Controller:
         self._push_desired()
         if not self._routes_held() and self._routes_stale() and self.routes.update(self._route_keys()):
             event(log, "routes_changed", version=self.routes.version,
-                  endpoints=sum(len(r.endpoints) for r in self.routes.snapshot().routes))
+                  endpoints=self.routes.endpoint_count())
 
     def _routes_stale(self) -> bool:
         """Whether the routes may have changed since they were last computed: a wake (a report that changed

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, NamedTuple
 
+from gridserve.head.route_delta import route_delta
 from gridserve.v1 import head_pb2
 
 
@@ -29,6 +30,7 @@ class RouteTable:
         self._routes: tuple[RouteKey, ...] = ()
         self._changed = asyncio.Event()
         self._snapshot: head_pb2.RoutingTable | None = None
+        self._deltas: dict[tuple[int, int], head_pb2.RoutingTable] = {}
 
     def update(self, routes: list[RouteKey]) -> bool:
         """Replaces the routes; returns True (and wakes every watcher) if they differ from the current ones."""
@@ -41,6 +43,9 @@ class RouteTable:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         return True
+
+    def endpoint_count(self) -> int:
+        return sum(len(r.endpoints) for r in self._routes)
 
     def snapshot(self) -> head_pb2.RoutingTable:
         """The current table as a message, built once per version and shared by every watcher (do not change it)."""
@@ -55,12 +60,26 @@ class RouteTable:
                                                         node_id=e.node_id) for e in r.endpoints])
             for r in self._routes])
 
-    async def watch(self) -> AsyncIterator[head_pb2.RoutingTable]:
-        """The current table at once (once there is one: a restarted head holds its first), then the newest
-        table after every change (intermediate ones may be skipped by a slow watcher: each is complete)."""
+    async def watch(self, deltas: bool = True) -> AsyncIterator[head_pb2.RoutingTable]:
+        """The current table at once (once there is one: a restarted head holds its first), then after every
+        change the newest table (intermediate ones may be skipped by a slow watcher) as a delta against the
+        one this stream sent last, or whole when `deltas` is off."""
         while not self.version:
             await self._changed.wait()
+        sent: tuple[int, tuple] | None = None
         while True:
-            changed = self._changed
-            yield self.snapshot()
+            changed, current = self._changed, (self.version, self._routes)
+            yield self.snapshot() if sent is None or not deltas else self.delta(*sent)
+            sent = current
             await changed.wait()
+
+    def delta(self, base_version: int, base_routes: tuple) -> head_pb2.RoutingTable:
+        """The delta from a table sent earlier to the current one, computed once for every watcher."""
+        key = (base_version, self.version)
+        out = self._deltas.get(key)
+        if out is None:
+            out = route_delta(base_routes, self._routes, base_version, self.version)
+            if len(self._deltas) >= 32:
+                self._deltas.pop(next(iter(self._deltas)))
+            self._deltas[key] = out
+        return out
