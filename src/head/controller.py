@@ -20,6 +20,7 @@ from gridserve.v1 import head_pb2
 log = logging.getLogger("gridserve.head")
 
 MAX_REPLICAS = 64  # default of the head's --max-replicas
+STATUS_CACHE_S = 1.0  # Status answers from one build for at most this long (and only until a change)
 SLOW_PASS_S = 0.5  # a reconcile pass longer than this is logged (reconcile_slow)
 TOMBSTONE_SECONDS = 120.0  # a replica the head removed is not adopted back for this long
 S = head_pb2.ReplicaState
@@ -65,7 +66,9 @@ class Controller:
         self._wake = asyncio.Event()
         self._routes_warm = False  # see _routes_held
         self._routes_basis: tuple | None = None  # what the routes were last computed from, see _routes_stale
-        self._heard_from = 0.0  # monotonic end of this head's last stall: silence before it is not the nodes'
+        self._endpoint_keys: dict[str, EndpointKey] = {}  # reused pass after pass: 10,000 tuples not rebuilt
+        self._heard_from = 0.0
+        self._status_cache: tuple[float, int, head_pb2.ClusterStatus] | None = None  # monotonic end of this head's last stall: silence before it is not the nodes'
 
     # startup and the loop
 
@@ -85,6 +88,7 @@ class Controller:
               path=self.store.path)
 
     def wake(self) -> None:
+        self._status_cache = None
         self._routes_basis = None  # something changed: the next pass recomputes the routes
         self._wake.set()
 
@@ -300,6 +304,7 @@ class Controller:
         gone = list(self.assignments.of_node(node.node_id))
         for rid in gone:
             self.assignments.pop(rid)
+            self._endpoint_keys.pop(rid, None)
         self.store.delete_assignments(gone)
         event(log, "node_lost", logging.WARNING, node=node.node_id, reason=reason, replicas_lost=len(gone))
 
@@ -394,6 +399,7 @@ class Controller:
     def _remove(self, replica_ids: list[str], reason: str) -> None:
         now = time.monotonic()
         for rid in replica_ids:
+            self._endpoint_keys.pop(rid, None)
             a = self.assignments.pop(rid, None)
             if a is not None:
                 self._tombstones[rid] = now
@@ -430,7 +436,10 @@ class Controller:
                 node = self.nodes.get(a.node_id)
                 st = node.reports.get(a.replica_id) if node and node.alive else None
                 if st is not None and st.state == READY and st.address:
-                    endpoints.append(EndpointKey(a.replica_id, st.address, a.node_id))
+                    key = self._endpoint_keys.get(a.replica_id)
+                    if key is None or key.address != st.address or key.node_id != a.node_id:
+                        key = self._endpoint_keys[a.replica_id] = EndpointKey(a.replica_id, st.address, a.node_id)
+                    endpoints.append(key)
             routes.append(RouteKey(dep.model, dep.config.to_json(), tuple(endpoints)))
         return routes
 
@@ -465,6 +474,15 @@ class Controller:
         return out
 
     def status(self) -> head_pb2.ClusterStatus:
+        """The cluster as Status tells it; one build serves every caller until something changes or a second
+        passes (every proxy polls it: 10 of them at 10,000 replicas would keep the head busy building it)."""
+        now, generation = time.monotonic(), self.assignments.generation_now()
+        cached = self._status_cache
+        if cached is None or now - cached[0] > STATUS_CACHE_S or cached[1] != generation:
+            cached = self._status_cache = (now, generation, self._build_status())
+        return cached[2]
+
+    def _build_status(self) -> head_pb2.ClusterStatus:
         out = head_pb2.ClusterStatus(routes_version=self.routes.version, proxy_address=self.proxy_address,
                                      proxy_pid=self.proxy_pid, proxy_restarts=self.proxy_restarts)
         for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
