@@ -74,9 +74,9 @@ def sample_cpu(pid: int, seconds: float) -> float:
 
 def timed_cli(head: str, state: Path, *args: str) -> tuple[float, str]:
     t = time.monotonic()
-    out = subprocess.run([GRIDSERVE, *args, "--head", head, "--state-dir", str(state)], capture_output=True,
-                         text=True, check=True, timeout=120).stdout
-    return time.monotonic() - t, out
+    proc = subprocess.run([GRIDSERVE, *args, "--head", head, "--state-dir", str(state)], capture_output=True,
+                          text=True, timeout=120)
+    return time.monotonic() - t, proc.stdout if proc.returncode == 0 else f"FAILED: {proc.stderr.strip()}"
 
 
 def ready_ids(st: head_pb2.ClusterStatus) -> list[str]:
@@ -170,7 +170,8 @@ def head_bench(a) -> dict:
         json_s = [timed_cli(head, state, "status", "--output", "json")[0] for _ in range(5)]
         table_s, table = timed_cli(head, state, "status")
         result["status_json_s"] = {"p50": percentile(json_s, 50), "max": max(json_s)}
-        result["status_table"] = {"seconds": table_s, "lines": len(table.splitlines())}
+        result["status_table"] = {"seconds": table_s, "lines": len(table.splitlines()),
+                                  **({"error": table} if table.startswith("FAILED") else {})}
         result["routes"] = route_propagation(root, client, a.replicas, a.proxies, a.changes)
         result["load_routes"] = load_average()
         before = {r.replica_id for r in client.status().replicas}
