@@ -61,7 +61,8 @@ def proxy_bench(a) -> dict:
                                  "--cluster-token-file", str(token)])
         wait_for(lambda: sum(n.alive for n in client.status().nodes) == nodes, 120, "nodes")
         client.deploy("fakebench", a.replicas)
-        wait_for(lambda: sum(r.state == head_pb2.REPLICA_STATE_READY for r in client.status().replicas) >= a.replicas, 180, "replicas READY")
+        ready = head_pb2.REPLICA_STATE_READY
+        wait_for(lambda: sum(r.state == ready for r in client.status().replicas) >= a.replicas, 180, "READY")
         ports, pids = [], []
         for i in range(a.proxies):
             port_file = root / f"proxy-{i}.port"

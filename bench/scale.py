@@ -132,7 +132,8 @@ def head_bench(a) -> dict:
     root = Path(a.root or tempfile.mkdtemp(prefix="gridserve-scale-"))
     state = root / "state"
     procs = Procs(root)
-    result: dict = {"nodes": a.nodes, "replicas": a.replicas, "proxies": a.proxies, "node_timeout": a.node_timeout, "served": not a.no_serve,
+    result: dict = {"nodes": a.nodes, "replicas": a.replicas, "proxies": a.proxies, "node_timeout": a.node_timeout,
+                    "served": not a.no_serve,
                     "report_interval": a.report_interval, "load_start": load_average()}
     timeline: list[tuple[float, float, int, int]] = []  # (t, head cpu cores, rss, ready)
     ramp: list[float] = []  # seconds after the deploy of each replica's READY

@@ -67,8 +67,8 @@ class Controller:
         self._routes_warm = False  # see _routes_held
         self._routes_basis: tuple | None = None  # what the routes were last computed from, see _routes_stale
         self._endpoint_keys: dict[str, EndpointKey] = {}  # reused pass after pass: 10,000 tuples not rebuilt
-        self._heard_from = 0.0
-        self._status_cache: tuple[float, int, head_pb2.ClusterStatus] | None = None  # monotonic end of this head's last stall: silence before it is not the nodes'
+        self._heard_from = 0.0  # monotonic end of this head's last stall: silence before it is not the nodes'
+        self._status_cache: tuple[float, int, head_pb2.ClusterStatus] | None = None  # see status()
 
     # startup and the loop
 
@@ -376,7 +376,8 @@ class Controller:
             parts.append(pending_message(pending, res.num_cpus, res.num_gpus, dep.node,
                                          dep.node in self.nodes and self.nodes[dep.node].alive))
         mine = self.assignments.of_model(dep.model)
-        failed = [r for n in self.nodes.values() for r in n.reports.values() if r.state == FAILED and r.replica_id in mine]
+        failed = [r for n in self.nodes.values() for r in n.reports.values()
+                  if r.state == FAILED and r.replica_id in mine]
         if failed:
             parts.append(f"{len(failed)} replica(s) failed: {failed[0].message or 'no message'} "
                          f"(deploy again to retry)")
