@@ -481,7 +481,9 @@ class Controller:
         cached = self._status_cache
         if cached is None or now - cached[0] > STATUS_CACHE_S or cached[1] != generation:
             cached = self._status_cache = (now, generation, self._build_status())
-        return cached[2]
+        out = head_pb2.ClusterStatus()
+        out.CopyFrom(cached[2])  # every caller its own message (see RouteTable.watch)
+        return out
 
     def _build_status(self) -> head_pb2.ClusterStatus:
         out = head_pb2.ClusterStatus(routes_version=self.routes.version, proxy_address=self.proxy_address,
