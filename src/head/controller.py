@@ -481,9 +481,7 @@ class Controller:
         cached = self._status_cache
         if cached is None or now - cached[0] > STATUS_CACHE_S or cached[1] != generation:
             cached = self._status_cache = (now, generation, self._build_status())
-        out = head_pb2.ClusterStatus()
-        out.CopyFrom(cached[2])  # every caller its own message (see RouteTable.watch)
-        return out
+        return cached[2]
 
     def _build_status(self) -> head_pb2.ClusterStatus:
         out = head_pb2.ClusterStatus(routes_version=self.routes.version, proxy_address=self.proxy_address,

@@ -69,12 +69,7 @@ class RouteTable:
         sent: tuple[int, tuple] | None = None
         while True:
             changed, current = self._changed, (self.version, self._routes)
-            shared = self.snapshot() if sent is None or not deltas else self.delta(*sent)
-            # Each stream gets its own message (a C-level copy): the head segfaulted in Watch, under load with
-            # proxies' connections timing out, when every stream was handed the one shared object.
-            own = head_pb2.RoutingTable()
-            own.CopyFrom(shared)
-            yield own
+            yield self.snapshot() if sent is None or not deltas else self.delta(*sent)
             sent = current
             await changed.wait()
 
