@@ -140,6 +140,7 @@ def log_events(path: Path, name: str) -> list[tuple[float, dict]]:
         t = time.mktime(time.strptime(m.group(1)[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
         t += int(m.group(1)[20:23]) / 1000
         fields = dict(re.findall(r"(\w+)=(\"[^\"]*\"|\S+)", line))
+        fields["_role"] = line.split()[1]  # the process that wrote it (a head's log also holds its proxy's)
         out.append((t, fields))
     return out
 

@@ -247,14 +247,16 @@ class Soak:
     # the report
 
     def task_series(self) -> list[dict]:
-        """asyncio task counts from every log's loop_stats lines, as samples (pid from the log is unknown:
-        a log holds one process name's incarnations in order, split where the count of lines restarts)."""
+        """asyncio task counts from every log's loop_stats lines, named by log and writing role (the head's log
+        also holds its proxy's lines); a log's incarnations follow each other (see incarnations)."""
         out = []
         base = time.time() - (time.monotonic() - self.t0)
         for log in sorted(self.root.rglob("*.log")):
             for t, fields in log_events(log, "loop_stats"):
                 if "tasks" in fields and t >= base:
-                    out.append({"t": t - base, "name": log.stem, "tasks": int(fields["tasks"])})
+                    role = fields["_role"]
+                    name = log.stem if role == log.stem else f"{log.stem}/{role}"
+                    out.append({"t": t - base, "name": name, "tasks": int(fields["tasks"])})
         return out
 
     def report(self) -> dict:
@@ -277,7 +279,8 @@ class Soak:
         result = {"minutes": self.a.minutes, "fault_every_s": self.a.fault_every, "real_model": self.a.real_model,
                   "real_streams": self.a.real_streams, "fake_streams": self.a.fake_streams, **self.counts,
                   "lost_examples": self.lost[:20], "faults": self.faults, "series_judged": len(judged),
-                  "series_grew": grew, "load_end": load_average(), "checks": checks}
+                  "series_grew": grew, "load_end": load_average(), "checks": checks,
+                  "samples": self.samples, "tasks": tasks}
         out = Path(self.a.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "soak.json").write_text(json.dumps(result, indent=2))
@@ -380,7 +383,7 @@ def main() -> int:
         result = asyncio.run(soak.run())
     finally:
         soak.procs.stop()
-    print(json.dumps({k: v for k, v in result.items() if k != "checks"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("checks", "samples", "tasks")}, indent=2))
     return 0 if result["lost"] == 0 and not result["series_grew"] else 1
 
 
