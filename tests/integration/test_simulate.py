@@ -3,7 +3,6 @@ real proxy streams from, a status that summarises, and a head killed with SIGKIL
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
