@@ -97,7 +97,7 @@ async def _load(url: str, clients: int, seconds: float) -> tuple[list[float], fl
 def run_gridserve(root: Path, levels: list[int], cpus: int, seconds: float) -> list[dict]:
     """A real head + proxy + scheduler + one minilm replica on `cpus` cores, measured over HTTP."""
     import grpc
-    from clusterlib import Cluster
+    from support.cluster import Cluster
     from gridserve.v1 import replica_pb2, replica_pb2_grpc
     entry = json.loads((REPO / "model_configs.json").read_text())["models"][MODEL]
     entry["resources"]["num_cpus"] = cpus

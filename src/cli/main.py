@@ -17,7 +17,9 @@ ROLES = {
     "scheduler": "a node scheduler (one per machine; runs the replicas the head places)",
     "replica": "one model replica process (normally started by a scheduler)",
     "proxy": "the HTTP proxy (normally started by the head)",
+    "simulate": "many simulated schedulers in one process against a real head (scale tests)",
 }
+ROLE_MODULES = {"simulate": "gridserve.scheduler.simulate"}  # roles whose main is not gridserve.<role>.__main__
 
 
 def positive_int(text: str) -> int:
@@ -134,7 +136,7 @@ def add_up_parser(sub) -> None:
 
 def run_role(role: str, argv: list[str]) -> int:
     try:
-        module = importlib.import_module(f"gridserve.{role}.__main__")
+        module = importlib.import_module(ROLE_MODULES.get(role, f"gridserve.{role}.__main__"))
     except ImportError as e:
         print(f"gridserve {role}: not available in this installation: {e}", file=sys.stderr)
         return 1

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
-from google.protobuf import json_format
+from google.protobuf import descriptor, json_format
 
 from gridserve.common.model_config_proto import config_to_dict
 from gridserve.v1 import head_pb2
@@ -45,13 +46,80 @@ def table_or_none(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def to_dict(msg) -> dict:
-    """A proto message as JSON-ready data: proto field names, zero values kept, enums by name."""
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    """A proto message as JSON-ready data: proto field names, zero values kept, enums by name.
+    Messages of plain fields (strings, numbers, enums, bools, messages and lists of them: all of head.proto
+    but bytes) are converted here, as MessageToDict would, ten times faster: a status of 10,000 replicas
+    converts in a tenth of a second instead of a second."""
+    if not _plain(msg.DESCRIPTOR):
+        return json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
+    return _convert(msg)
+
+
+_FD = descriptor.FieldDescriptor
+_AS_STRING = (_FD.TYPE_INT64, _FD.TYPE_UINT64, _FD.TYPE_SINT64, _FD.TYPE_FIXED64, _FD.TYPE_SFIXED64)
+_PLAIN = {}
+
+
+def _plain(d) -> bool:
+    """True when every field of `d`, nested too, is one _convert handles like MessageToDict."""
+    if d.full_name not in _PLAIN:
+        _PLAIN[d.full_name] = True  # recursion guard
+        _PLAIN[d.full_name] = all(
+            (f.message_type is None or (not f.message_type.GetOptions().map_entry and _plain(f.message_type)))
+            and f.type not in (_FD.TYPE_BYTES, _FD.TYPE_FLOAT, _FD.TYPE_GROUP)
+            and f.containing_oneof is None and not (f.has_presence and f.message_type is None)
+            for f in d.fields)
+    return _PLAIN[d.full_name]
+
+
+def _convert(msg) -> dict:
+    out = {}
+    for name, message, repeated, scalar in _plan(msg.DESCRIPTOR):
+        value = getattr(msg, name)
+        if message:
+            if repeated:
+                out[name] = [_convert(m) for m in value]
+            elif msg.HasField(name):
+                out[name] = _convert(value)
+        else:
+            if scalar is None:
+                out[name] = list(value) if repeated else value
+            else:
+                out[name] = [scalar(v) for v in value] if repeated else scalar(value)
+    return out
+
+
+_PLANS = {}
+
+
+def _plan(d) -> list:
+    """Per message type, once: each field's name, whether it is a message, repeated, and its scalar form."""
+    if d.full_name not in _PLANS:
+        _PLANS[d.full_name] = [(f.name, f.message_type is not None, f.is_repeated, _scalar(f)) for f in d.fields]
+    return _PLANS[d.full_name]
+
+
+def _scalar(f):
+    if f.enum_type is not None:
+        names = {v.number: v.name for v in f.enum_type.values}
+        return lambda v: names.get(v, v)
+    if f.type in _AS_STRING:
+        return str
+    if f.type == _FD.TYPE_DOUBLE:
+        return _double
+    return None
+
+
+def _double(v: float):
+    return v if math.isfinite(v) else ("NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity"))
 
 
 def dumps(data) -> str:
-    return json.dumps(data, indent=2)
+    """Indented JSON; a big document (a status of thousands of replicas) is compact: json's C encoder only
+    runs without indentation, and the indented one takes seconds at that size."""
+    big = isinstance(data, dict) and sum(len(v) for v in data.values() if isinstance(v, list)) > 1000
+    return json.dumps(data) if big else json.dumps(data, indent=2)
 
 
 # the cluster, as the head's Status tells it
@@ -102,8 +170,41 @@ def render_status(st: head_pb2.ClusterStatus) -> str:
     """The human view of a ClusterStatus: nodes, deployments, replicas, proxy."""
     proxy = (f"{st.proxy_address or '(not listening)'} pid={st.proxy_pid or '-'} restarts={st.proxy_restarts}"
              if st.proxy_pid or st.proxy_address else "(not running)")
-    return "\n".join(["NODES", nodes_table(st), "", "DEPLOYMENTS", deployments_table(st), "",
-                      "REPLICAS", replicas_table(st), "", f"PROXY  {proxy}", f"ROUTES version {st.routes_version}"])
+    return "\n".join(["NODES", _nodes_part(st), "", "DEPLOYMENTS", deployments_table(st), "",
+                      "REPLICAS", _replicas_part(st), "", f"PROXY  {proxy}", f"ROUTES version {st.routes_version}"])
+
+
+SUMMARY_ABOVE = 40  # more nodes or replicas than this: status summarises; `gridserve nodes`/`replicas` list all
+
+
+def _nodes_part(st: head_pb2.ClusterStatus) -> str:
+    if len(st.nodes) <= SUMMARY_ABOVE:
+        return nodes_table(st)
+    alive = [n for n in st.nodes if n.alive]
+    dead = head_pb2.ClusterStatus(nodes=[n for n in st.nodes if not n.alive][:SUMMARY_ABOVE // 2])
+    cpus = sum(n.capacity.num_cpus for n in alive), sum(n.allocated.num_cpus for n in alive)
+    lines = [f"{len(st.nodes)} nodes: {len(alive)} alive, {len(st.nodes) - len(alive)} dead; "
+             f"CPUs {num(cpus[1])}/{num(cpus[0])} allocated on alive nodes (`gridserve nodes` lists all)"]
+    if dead.nodes:
+        lines += ["dead nodes" + (f" (first {len(dead.nodes)})" if len(dead.nodes) < len(st.nodes) - len(alive)
+                                 else "") + ":", nodes_table(dead)]
+    return "\n".join(lines)
+
+
+def _replicas_part(st: head_pb2.ClusterStatus) -> str:
+    if len(st.replicas) <= SUMMARY_ABOVE:
+        return replicas_table(st)
+    counts: dict[tuple[str, str], int] = {}
+    for r in st.replicas:
+        key = (r.model, STATE_NAMES.get(r.state, str(r.state)))
+        counts[key] = counts.get(key, 0) + 1
+    rows = [[model, state, str(n)] for (model, state), n in sorted(counts.items())]
+    lines = [f"{len(st.replicas)} replicas (`gridserve replicas [--model M]` lists all)",
+             table(["MODEL", "STATE", "COUNT"], rows)]
+    trouble = [r for r in st.replicas if r.state != head_pb2.REPLICA_STATE_READY][:SUMMARY_ABOVE // 2]
+    if trouble:
+        lines += ["", f"not ready (first {len(trouble)}):", replicas_table(head_pb2.ClusterStatus(replicas=trouble))]
+    return "\n".join(lines)
 
 
 def status_json(st: head_pb2.ClusterStatus) -> str:

@@ -109,14 +109,19 @@ def one_line(message: str) -> str:
 
 
 LOOP_STALL_DUMP_S = 30.0  # an event loop blocked this long gets every thread's stack written to stderr
+LOOP_STATS_EVERY = 3  # heartbeats (5 s each) between `loop_stats` lines: the count of asyncio tasks
 
 
 async def watch_event_loop(main):
     """Runs `main` with a heartbeat that keeps pushing back a faulthandler stack dump: if the event loop
     is ever blocked (a deadlock in native code), the log shows where instead of going silent."""
     async def heartbeat() -> None:
+        beats = 0
         while True:
             faulthandler.dump_traceback_later(LOOP_STALL_DUMP_S, repeat=True)
+            if beats % LOOP_STATS_EVERY == 0:  # what a soak watches for leaks besides RSS and fds
+                event(log, "loop_stats", tasks=len(asyncio.all_tasks()))
+            beats += 1
             await asyncio.sleep(LOOP_STALL_DUMP_S / 6)
 
     beat = asyncio.create_task(heartbeat(), name="loop-stall-dump")

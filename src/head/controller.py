@@ -10,6 +10,7 @@ from gridserve.common.model_config import ModelCatalog
 from gridserve.common.model_config_proto import config_to_proto
 from gridserve.common.errors import InvalidRequest, NotFound, Unavailable
 from gridserve.common.eventlog import event
+from gridserve.head.assignment_index import AssignmentIndex
 from gridserve.head.log_relay import LogRelay
 from gridserve.head.node_registry import Node, Session
 from gridserve.head.pull_relay import PullRelay
@@ -20,9 +21,15 @@ from gridserve.v1 import head_pb2
 
 log = logging.getLogger("gridserve.head")
 
-MAX_REPLICAS = 64
+MAX_REPLICAS = 64  # default of the head's --max-replicas
+STATUS_CACHE_S = 1.0  # Status answers from one build for at most this long (and only until a change)
+SLOW_PASS_S = 0.5  # a reconcile pass longer than this is logged (reconcile_slow)
 TOMBSTONE_SECONDS = 120.0  # a replica the head removed is not adopted back for this long
 S = head_pb2.ReplicaState
+# The states as plain ints: head_pb2.ReplicaState.X is a Python-level attribute lookup, 10 µs each,
+# and a pass over 10,000 replicas makes tens of thousands of them.
+READY, FAILED, PENDING, STOPPING = (head_pb2.REPLICA_STATE_READY, head_pb2.REPLICA_STATE_FAILED,
+                                   head_pb2.REPLICA_STATE_PENDING, head_pb2.REPLICA_STATE_STOPPING)
 
 
 def new_replica_id(model: str) -> str:
@@ -37,7 +44,7 @@ class Controller:
     """Owns desired state and the node registry; every mutation wakes the reconcile loop."""
 
     def __init__(self, catalog: ModelCatalog, store: StateStore, routes: RouteTable, node_timeout: float = 10.0,
-                 interval: float = 1.0):
+                 interval: float = 1.0, max_replicas: int = MAX_REPLICAS):
         self.catalog = catalog
         self.store = store
         self.routes = routes
@@ -46,8 +53,9 @@ class Controller:
         # reconnect backoff and this head's own startup both eat into the time.
         self.reconnect_grace = 2 * node_timeout
         self.interval = interval
+        self.max_replicas = max_replicas
         self.deployments: dict[str, Deployment] = {}
-        self.assignments: dict[str, Assignment] = {}
+        self.assignments = AssignmentIndex()
         self.nodes: dict[str, Node] = {}
         self.messages: dict[str, str] = {}
         self.stopping = False  # set on head shutdown: closing sessions then is not losing nodes
@@ -61,6 +69,10 @@ class Controller:
         self._version = 0
         self._wake = asyncio.Event()
         self._routes_warm = False  # see _routes_held
+        self._routes_basis: tuple | None = None  # what the routes were last computed from, see _routes_stale
+        self._endpoint_keys: dict[str, EndpointKey] = {}  # reused pass after pass: 10,000 tuples not rebuilt
+        self._heard_from = 0.0  # monotonic end of this head's last stall: silence before it is not the nodes'
+        self._status_cache: tuple[float, int, head_pb2.ClusterStatus] | None = None  # see status()
 
     # startup and the loop
 
@@ -80,20 +92,49 @@ class Controller:
               path=self.store.path)
 
     def wake(self) -> None:
+        self._status_cache = None
+        self._routes_basis = None  # something changed: the next pass recomputes the routes
         self._wake.set()
 
     async def run(self) -> None:
         """Reconciles on every change and at least every `interval` seconds, until cancelled."""
+        watch = asyncio.create_task(self._watch_own_stalls(), name="head-stall-watch")
+        try:
+            await self._loop()
+        finally:
+            watch.cancel()
+
+    async def _watch_own_stalls(self, tick: float = 0.25, stall: float = 0.5) -> None:
+        """When this head's own event loop was stalled or saturated (starved of CPU, long passes), reports
+        sat unread in its sockets: nodes are timed from the end of the stall, not lost for the head's
+        silence. (A node whose session breaks is still lost at once; this only delays loss by silence.)"""
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(tick)
+            late = time.monotonic() - t - tick
+            if late > stall:
+                self._heard_from = time.monotonic()
+                event(log, "head_stalled", logging.WARNING, seconds=f"{late:.1f}")
+
+    async def _loop(self) -> None:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+            started = time.monotonic()
             try:
                 self.reconcile()
             except Exception:  # a bug in one pass must not stop the controller; the next pass retries
                 log.exception("reconcile_failed")
+            took = time.monotonic() - started
+            if took > SLOW_PASS_S:
+                event(log, "reconcile_slow", logging.WARNING, seconds=f"{took:.2f}", nodes=len(self.nodes),
+                      replicas=len(self.assignments))
+            # Wakes that come in a burst (1,000 nodes reconnecting) share passes: the loop spends at most
+            # about a third of its time reconciling and keeps the rest for the sessions themselves.
+            await asyncio.sleep(min(2 * took, self.interval))
 
     # admin
 
@@ -137,10 +178,10 @@ class Controller:
         self.wake()
         return f"{model}: replicas {old} -> {replicas}"
 
-    @staticmethod
-    def _check_replicas(replicas: int) -> None:
-        if not 1 <= replicas <= MAX_REPLICAS:
-            raise InvalidRequest(f"replicas must be between 1 and {MAX_REPLICAS}, got {replicas}")
+    def _check_replicas(self, replicas: int) -> None:
+        if not 1 <= replicas <= self.max_replicas:
+            raise InvalidRequest(f"replicas must be between 1 and {self.max_replicas} (the head's --max-replicas), "
+                                 f"got {replicas}")
 
     def undeploy(self, model: str) -> str:
         if model not in self.deployments:
@@ -148,7 +189,7 @@ class Controller:
             raise NotFound(f"model {model!r} is not deployed (deployed: {known})")
         del self.deployments[model]
         self.messages.pop(model, None)
-        gone = [a.replica_id for a in self.assignments.values() if a.model == model]
+        gone = list(self.assignments.of_model(model))
         self.store.delete_deployment(model)
         self._remove(gone, "undeployed")
         event(log, "undeploy", model=model, replicas=len(gone))
@@ -157,8 +198,8 @@ class Controller:
 
     def _drop_failed(self, model: str) -> list[str]:
         """A repeated deploy retries the model's FAILED replicas: they are replaced by new ones."""
-        failed = [a.replica_id for a in self.assignments.values()
-                  if a.model == model and self.replica_status(a).state == S.REPLICA_STATE_FAILED]
+        failed = [a.replica_id for a in self.assignments.of_model(model).values()
+                  if self._state(a) == FAILED]
         self._remove(failed, "redeployed after failure")
         return failed
 
@@ -215,14 +256,17 @@ class Controller:
         session.reports += 1
         old = node.reports
         node.reports = {r.replica_id: r for r in report.replicas}
+        changed = len(old) != len(node.reports) or not node.synced
         for r in report.replicas:
             prev = old.get(r.replica_id)
-            if prev is None or prev.state != r.state or prev.message != r.message:
+            if prev is None or prev.state != r.state or prev.message != r.message or prev.address != r.address:
+                changed = True
                 event(log, "replica_state", replica=r.replica_id, node=node.node_id, state=state_name(r.state),
                       address=r.address, pid=r.pid, restarts=r.restarts, message=r.message)
         self._adopt(node, report.replicas)
         node.synced = node.alive
-        self.wake()
+        if changed:  # a heartbeat that says nothing new does not need a reconcile pass (1,000 nodes send 1,000/s)
+            self.wake()
 
     def close_session(self, session: Session, reason: str) -> None:
         session.close(reason)
@@ -246,9 +290,9 @@ class Controller:
             if r.replica_id in self.assignments or r.replica_id in self._tombstones:
                 continue
             dep = self.deployments.get(r.model)
-            if dep is None or r.state == S.REPLICA_STATE_STOPPING:
+            if dep is None or r.state == STOPPING:
                 continue
-            if sum(1 for a in self.assignments.values() if a.model == r.model) >= dep.replicas:
+            if len(self.assignments.of_model(r.model)) >= dep.replicas:
                 continue
             a = Assignment(r.replica_id, r.model, node.node_id, time.time())
             self.assignments[a.replica_id] = a
@@ -264,9 +308,10 @@ class Controller:
             node.session = None
             self.logs.node_gone(node.node_id, reason)
             self.pulls.node_gone(node.node_id, reason)
-        gone = [a.replica_id for a in self.assignments.values() if a.node_id == node.node_id]
+        gone = list(self.assignments.of_node(node.node_id))
         for rid in gone:
             self.assignments.pop(rid)
+            self._endpoint_keys.pop(rid, None)
         self.store.delete_assignments(gone)
         event(log, "node_lost", logging.WARNING, node=node.node_id, reason=reason, replicas_lost=len(gone))
 
@@ -277,7 +322,7 @@ class Controller:
         now = time.monotonic()
         self._tombstones = {r: t for r, t in self._tombstones.items() if now - t < TOMBSTONE_SECONDS}
         for node in list(self.nodes.values()):
-            silent = now - node.last_seen
+            silent = now - max(node.last_seen, self._heard_from)
             if node.alive and silent > self.node_timeout:
                 self._node_lost(node, f"no report for {silent:.1f}s")
             elif node.awaiting and silent > self.reconnect_grace:
@@ -287,27 +332,34 @@ class Controller:
         for dep in self.deployments.values():
             self._fit(dep)
         self._push_desired()
-        if not self._routes_held() and self.routes.update(self._route_keys()):
+        if not self._routes_held() and self._routes_stale() and self.routes.update(self._route_keys()):
             event(log, "routes_changed", version=self.routes.version,
-                  endpoints=sum(len(r.endpoints) for r in self.routes.snapshot().routes))
+                  endpoints=self.routes.endpoint_count())
         self.reconcile_passes += 1
+
+    def _routes_stale(self) -> bool:
+        """Whether the routes may have changed since they were last computed: a wake (a report that changed
+        something, a session, an admin call) or a change of placements. A quiet periodic pass skips them."""
+        basis = (self.assignments.generation_now(), tuple(sorted(self.deployments)))
+        stale, self._routes_basis = basis != self._routes_basis, basis
+        return stale
 
     def _routes_held(self) -> bool:
         """After a restart the first table waits until every node holding stored placements has reported
         (or is given up): an earlier one would lack their replicas and empty the proxies' routes."""
         if not self._routes_warm:
-            holders = [self.nodes[a.node_id] for a in self.assignments.values() if a.node_id in self.nodes]
+            holders = [self.nodes[n] for n in self.assignments.node_ids() if n in self.nodes]
             self._routes_warm = not any(n.awaiting or (n.alive and not n.synced) for n in holders)
         return not self._routes_warm
 
     def _fit(self, dep: Deployment) -> None:
         """Adds or removes placements of one deployment until they match its replica count."""
-        mine = [a for a in self.assignments.values() if a.model == dep.model]
+        mine = list(self.assignments.of_model(dep.model).values())
         if dep.node:
             self._remove([a.replica_id for a in mine if a.node_id != dep.node], f"pinned to node {dep.node}")
             mine = [a for a in mine if a.node_id == dep.node]
         if len(mine) > dep.replicas:
-            views = [ReplicaView(a.replica_id, self.replica_status(a).state, a.created) for a in mine]
+            views = [ReplicaView(a.replica_id, self._state(a), a.created) for a in mine]
             self._remove(choose_removals(views, len(mine) - dep.replicas), "scaled down")
         pending = 0
         res = dep.config.resources
@@ -315,11 +367,13 @@ class Controller:
             want = dep.replicas - len(mine)
             nodes = [c for c in self._capacities() if not dep.node or c.node_id == dep.node]
             chosen, _ = place(nodes, res.num_cpus, res.num_gpus, want, memory=res.memory_mb * 2**20)
+            placed = []
             for node_id in chosen:
                 a = Assignment(new_replica_id(dep.model), dep.model, node_id, time.time())
                 self.assignments[a.replica_id] = a
-                self.store.put_assignment(a)
+                placed.append(a)
                 event(log, "replica_placed", replica=a.replica_id, model=dep.model, node=node_id)
+            self.store.put_assignments(placed)
             pending = want - len(chosen)
         self.messages[dep.model] = self._message(dep, pending)
 
@@ -329,13 +383,14 @@ class Controller:
             res = dep.config.resources
             parts.append(pending_message(pending, res.num_cpus, res.num_gpus, dep.node,
                                          dep.node in self.nodes and self.nodes[dep.node].alive, res.memory_mb))
-        failed = [s for s in (self.replica_status(a) for a in self.assignments.values() if a.model == dep.model)
-                  if s.state == S.REPLICA_STATE_FAILED]
+        mine = self.assignments.of_model(dep.model)
+        failed = [r for n in self.nodes.values() for r in n.reports.values()
+                  if r.state == FAILED and r.replica_id in mine]
         if failed:
             parts.append(f"{len(failed)} replica(s) failed: {failed[0].message or 'no message'} "
                          f"(deploy again to retry)")
-        waiting = sorted({a.node_id for a in self.assignments.values()
-                          if a.model == dep.model and self.nodes.get(a.node_id, Node("")).awaiting})
+        waiting = sorted(n.node_id for n in self.nodes.values()
+                         if n.awaiting and any(r in mine for r in self.assignments.of_node(n.node_id)))
         if waiting:
             parts.append(f"waiting for node(s) {', '.join(waiting)} to reconnect")
         return "; ".join(parts)
@@ -357,6 +412,7 @@ class Controller:
     def _remove(self, replica_ids: list[str], reason: str) -> None:
         now = time.monotonic()
         for rid in replica_ids:
+            self._endpoint_keys.pop(rid, None)
             a = self.assignments.pop(rid, None)
             if a is not None:
                 self._tombstones[rid] = now
@@ -364,16 +420,28 @@ class Controller:
         self.store.delete_assignments(replica_ids)
 
     def _push_desired(self) -> None:
+        configs = {m: d.config.to_json() for m, d in self.deployments.items()}  # cheap to compare
+        generation = tuple(sorted(configs.items()))
+        protos: dict[str, object] = {}
+
+        def proto(model: str):  # the config as it travels, built once per model per pass
+            if model not in protos:
+                protos[model] = config_to_proto(self.deployments[model].config)
+            return protos[model]
         for node in self.nodes.values():
             if not (node.alive and node.synced and node.session):
                 continue
-            mine = [a for a in sorted(self.assignments.values(), key=lambda a: a.replica_id)
-                    if a.node_id == node.node_id]
-            key = tuple((a.replica_id, self.deployments[a.model].config) for a in mine)
+            # Unchanged placements on the node and unchanged configs: nothing to compare (the common case).
+            fast = (self.assignments.generation(node.node_id), generation)
+            if node.sent_key is not None and node.sent_fast == fast:
+                continue
+            node.sent_fast = fast
+            mine = sorted(self.assignments.of_node(node.node_id).values(), key=lambda a: a.replica_id)
+            key = tuple((a.replica_id, configs[a.model]) for a in mine)
             if key == node.sent_key:
                 continue
-            specs = [head_pb2.ReplicaSpec(replica_id=rid, model=config.name, model_config=config_to_proto(config))
-                     for rid, config in key]
+            specs = [head_pb2.ReplicaSpec(replica_id=a.replica_id, model=a.model, model_config=proto(a.model))
+                     for a in mine]
             self._version += 1
             node.session.push(head_pb2.DesiredState(version=self._version, replicas=specs))
             node.sent_key = key
@@ -383,15 +451,24 @@ class Controller:
         routes = []
         for dep in self.deployments.values():
             endpoints = []
-            for a in self.assignments.values():
+            for a in self.assignments.of_model(dep.model).values():
                 node = self.nodes.get(a.node_id)
-                st = self.replica_status(a)
-                if a.model == dep.model and node and node.alive and st.state == S.REPLICA_STATE_READY and st.address:
-                    endpoints.append(EndpointKey(a.replica_id, st.address, a.node_id))
+                st = node.reports.get(a.replica_id) if node and node.alive else None
+                if st is not None and st.state == READY and st.address:
+                    key = self._endpoint_keys.get(a.replica_id)
+                    if key is None or key.address != st.address or key.node_id != a.node_id:
+                        key = self._endpoint_keys[a.replica_id] = EndpointKey(a.replica_id, st.address, a.node_id)
+                    endpoints.append(key)
             routes.append(RouteKey(dep.model, dep.config, tuple(endpoints)))
         return routes
 
     # status
+
+    def _state(self, a: Assignment) -> int:
+        """The replica's reported state (PENDING when its node has not reported it), without a copy."""
+        node = self.nodes.get(a.node_id)
+        reported = node.reports.get(a.replica_id) if node else None
+        return reported.state if reported is not None else PENDING
 
     def replica_status(self, a: Assignment) -> head_pb2.ReplicaStatus:
         node = self.nodes.get(a.node_id)
@@ -403,19 +480,28 @@ class Controller:
             return out
         message = f"waiting for node {a.node_id} to reconnect" if node and node.awaiting else ""
         return head_pb2.ReplicaStatus(replica_id=a.replica_id, model=a.model, node_id=a.node_id,
-                                      state=S.REPLICA_STATE_PENDING, message=message, state_since=a.created)
+                                      state=PENDING, message=message, state_since=a.created)
 
     def _allocated(self, node_id: str) -> head_pb2.Resources:
         out = head_pb2.Resources()
-        for a in self.assignments.values():
+        for a in self.assignments.of_node(node_id).values():
             dep = self.deployments.get(a.model)
-            if a.node_id == node_id and dep:
+            if dep:
                 out.num_cpus += dep.config.resources.num_cpus
                 out.num_gpus += dep.config.resources.num_gpus
                 out.memory_bytes += dep.config.resources.memory_mb * 1024 * 1024
         return out
 
     def status(self) -> head_pb2.ClusterStatus:
+        """The cluster as Status tells it; one build serves every caller until something changes or a second
+        passes (every proxy polls it: 10 of them at 10,000 replicas would keep the head busy building it)."""
+        now, generation = time.monotonic(), self.assignments.generation_now()
+        cached = self._status_cache
+        if cached is None or now - cached[0] > STATUS_CACHE_S or cached[1] != generation:
+            cached = self._status_cache = (now, generation, self._build_status())
+        return cached[2]
+
+    def _build_status(self) -> head_pb2.ClusterStatus:
         out = head_pb2.ClusterStatus(routes_version=self.routes.version, proxy_address=self.proxy_address,
                                      proxy_pid=self.proxy_pid, proxy_restarts=self.proxy_restarts,
                                      reconcile_passes=self.reconcile_passes)
@@ -426,8 +512,8 @@ class Controller:
                 cpu_percent=node.cpu_percent, alive=node.alive, last_seen=node.last_seen_wall,
                 cached_models=node.cached_models))
         for dep in sorted(self.deployments.values(), key=lambda d: d.model):
-            mine = [self.replica_status(a) for a in self.assignments.values() if a.model == dep.model]
-            ready = sum(1 for s in mine if s.state == S.REPLICA_STATE_READY)
+            ready = sum(1 for a in self.assignments.of_model(dep.model).values()
+                        if self._state(a) == READY)
             out.deployments.append(head_pb2.DeploymentStatus(
                 model=dep.model, replicas=dep.replicas, ready=ready, message=self.messages.get(dep.model, ""),
                 node=dep.node))

@@ -80,6 +80,8 @@ class RouteServicer(head_pb2_grpc.RouteServiceServicer):
         event(log, "route_watch_started", peer=context.peer(), known_version=request.known_version)
         try:
             async for table in self.routes.watch():
+                if context.done():  # the proxy went away (a cancelled or timed-out call): write nothing to it
+                    return
                 yield table
         finally:
             event(log, "route_watch_ended", peer=context.peer())

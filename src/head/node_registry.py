@@ -81,5 +81,6 @@ class Node:
     last_seen_wall: float = 0.0   # unix time, for status
     session: Session | None = None
     sent_key: tuple | None = None  # the replica set last sent, to send only real changes
+    sent_fast: tuple | None = None  # (placement generation, configs) when sent_key was last checked
     reports: dict[str, head_pb2.ReplicaStatus] = field(default_factory=dict)
     cached_models: list[head_pb2.CachedModel] = field(default_factory=list)  # its HF cache, as last reported

@@ -1,6 +1,7 @@
 """Pure placement rules: which node gets a new replica, which replicas go on scale-down, why some wait."""
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 from gridserve.v1 import head_pb2
@@ -86,16 +87,20 @@ def place(nodes: list[NodeCapacity], cpus: float, gpus: float, count: int,
           memory: int = 0) -> tuple[list[str], list[NodeCapacity]]:
     """Chooses a node for each of `count` new replicas (each taking `memory` bytes), most free first
     (spreading); returns the chosen node ids (fewer than `count` when nothing fits) and the nodes with
-    those replicas added."""
+    those replicas added. A heap keeps it O(count log nodes): 10,000 replicas over 1,000 nodes is one
+    pass, not ten million steps. A node that does not fit is dropped from the heap for good: within one
+    call it only fills up."""
     nodes = list(nodes)
+    heap = [(-n.free_cpus, -n.free_gpus, n.node_id, i) for i, n in enumerate(nodes)]
+    heapq.heapify(heap)
     chosen: list[str] = []
-    for _ in range(count):
-        fitting = [i for i, n in enumerate(nodes) if n.fits(cpus, gpus, memory)]
-        if not fitting:
-            break
-        best = min(fitting, key=lambda i: (-nodes[i].free_cpus, -nodes[i].free_gpus, nodes[i].node_id))
-        chosen.append(nodes[best].node_id)
-        nodes[best] = nodes[best].plus(cpus, gpus, memory)
+    while heap and len(chosen) < count:
+        _, _, node_id, i = heapq.heappop(heap)
+        if not nodes[i].fits(cpus, gpus, memory):
+            continue
+        chosen.append(node_id)
+        nodes[i] = n = nodes[i].plus(cpus, gpus, memory)
+        heapq.heappush(heap, (-n.free_cpus, -n.free_gpus, node_id, i))
     return chosen, nodes
 
 

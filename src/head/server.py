@@ -66,7 +66,8 @@ async def serve(cfg: HeadConfig, stop: Stop) -> int:
     state_dir.root.mkdir(parents=True, exist_ok=True)
     store = StateStore(state_dir.root)
     routes = RouteTable()
-    ctl = Controller(catalog, store, routes, cfg.node_timeout, cfg.reconcile_interval)
+    ctl = Controller(catalog, store, routes, cfg.node_timeout, cfg.reconcile_interval,
+                     max_replicas=cfg.max_replicas)
     server = make_server(cfg.security)
     add_services(server, ctl, routes)
     health = add_health(server)

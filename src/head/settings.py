@@ -25,6 +25,7 @@ class HeadConfig:
     proxy: bool = True
     node_timeout: float = 10.0
     reconcile_interval: float = 1.0
+    max_replicas: int = 64  # the most replicas one deployment may ask for
     log_level: str = "INFO"
     api_keys: tuple[str, ...] = ()  # handed to the proxy in a 0600 file under state_dir, never on argv
     admin_keys: tuple[str, ...] = ()  # the dashboard's admin credential, handed over the same way
@@ -41,6 +42,8 @@ class HeadConfig:
         if not 0.05 <= self.reconcile_interval <= 60:
             raise ConfigError(f"--reconcile-interval: must be between 0.05 and 60 seconds, "
                               f"got {self.reconcile_interval:g}")
+        if not 1 <= self.max_replicas <= 1_000_000:
+            raise ConfigError(f"--max-replicas: must be between 1 and 1000000, got {self.max_replicas}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}")
 
@@ -70,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "after a head restart nodes get twice this to reconnect")
     p.add_argument("--reconcile-interval", type=float, default=1.0,
                    help="seconds between periodic reconcile passes (default 1)")
+    p.add_argument("--max-replicas", type=int, default=64,
+                   help="the most replicas one deployment may ask for (default 64; a head simulated at scale "
+                        "takes e.g. 10000)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     add_api_key_args(p)
     add_admin_key_args(p)

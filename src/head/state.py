@@ -113,6 +113,14 @@ class StateStore:
         self._db.execute("INSERT OR REPLACE INTO assignments (replica_id, model, node_id, created) "
                          "VALUES (?, ?, ?, ?)", (a.replica_id, a.model, a.node_id, a.created))
 
+    def put_assignments(self, assignments: list[Assignment]) -> None:
+        """Stores many placements in one transaction (one commit for a deploy of 10,000 replicas)."""
+        if assignments:
+            with self._tx():
+                self._db.executemany("INSERT OR REPLACE INTO assignments (replica_id, model, node_id, created) "
+                                     "VALUES (?, ?, ?, ?)", [(a.replica_id, a.model, a.node_id, a.created)
+                                                             for a in assignments])
+
     def delete_assignments(self, replica_ids: list[str]) -> None:
         if replica_ids:
             with self._tx():

@@ -105,18 +105,24 @@ class RouteCache:
         if self.received and not fresh_stream and snapshot.version <= self.version:
             event(log, "routes_stale", version=snapshot.version, held=self.version)
             return False
-        routes = {}
-        for route in snapshot.routes:
-            parsed = self._parse_route(route)
-            if parsed is not None:
-                routes[route.model] = parsed
+        if snapshot.delta:
+            if fresh_stream or not self.received or snapshot.base_version != self.version:
+                raise RouteDeltaError(f"a route delta for version {snapshot.base_version} cannot apply to "
+                                      f"the held version {self.version}")
+            routes = apply_delta(self.routes, snapshot, self._parse_route)
+        else:
+            routes = {}
+            for route in snapshot.routes:
+                parsed = self._parse_route(route)
+                if parsed is not None:
+                    routes[route.model] = parsed
         before = self.addresses()
         self.routes, self.version = routes, snapshot.version
         self._first.set()
         for address in before - self.addresses():
             self._retire(address)
         event(log, "routes_applied", version=self.version, models=len(routes),
-              endpoints=sum(len(r.endpoints) for r in routes.values()))
+              endpoints=sum(len(r.endpoints) for r in routes.values()), delta=snapshot.delta)
         return True
 
     def _parse_route(self, route: head_pb2.Route) -> ModelRoute | None:
@@ -177,6 +183,26 @@ class RouteCache:
         await asyncio.gather(*(c.close() for c in channels), *self._closing, return_exceptions=True)
 
 
+class RouteDeltaError(Exception):
+    """A delta that does not follow the held table: the watch is opened again for a whole table."""
+
+
+def apply_delta(routes: dict[str, ModelRoute], delta: head_pb2.RoutingTable, parse) -> dict[str, ModelRoute]:
+    """The routes after `delta`: changed routes get their config, lose removed endpoints and gain added ones
+    (in place of any with the same replica id); others stay as they are."""
+    out = {m: r for m, r in routes.items() if m not in set(delta.removed_models)}
+    for route in delta.routes:
+        parsed = parse(head_pb2.Route(model=route.model, model_config=route.model_config))
+        if parsed is None:
+            continue
+        gone = set(route.removed_replica_ids)
+        added = {e.replica_id: Endpoint(e.replica_id, e.address, e.node_id) for e in route.endpoints if e.address}
+        held = out[route.model].endpoints if route.model in out else ()
+        kept = [e for e in held if e.replica_id not in gone and e.replica_id not in added]
+        out[route.model] = ModelRoute(parsed.config, (*kept, *added.values()))
+    return out
+
+
 class RouteWatcher:
     """Keeps RouteService.Watch open to the head; on a broken stream reconnects with backoff + jitter.
 
@@ -209,7 +235,11 @@ class RouteWatcher:
         got_any = False
         try:
             async for snapshot in call:
-                self.table.apply(snapshot, fresh_stream=not got_any)
+                try:
+                    self.table.apply(snapshot, fresh_stream=not got_any)
+                except RouteDeltaError as e:  # out of step: a new watch starts with a whole table
+                    event(log, "route_delta_refused", logging.WARNING, error=str(e))
+                    return got_any
                 if not got_any:
                     got_any, self.connected = True, True
                     event(log, "head_connected", head=self.head_address, version=self.table.version)

@@ -131,6 +131,15 @@ class NodeAgent:
                 if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                     event(log, "head_refused_token", logging.ERROR, head=self.cfg.head,
                           hint="pass the head's token with --cluster-token-file (its state dir holds it)")
+            except asyncio.CancelledError:
+                # gRPC raises CancelledError from a call cancelled under it (a channel torn down while the
+                # link broke): that is a failed session, not this task being stopped, so reconnect.
+                if asyncio.current_task().cancelling():
+                    raise
+                reason = "the session's call was cancelled under it"
+            except Exception as e:  # noqa: BLE001 - anything else the session raises must not end reconnecting
+                reason = f"{type(e).__name__}: {e}"
+                log.warning("session_failed", exc_info=True)
             finally:
                 self.connected = False
             delay = backoff.next_delay(time.monotonic() - started)

@@ -58,13 +58,34 @@ async def test_a_watcher_gets_the_current_table_at_once_then_each_new_version():
 async def test_a_slow_watcher_skips_to_the_newest_complete_table():
     table = RouteTable()
     table.update([])
-    watch = table.watch()
+    watch = table.watch(deltas=False)
     await anext(watch)
     for endpoints in [(E1,), (E1, E2), (E2,)]:
         table.update([RouteKey("m", cfg(), endpoints)])
     newest = await asyncio.wait_for(anext(watch), 1)
     assert newest.version == table.version
     assert [e.replica_id for e in newest.routes[0].endpoints] == ["m-000002"]
+    await watch.aclose()
+
+
+async def test_after_the_first_whole_table_a_watcher_gets_deltas_against_what_it_was_sent():
+    table = RouteTable()
+    table.update([RouteKey("m", cfg(), (E1,)), RouteKey("gone", cfg("gone"))])
+    watch = table.watch()
+    first = await anext(watch)
+    assert not first.delta and len(first.routes) == 2
+    e1_moved = EndpointKey("m-000001", "h9:9", "n9")
+    table.update([RouteKey("m", cfg(), (e1_moved, E2))])  # E1 changed address, E2 added, "gone" undeployed
+    table.update([RouteKey("m", cfg(), (E2,))])            # then E1 leaves: a slow watcher gets both at once
+    delta = await asyncio.wait_for(anext(watch), 1)
+    assert delta.delta and (delta.base_version, delta.version) == (first.version, table.version)
+    assert list(delta.removed_models) == ["gone"]
+    (route,) = delta.routes
+    assert [e.replica_id for e in route.endpoints] == ["m-000002"] and list(route.removed_replica_ids) == ["m-000001"]
+    table.update([RouteKey("m", cfg(limit=32), (E2,))])  # a config change alone: the route, no endpoint change
+    delta = await asyncio.wait_for(anext(watch), 1)
+    assert [(r.model_config.max_tokens_limit, len(r.endpoints), len(r.removed_replica_ids))
+            for r in delta.routes] == [(32, 0, 0)]
     await watch.aclose()
 
 

@@ -4,8 +4,10 @@ import random
 
 from gridserve.common import grpcutil
 from gridserve.common.model_config import ModelConfig
+import pytest
+
 from gridserve.common.model_config_proto import config_to_proto
-from gridserve.proxy.route_cache import RouteCache, RouteWatcher
+from gridserve.proxy.route_cache import RouteCache, RouteDeltaError, RouteWatcher
 from gridserve.v1 import head_pb2, head_pb2_grpc
 from support.waiting import wait_until as wait_for
 
@@ -55,6 +57,22 @@ def test_first_snapshot_of_a_fresh_stream_wins_even_with_a_lower_version():
     table.apply(snapshot(50, m=["h:1"]))
     assert table.apply(snapshot(2, m=["h:7"]), fresh_stream=True)  # the head restarted its counter
     assert table.version == 2 and addresses(table, "m") == ["h:7"]
+
+
+def test_a_delta_adds_replaces_and_removes_endpoints_and_models_and_must_follow_the_held_version():
+    table = RouteCache()
+    table.apply(snapshot(5, m=["h:1", "h:2"], gone=["g:1"]))
+    delta = snapshot(7, m=["h:3", "h9:9"])
+    delta.delta, delta.base_version = True, 6
+    with pytest.raises(RouteDeltaError):  # it follows version 6, the proxy holds 5: a new watch is needed
+        table.apply(delta)
+    delta.base_version = 5
+    delta.routes[0].endpoints[1].replica_id = "m-2"  # m-2 moved to h9:9
+    delta.routes[0].removed_replica_ids.append("m-1")
+    delta.removed_models.append("gone")
+    assert table.apply(delta)
+    assert table.version == 7 and set(table.routes) == {"m"}
+    assert sorted(addresses(table, "m")) == ["h9:9", "h:3"]
 
 
 def test_removed_model_disappears_and_bad_config_keeps_the_previous_route():
