@@ -116,7 +116,7 @@ def _proxy(cfg: HeadConfig, state_dir: StateDir, grpc_port: int, ctl: Controller
         ctl.proxy_address, ctl.proxy_pid, ctl.proxy_restarts = address, pid, restarts
         info.set_proxy(address, pid)
 
-    write_key_file(state_dir.api_keys, cfg.api_keys)  # 0600; removed when the head has no keys
+    write_key_file(state_dir.api_keys, cfg.api_keys, cfg.api_key_limits)  # 0600; removed when the head has no keys
     return ProxySupervisor(f"{cfg.local_host}:{grpc_port}", cfg.http_host, cfg.http_port, state_dir.proxy_port,
                            on_change, state_dir.api_keys if cfg.api_keys else None, cfg.security.child_args())
 

@@ -19,6 +19,7 @@ from gridserve.proxy.stream_resume import Upstreams
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_response
 from gridserve.proxy.request_metrics import UNKNOWN_MODEL, ProxyMetrics
 from gridserve.proxy.native_requests import request_id_from
+from gridserve.proxy.rate_limits import TOKENS_USED
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy, UpstreamStream
 from gridserve.v1 import replica_pb2
@@ -178,6 +179,7 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
         if upstreams is not None:
             upstreams.close()
             rec.final_replica, rec.failovers = upstreams.replica_id, upstreams.failovers
+        request[TOKENS_USED] = rec.result.prompt_tokens + (rec.result.completion_tokens or rec.tokens)
         rec.done()
 
 

@@ -22,6 +22,7 @@ from gridserve.proxy.request_metrics import ProxyMetrics
 from gridserve.proxy.openai_requests import ModelNotFound
 from gridserve.proxy.relay import STATE, ProxyState, Wire, handle
 from gridserve.proxy.native_requests import lookup_model
+from gridserve.proxy.rate_limits import RateLimiter, add_ratelimit_headers, rate_limit_middleware
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy
 
@@ -33,11 +34,14 @@ def error_body_for(request: web.Request) -> ErrorBody:
     return openai_api.error_body if openai_api.is_openai_path(request.path) else native.error_body
 
 
-def make_app(state: ProxyState, keys: ApiKeys = ApiKeys()) -> web.Application:
+def make_app(state: ProxyState, keys: ApiKeys = ApiKeys(), limiter: RateLimiter | None = None) -> web.Application:
     middlewares = [error_middleware(error_body_for)]
     if keys:
         middlewares.append(auth_middleware(keys, state.metrics.auth_failures.inc))
+    if keys and limiter:
+        middlewares.append(rate_limit_middleware(limiter, lambda kind: state.metrics.rate_limited.labels(kind).inc()))
     app = web.Application(middlewares=middlewares, client_max_size=state.max_body_bytes)
+    app.on_response_prepare.append(add_ratelimit_headers)
     app[STATE] = state
     app.router.add_post("/v1/chat/completions", _generate(openai_api.CHAT))
     app.router.add_post("/v1/completions", _generate(openai_api.COMPLETIONS))
@@ -123,7 +127,7 @@ async def serve(cfg: ProxyConfig, stop: Stop) -> int:
     state.metrics.registry.register(collector)
     poller = ClusterPoller(cfg.head, table, collector, cfg.metrics_interval_s,
                            on_poll=lambda: state.metrics.known_models(table.routes))
-    app = make_app(state, ApiKeys(cfg.api_keys))
+    app = make_app(state, ApiKeys(cfg.api_keys), RateLimiter(cfg.api_key_limits))
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from gridserve.common.model_config import parse_hostport
 from gridserve.common.errors import ConfigError
-from gridserve.common.api_key_files import add_api_key_args, keys_from_args
+from gridserve.common.api_key_files import KeyLimits, add_api_key_args, keys_from_args, limits_from_args
 from gridserve.common.security import Security, add_security_args, security_from_args
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -27,6 +27,7 @@ class ProxyConfig:
     shutdown_grace_s: float = 5.0    # how long open streams may finish on SIGTERM
     metrics_interval_s: float = 5.0  # how often /metrics' cluster gauges are refreshed from the head
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: /v1/* is open
+    api_key_limits: dict[str, KeyLimits] = field(default_factory=dict, repr=False)  # key -> its rate limits
     security: Security = field(default=Security(), repr=False)  # cluster token and TLS for gRPC calls
 
     def __post_init__(self) -> None:
@@ -84,6 +85,6 @@ def parse_config(argv: list[str] | None = None) -> ProxyConfig:
                            retry_attempts=args.retry_attempts, retry_deadline_s=args.retry_deadline,
                            accept_timeout_s=args.accept_timeout, max_failovers=args.max_failovers,
                            shutdown_grace_s=args.shutdown_grace, metrics_interval_s=args.metrics_interval,
-                           api_keys=keys_from_args(args), security=security_from_args(args))
+                           api_keys=keys_from_args(args), api_key_limits=limits_from_args(args), security=security_from_args(args))
     except ConfigError as e:
         parser.error(e.message)
