@@ -230,7 +230,7 @@ def measure(system: str, url: str, payload, levels: list[int], generated, pid: i
 def run_gridserve(root: Path, levels: list[int], cpus: int, count_tokens) -> list[dict]:
     """A real head + proxy + scheduler + one smollm2 replica on `cpus` cores, measured over HTTP."""
     import grpc
-    from clusterlib import Cluster
+    from support.cluster import Cluster
     from gridserve.v1 import replica_pb2, replica_pb2_grpc
     catalog = json.loads((REPO / "model_configs.json").read_text())
     entry = catalog["models"]["smollm2"]

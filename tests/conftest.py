@@ -5,6 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests: few enough examples for `make test`; `pytest --hypothesis-profile=gridserve-long` runs more.
+settings.register_profile("gridserve", max_examples=300, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("gridserve-long", settings.get_profile("gridserve"), max_examples=3000)
+settings.load_profile("gridserve")
 
 LAYERS = ("unit", "integration", "e2e")  # a test's marker is the folder it lives in, so `-m unit` works
 

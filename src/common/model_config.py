@@ -11,8 +11,11 @@ from gridserve.common.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_CONFIGS = REPO_ROOT / "model_configs.json"
-SOURCE_TYPES = ("gguf_package", "hub", "local")
+SOURCE_TYPES = ("gguf_package", "hub", "local", "fake")
 DTYPES = ("float32", "bfloat16", "float16")
+# Weight-only quantization a model may ask for; "none" keeps the weights in `dtype`. Only kinds with a
+# kernel that is fast on the replica's device are offered (see docs/performance.md).
+QUANTIZATIONS = ("none",)
 
 
 def _take(d: dict, key: str, where: str, kinds: tuple, default: Any = ..., check=None, rule: str = ""):
@@ -52,13 +55,20 @@ NUM = (int, float)
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the weights come from: a GGUF file in a Python package, a hub id, or a local folder."""
+    """Where the weights come from: a GGUF file in a Python package, a hub id, or a local folder.
+
+    "fake" has no weights: the replica's real engine (admission, cancel, resume, 429, metrics) runs
+    with a model runner that streams deterministic words at `tokens_per_second` per stream, after
+    `prefill_delay_s` per prefill; for load and autoscaling tests without a model.
+    """
     type: str
     package: str = ""
     file: str = ""
     repo: str = ""
     revision: str = ""
     path: str = ""
+    tokens_per_second: float = 0.0
+    prefill_delay_s: float = 0.0
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "ModelSource":
@@ -66,6 +76,8 @@ class ModelSource:
             raise ConfigError(f"{where}: must be an object")
         kind = _take(d, "type", where, (str,), check=lambda v: v in SOURCE_TYPES,
                      rule=f"one of {', '.join(SOURCE_TYPES)}")
+        if kind == "fake":
+            return cls._fake(d, where)
         need = {"gguf_package": ("package", "file"), "hub": ("repo",), "local": ("path",)}[kind]
         allowed = {"type", *need, "revision"} if kind == "hub" else {"type", *need}
         if kind == "local":
@@ -75,7 +87,16 @@ class ModelSource:
         rest = {k: _take(d, k, where, (str,), default="") for k in allowed - set(need) - {"type"}}
         return cls(type=kind, **vals, **rest)
 
+    @classmethod
+    def _fake(cls, d: dict, where: str) -> "ModelSource":
+        _no_extra(d, {"type", "tokens_per_second", "prefill_delay_s"}, where)
+        tps = _take(d, "tokens_per_second", where, NUM, check=lambda v: 0 < v <= 100000, rule="a number in (0, 100000]")
+        delay = _take(d, "prefill_delay_s", where, NUM, 0.0, lambda v: 0 <= v <= 600, "a number in [0, 600]")
+        return cls(type="fake", tokens_per_second=float(tps), prefill_delay_s=float(delay))
+
     def describe(self) -> str:
+        if self.type == "fake":
+            return f"fake ({self.tokens_per_second:g} tokens/s per stream)"
         if self.type == "gguf_package":
             return f"{self.package}/{self.file}"
         if self.type == "hub":
@@ -127,6 +148,7 @@ class ModelConfig:
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     resources: Resources = field(default_factory=Resources)
     dtype: str = "float32"
+    quantization: str = "none"
     max_batch_size: int = 8
     max_waiting: int = 32
     description: str = ""
@@ -134,7 +156,7 @@ class ModelConfig:
     # NOT_SERVING (and is replaced). 60 s leaves room for a slow CPU prefill of a long prompt on a 7B model.
     stall_timeout_s: float = 60.0
 
-    FIELDS = ("source", "context_length", "max_tokens_limit", "sampling", "resources", "dtype",
+    FIELDS = ("source", "context_length", "max_tokens_limit", "sampling", "resources", "dtype", "quantization",
               "max_batch_size", "max_waiting", "description", "stall_timeout_s")
 
     @classmethod
@@ -158,6 +180,8 @@ class ModelConfig:
             sampling=sampling,
             resources=Resources.from_dict(_obj(d, "resources", where), f"{where}.resources"),
             dtype=_take(d, "dtype", where, (str,), "float32", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+            quantization=_take(d, "quantization", where, (str,), "none", lambda v: v in QUANTIZATIONS,
+                               f"one of {', '.join(QUANTIZATIONS)}"),
             max_batch_size=_take(d, "max_batch_size", where, (int,), 8, lambda v: v >= 1, "an integer >= 1"),
             max_waiting=_take(d, "max_waiting", where, (int,), 32, lambda v: v >= 0, "an integer >= 0"),
             description=_take(d, "description", where, (str,), ""),

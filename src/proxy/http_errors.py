@@ -1,6 +1,7 @@
 """HttpError, what every failed request becomes, and the middleware that answers errors in the caller's format."""
 from __future__ import annotations
 
+import json
 import logging
 from typing import Callable
 
@@ -13,6 +14,7 @@ from gridserve.common.eventlog import event
 log = logging.getLogger("gridserve.proxy")
 
 RETRY_AFTER_S = 1  # what 429/503 answers tell clients to wait before trying again
+MAX_MESSAGE = 600  # characters of an error message; longer ones (echoing input) lose their middle
 
 # Error types for statuses that aiohttp itself raises (unknown path, wrong method, body too big).
 HTTP_TYPES = {
@@ -21,9 +23,12 @@ HTTP_TYPES = {
     404: "not_found_error",
     405: "method_not_allowed",
     413: "request_too_large",
+    417: "invalid_request_error",
     429: "overloaded_error",
     503: "service_unavailable",
 }
+# Their short machine-readable `code`.
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 417: "expectation_failed"}
 
 
 class HttpError(Exception):
@@ -32,6 +37,7 @@ class HttpError(Exception):
 
     def __init__(self, status: int, error_type: str, message: str, retryable: bool = False,
                  param: str | None = None, code: str | None = None, headers: dict | None = None):
+        message = cap_message(message)
         super().__init__(message)
         self.status = status
         self.error_type = error_type
@@ -57,7 +63,23 @@ class HttpError(Exception):
         return cls(status, error_type, message, retryable)
 
 
+def cap_message(message: str) -> str:
+    """`message` cut to MAX_MESSAGE characters by dropping its middle, so an echoed input never makes it
+    unbounded while the start (what is wrong) and the end (the hint) stay."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    half = (MAX_MESSAGE - 5) // 2
+    return f"{message[:half]} ... {message[-half:]}"
+
+
 ErrorBody = Callable[[HttpError], dict]  # a wire format's error shape
+
+
+def error_body(err: HttpError) -> dict:
+    """The error shape outside the two APIs (unknown paths, health, readiness, rejected HTTP): OpenAI's,
+    with a `code` always set."""
+    return {"error": {"message": err.message, "type": err.error_type, "param": err.param,
+                      "code": err.code or err.error_type}}
 
 
 def error_response(err: HttpError, body: ErrorBody, headers: dict | None = None) -> web.Response:
@@ -69,9 +91,11 @@ def error_response(err: HttpError, body: ErrorBody, headers: dict | None = None)
 
 
 def _from_http_exception(e: web.HTTPException) -> HttpError:
+    headers = {}
     if isinstance(e, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(e.allowed_methods))
         message = f"method {e.method} is not allowed here (allowed: {allowed})"
+        headers["Allow"] = allowed
     elif isinstance(e, web.HTTPNotFound):
         message = ("no such path; try POST /v1/chat/completions, POST /v1/completions, POST /v1/chat/{model}, "
                    "GET /v1/models, GET /health, GET /ready or GET /metrics")
@@ -79,7 +103,20 @@ def _from_http_exception(e: web.HTTPException) -> HttpError:
         message = e.text or e.reason
         if message.startswith(f"{e.status}: "):
             message = message[len(f"{e.status}: "):]
-    return HttpError(e.status, HTTP_TYPES.get(e.status, "http_error"), message)
+    return HttpError(e.status, HTTP_TYPES.get(e.status, "http_error"), message, code=HTTP_CODES.get(e.status),
+                     headers=headers)
+
+
+def escaped_errors_in_json(body_for: Callable[[web.Request], ErrorBody]):
+    """An on_response_prepare hook: an aiohttp HTTP error raised outside the middleware (its Expect check runs
+    before it) goes out in JSON too."""
+
+    async def rewrite(request: web.Request, response: web.StreamResponse) -> None:
+        if isinstance(response, web.HTTPException) and response.status >= 400:
+            response.text = json.dumps(body_for(request)(_from_http_exception(response)))
+            response.content_type = "application/json"
+
+    return rewrite
 
 
 def error_middleware(body_for: Callable[[web.Request], ErrorBody]):

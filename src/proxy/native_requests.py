@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import InvalidRequest, NotFound
+from gridserve.proxy.request_body import safe_json_loads
 from gridserve.v1 import replica_pb2
 
 ROLES = ("system", "user", "assistant")
@@ -86,18 +87,8 @@ def _decode(body: bytes, empty_message: str) -> str:
         raise InvalidRequest(f"request body is not valid UTF-8 (byte {e.start})") from None
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a valid JSON number")
-
-
 def _load_json(text: str) -> dict:
-    try:
-        data = json.loads(text, parse_constant=_no_constants)
-    except ValueError as e:
-        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest(f"request body must be a JSON object, got {_kind(data)}")
-    return data
+    return safe_json_loads(text)
 
 
 def _check_fields(data: dict, config: ModelConfig) -> None:

@@ -10,9 +10,18 @@ from gridserve.proxy.relay import Job, Result, Wire
 from gridserve.proxy.native_requests import lookup_model, parse_generate
 
 
+PATH_PREFIX = "/v1/chat/"
+
+
+def is_native_path(path: str) -> bool:
+    """POST /v1/chat/{model}: one path segment after /v1/chat/."""
+    model = path[len(PATH_PREFIX):] if path.startswith(PATH_PREFIX) else ""
+    return bool(model) and "/" not in model
+
+
 def error_body(err: HttpError) -> dict:
-    """The native error shape: {"error": {"message", "type", "code"}} with the HTTP status as the code."""
-    return {"error": {"message": err.message, "type": err.error_type, "code": err.status}}
+    """The native error shape: {"error": {"message", "type", "param", "code"}} with the HTTP status as the code."""
+    return {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": err.status}}
 
 
 def parse(body: bytes, content_type: str, path_model: str, models: Mapping[str, ModelConfig],

@@ -46,7 +46,7 @@ class _OpenAIAnswer:
 
     def _envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None, "choices": choices}
+                "choices": choices}  # no system_fingerprint: gridserve has none to give (absent, not null)
 
     def _chunk(self, choice: dict) -> bytes:
         data = self._envelope(self.chunk_object, [{"index": 0, **choice, "logprobs": None}])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from contextlib import aclosing
@@ -20,6 +19,7 @@ from gridserve.proxy.http_errors import ErrorBody, HttpError, error_response
 from gridserve.proxy.request_metrics import UNKNOWN_MODEL, ProxyMetrics
 from gridserve.proxy.native_requests import request_id_from
 from gridserve.proxy.rate_limits import TOKENS_USED
+from gridserve.proxy.request_body import read_body, safe_json_loads
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy, UpstreamStream
 from gridserve.v1 import replica_pb2
@@ -186,11 +186,7 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
 async def _parse(request: web.Request, wire: Wire, state: ProxyState, rec: RequestRecord) -> Job:
     if not await state.table.wait_received(state.routes_wait_s):  # a proxy just (re)started
         raise HttpError(503, "service_unavailable", "the proxy has no routing table from the head yet")
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise HttpError(413, "request_too_large",
-                        f"request body is larger than the limit of {state.max_body_bytes} bytes") from None
+    body = await read_body(request, state.max_body_bytes)
     try:
         job = wire.parse(body, request.content_type, rec.model, state.table.models, rec.request_id)
     except GridserveError as e:
@@ -204,10 +200,10 @@ async def _parse(request: web.Request, wire: Wire, state: ProxyState, rec: Reque
 def _model_hint(body: bytes) -> str:
     """The "model" of a JSON body that failed to parse, for the log line and the metrics label."""
     try:
-        model = json.loads(body).get("model")
-    except (ValueError, AttributeError):
+        model = safe_json_loads(body.decode()).get("model")
+    except (GridserveError, UnicodeDecodeError):
         return ""
-    return model if isinstance(model, str) else ""
+    return model[:128] if isinstance(model, str) else ""
 
 
 async def _pump(upstreams: Upstreams, rec: RequestRecord, write: Callable[[str], Awaitable[None]]) -> None:
@@ -229,7 +225,8 @@ async def _stream(request: web.Request, upstreams: Upstreams, answer: Answer,
         "X-Request-Id": rec.request_id, "X-Replica-Id": rec.replica,
         "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     resp.content_type, resp.charset = answer.media_type, "utf-8"
-    resp.enable_chunked_encoding()
+    if request.version == (1, 1):  # chunks are HTTP/1.1 only; older clients read until the connection closes
+        resp.enable_chunked_encoding()
 
     async def write(data: bytes) -> None:
         if data:  # an empty write would end a chunked body

@@ -17,11 +17,12 @@ from gridserve.proxy import native_wire as native, openai_wire as openai_api
 from gridserve.proxy.auth import ApiKeys, auth_middleware
 from gridserve.proxy.cluster_metrics import ClusterCollector, ClusterPoller
 from gridserve.proxy.settings import ProxyConfig
-from gridserve.proxy.http_errors import ErrorBody, HttpError, error_middleware
+from gridserve.proxy.http_errors import ErrorBody, HttpError, error_body, error_middleware, escaped_errors_in_json
+from gridserve.proxy.http_rejections import JsonErrorsRunner
 from gridserve.proxy.request_metrics import ProxyMetrics
 from gridserve.proxy.openai_requests import ModelNotFound
 from gridserve.proxy.relay import STATE, ProxyState, Wire, handle
-from gridserve.proxy.native_requests import lookup_model
+from gridserve.proxy.native_requests import lookup_model, request_id_from
 from gridserve.proxy.rate_limits import RateLimiter, add_ratelimit_headers, rate_limit_middleware
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy
@@ -30,8 +31,17 @@ log = logging.getLogger("gridserve.proxy")
 
 
 def error_body_for(request: web.Request) -> ErrorBody:
-    """The error shape of the API a path belongs to: OpenAI's for the OpenAI paths, the native one elsewhere."""
-    return openai_api.error_body if openai_api.is_openai_path(request.path) else native.error_body
+    """The error shape of the API a path belongs to: OpenAI's for the OpenAI paths, the native one for the
+    native path, OpenAI's with a code always set elsewhere (unknown paths, health, readiness)."""
+    if openai_api.is_openai_path(request.path):
+        return openai_api.error_body
+    return native.error_body if native.is_native_path(request.path) else error_body
+
+
+async def _request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer carries X-Request-Id: the client's when it is sane, else a new one (unless set already)."""
+    if "X-Request-Id" not in response.headers:
+        response.headers["X-Request-Id"] = request_id_from(request.headers.get("X-Request-Id"))
 
 
 def make_app(state: ProxyState, keys: ApiKeys = ApiKeys(), limiter: RateLimiter | None = None) -> web.Application:
@@ -43,6 +53,7 @@ def make_app(state: ProxyState, keys: ApiKeys = ApiKeys(), limiter: RateLimiter 
     app = web.Application(middlewares=middlewares, client_max_size=state.max_body_bytes)
     app.on_response_prepare.append(add_ratelimit_headers)
     app[STATE] = state
+    app.on_response_prepare.extend([escaped_errors_in_json(error_body_for), _request_id])
     app.router.add_post("/v1/chat/completions", _generate(openai_api.CHAT))
     app.router.add_post("/v1/completions", _generate(openai_api.COMPLETIONS))
     app.router.add_post("/v1/chat/{model}", _generate(native.WIRE))  # after /v1/chat/completions
@@ -128,8 +139,8 @@ async def serve(cfg: ProxyConfig, stop: Stop) -> int:
     poller = ClusterPoller(cfg.head, table, collector, cfg.metrics_interval_s,
                            on_poll=lambda: state.metrics.known_models(table.routes))
     app = make_app(state, ApiKeys(cfg.api_keys), RateLimiter(cfg.api_key_limits))
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=cfg.shutdown_grace_s)
+    runner = JsonErrorsRunner(app, handler_cancellation=True, access_log=None,
+                              shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()
     tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(poller.run())]
     try:

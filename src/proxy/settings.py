@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="HTTP port, 0 picks a free one (default 8000)")
     p.add_argument("--port-file", default="", help="write the bound port here once listening")
     p.add_argument("--log-level", default="INFO", type=str.upper, help="DEBUG, INFO, WARNING or ERROR")
-    p.add_argument("--max-body-bytes", type=int, default=1024 * 1024, help="larger bodies get 413")
+    p.add_argument("--max-body-bytes", type=int, default=1024 * 1024,
+                   help="larger bodies (counted after gzip/deflate decoding) get 413")
     p.add_argument("--retry-attempts", type=int, default=3, help="replicas tried before the first token")
     p.add_argument("--retry-deadline", type=float, default=10.0, help="seconds spent retrying at most")
     p.add_argument("--accept-timeout", type=float, default=5.0,

@@ -53,11 +53,13 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     from_cache: bool = False
     load_seconds: float = 0.0
-    _encode_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Held around every tokenizer use (encode here, detokenize in the engine thread): a fast tokenizer
+    # is not safe to use from two threads at once.
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def encode_prompt(self, text: str) -> list[int]:
         """Raw text to ids, with the tokenizer's own special tokens (e.g. BOS) as for any plain text."""
-        with self._encode_lock:
+        with self.tokenizer_lock:
             return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def render_chat(self, messages: list[tuple[str, str]]) -> tuple[str, bool]:
@@ -69,9 +71,14 @@ class LoadedModel:
         return "".join(f"{r}: {c}\n" for r, c in messages) + "assistant:", False
 
     def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
-        text, templated = self.render_chat(messages)
-        with self._encode_lock:
+        with self.tokenizer_lock:
+            text, templated = self.render_chat(messages)
             return list(self.tokenizer(text, add_special_tokens=not templated)["input_ids"])
+
+    def make_runner(self, max_rows: int):
+        """The model runner the engine drives (see gridserve.replica.model_runner)."""
+        from gridserve.replica.model_runner import HFRunner
+        return HFRunner(self.model, self.device)
 
 
 def package_dir(package: str) -> Path:

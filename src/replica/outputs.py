@@ -1,14 +1,12 @@
-"""One request's side of the engine: its outputs, the collector that hands them to asyncio, its handle."""
+"""Tokens to outputs: text, stop and length checks per token, the collector that hands them to asyncio, the handle."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
-
-import torch
+from typing import Callable
 
 from gridserve.common.errors import GridserveError
-from gridserve.replica.detok import IncrementalDetokenizer, StopMatcher
-from gridserve.replica.request_params import SamplingOptions
 
 
 class EngineError(GridserveError):
@@ -59,50 +57,6 @@ class RequestOutputCollector:
         return output
 
 
-class Sequence:
-    """A request inside the engine: prompt, generated ids, sampler state and text pipeline.
-
-    A resumed request (mid-stream failover) starts with `output_ids` = the ids another replica
-    already streamed: they count as output, and `replay_resume` puts them through the text pipeline
-    without emitting their text.
-    """
-
-    def __init__(self, request_id: str, prompt_ids: list[int], opts: SamplingOptions, tokenizer,
-                 loop: asyncio.AbstractEventLoop, resume_ids: list[int] | tuple[int, ...] = ()):
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.opts = opts
-        self.loop = loop
-        self.collector = RequestOutputCollector()
-        self.output_ids: list[int] = list(resume_ids)
-        self.resume_tokens = len(self.output_ids)
-        self.cancelled = False       # set from the event loop; the engine drops the row at its next step
-        self.finished = False
-        self.generator: torch.Generator | None = None  # set when admitted
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self.stops = StopMatcher(list(opts.stop))
-
-    @property
-    def last_token(self) -> int:
-        return self.output_ids[-1]
-
-    @property
-    def context_ids(self) -> list[int]:
-        """What the model has seen: the prompt, then every output id (resumed ones included)."""
-        return self.prompt_ids + self.output_ids
-
-    def replay_resume(self) -> bool:
-        """Feed the resumed ids through detokenizer and stop matcher, discarding their text, so the
-        pipeline holds back exactly what the first replica's did; False if they complete a stop string."""
-        for token in self.output_ids[:self.resume_tokens]:
-            self.stops.feed(self.detok.add(token))
-        return not self.stops.stopped
-
-    def emit(self, output: RequestOutput) -> None:
-        """Hand one output to the event loop without blocking (any thread)."""
-        deliver(self.loop, [(self.collector, output)])
-
-
 def deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestOutputCollector, RequestOutput]]) -> None:
     """Put many outputs on their collectors with one wake-up of the loop; nothing if the loop is closed."""
     def put_all() -> None:
@@ -138,3 +92,70 @@ class RequestHandle:
         if not self.done:
             self.done = True
             self._engine.abort(self._seq)
+
+
+class OutputProcessor:
+    """Engine thread only: turns each sampled token into a request's next output and hands a step's
+    outputs to their event loops at once.
+
+    The tokenizer is used here (detokenization) and by the server's encode calls in other threads;
+    `tokenizer_lock` is held while a step's tokens are turned into text, so the two never overlap.
+    `on_finish(seq)` frees the request's place in the scheduler.
+    """
+
+    def __init__(self, eos_token_ids: frozenset[int], context_length: int, tokenizer_lock: threading.Lock,
+                 on_finish: Callable):
+        self.eos_token_ids = eos_token_ids
+        self.context_length = context_length
+        self.tokenizer_lock = tokenizer_lock
+        self.on_finish = on_finish
+        self.pending: list = []  # (sequence, RequestOutput) of this step
+        self.tokens = 0          # tokens appended since the last `take_tokens`
+
+    def append_all(self, rows: list, tokens: list[int]) -> None:
+        """One sampled token per row, under the tokenizer lock."""
+        with self.tokenizer_lock:
+            for seq, token in zip(rows, tokens):
+                self.append(seq, token)
+
+    def append(self, seq, token: int) -> None:
+        """Record a sampled token, turn it into text, decide whether the request is done, queue its output."""
+        seq.output_ids.append(token)
+        self.tokens += 1
+        n = len(seq.output_ids)
+        text, stopped = seq.stops.feed(seq.detok.add(token))
+        reason = "stop" if stopped or token in self.eos_token_ids else None
+        if reason is None and (n >= seq.opts.max_tokens or len(seq.prompt_ids) + n >= self.context_length):
+            reason = "length"
+        if reason is not None and not stopped:  # release what was held back, unless it completes a stop
+            tail, stopped = seq.stops.feed(seq.detok.flush())
+            text += tail + seq.stops.flush()
+            reason = "stop" if stopped else reason
+        if reason is None:
+            self.pending.append((seq, RequestOutput(text=text, token_ids=[token], completion_tokens=n)))
+        else:
+            self.finish(seq, reason, last=RequestOutput(text=text, token_ids=[token]))
+
+    def finish(self, seq, reason: str | None = None, error: GridserveError | None = None,
+               last: RequestOutput | None = None) -> None:
+        """Mark a request done, free its place, queue its final output; the runner drops its row."""
+        self.on_finish(seq)
+        if seq.finished:
+            return
+        seq.finished = True
+        out = last or RequestOutput()
+        out.finish_reason, out.error, out.completion_tokens = reason, error, len(seq.output_ids)
+        self.pending.append((seq, out))
+
+    def take_tokens(self) -> int:
+        tokens, self.tokens = self.tokens, 0
+        return tokens
+
+    def flush(self) -> None:
+        """Hand this step's outputs to their event loops, one wake-up per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for seq, out in self.pending:
+            by_loop.setdefault(seq.loop, []).append((seq.collector, out))
+        self.pending = []
+        for loop, items in by_loop.items():
+            deliver(loop, items)

@@ -108,6 +108,10 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
 
 def _build_engine(cfg: ReplicaConfig):
     """Runs in the load thread: import torch, load the model, build (not start) the engine."""
+    from gridserve.replica.engine import Engine
+    if cfg.model.source.type == "fake":  # no weights, no torch: see gridserve.replica.fake_model
+        from gridserve.replica.fake_model import load_fake
+        return Engine(load_fake(cfg.model), cfg.num_threads)
     import torch
     torch.set_num_threads(cfg.num_threads)
     from gridserve.replica.engine import Engine
@@ -183,6 +187,12 @@ class ReplicaProcess:
             task.cancel()
             await asyncio.wait([task])
 
+    def _engine_died(self, health, reason: str) -> None:
+        """The engine thread died (its requests have failed already): NOT_SERVING now, so the scheduler
+        replaces this replica without waiting for the stall watchdog."""
+        event(log, "not_serving", logging.ERROR, reason=f"engine thread died: {reason}")
+        asyncio.ensure_future(self._set_health(health, NOT_SERVING))
+
     def _inject_fault(self) -> None:
         """SIGUSR1 under GRIDSERVE_FAULT_INJECTION=1: wedge the engine thread (it makes no more steps)."""
         engine = self.service.engine
@@ -204,6 +214,8 @@ class ReplicaProcess:
             event(log, "stopped_while_loading", model=self.cfg.model.name)
             return False
         engine = fut.result()
+        loop = asyncio.get_running_loop()
+        engine.on_dead = lambda reason: loop.call_soon_threadsafe(self._engine_died, health, reason)
         engine.start()
         self.service.engine = engine
         await self._set_health(health, SERVING)

@@ -37,7 +37,7 @@ class StallWatch:
     async def check(self) -> bool:
         """One look at the engine; changes health when it just stalled or just recovered. True while stalled."""
         s = self.engine.stats()
-        stalled = s.seconds_since_step > self.timeout_s
+        stalled = s.seconds_since_step > self.timeout_s or bool(getattr(self.engine, "dead", ""))
         if stalled and not self.stalled:
             event(log, "engine_stalled", logging.WARNING, seconds=f"{s.seconds_since_step:.1f}",
                   running=s.running, waiting=s.waiting, stall_timeout_s=self.timeout_s)

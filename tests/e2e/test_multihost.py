@@ -17,7 +17,7 @@ from support.cluster import ClientThreads, wait_reconcile_passes
 from support.waiting import wait_for
 from support.netns import NetLab, can_make_namespaces
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_make_namespaces()), reason=can_make_namespaces())]
+pytestmark = [pytest.mark.skipif(bool(can_make_namespaces()), reason=can_make_namespaces())]
 GRIDSERVE = str(Path(sys.executable).parent / "gridserve")
 NODE_TIMEOUT = 5
 

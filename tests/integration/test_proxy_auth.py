@@ -55,7 +55,8 @@ async def test_native_chat_needs_the_key_too_and_answers_in_its_own_shape(cluste
         assert r.status == 401
         assert json.loads(await r.read())["error"] == {"message": "missing API key: send the header "
                                                                   "'Authorization: Bearer <key>'",
-                                                       "type": "authentication_error", "code": 401}
+                                                       "type": "authentication_error", "param": None,
+                                                       "code": 401}
     async with http.post(f"{proxy.url}/v1/chat/tiny", data="hi", headers={"Authorization": f"Bearer {FILE_KEY}"}) as r:
         assert r.status == 200 and await r.text() == "Hello, world!"
 

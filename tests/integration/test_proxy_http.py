@@ -73,7 +73,7 @@ async def test_json_body_reaches_the_replica_as_prompt_and_sampling_params(proxy
 
 def error_of(body: bytes) -> dict:
     err = json.loads(body)["error"]
-    assert set(err) == {"message", "type", "code"}
+    assert set(err) == {"message", "type", "param", "code"}
     return err
 
 
@@ -100,9 +100,38 @@ async def test_bad_requests_get_json_errors_with_fitting_statuses(proxy, head, h
     async with http.post(f"{proxy.url}/v1/chat/tiny", data="x" * 5000) as r:
         assert r.status == 413 and error_of(await r.read())["type"] == "request_too_large"
     async with http.get(f"{proxy.url}/no/such/path") as r:
-        assert r.status == 404 and error_of(await r.read())["type"] == "not_found_error"
+        err = error_of(await r.read())
+        assert r.status == 404 and err["type"] == "not_found_error" and "X-Request-Id" in r.headers
+        assert err["code"] == "not_found" and err["param"] is None  # outside the native path: a string code
     async with http.get(f"{proxy.url}/v1/chat/tiny") as r:
         assert r.status == 405 and "allowed: POST" in error_of(await r.read())["message"]
+        assert r.headers["Allow"] == "POST" and "X-Request-Id" in r.headers
+
+
+async def raw_exchange(proxy, data: bytes) -> tuple[bytes, bytes]:
+    """Raw bytes to the proxy on a fresh connection; the status line and headers, and the body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(data)
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize("data, status, code", [
+    (b"G@T /health HTTP/1.1\r\nHost: x\r\n\r\n", 400, "invalid_method"),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431, "header_too_large"),
+    (b"POST /v1/chat/tiny HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"2\r\nhi\r\n0\r\n\r\n", 400, "bad_http_request"),
+])
+async def test_what_the_http_parser_refuses_is_answered_in_json_by_the_proxy_process(proxy, data, status, code):
+    head, body = await raw_exchange(proxy, data)
+    assert head.split(b" ")[1] == str(status).encode(), head
+    assert b"\r\nContent-Type: application/json" in head and b"\r\nX-Request-Id: " in head
+    err = json.loads(body)["error"]
+    assert err["code"] == code and err["param"] is None and "aaaa" not in err["message"], err
 
 
 async def test_replica_invalid_argument_becomes_400_with_the_replicas_message(proxy, head, http, replicas):

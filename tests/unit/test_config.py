@@ -77,6 +77,7 @@ def test_model_config_survives_a_json_round_trip():
     ("models.m.source.path", "", "models.m.source.path"),
     ("models.m.source", "a string", "models.m.source"),
     ("models.m.dtype", "int4", "models.m.dtype"),
+    ("models.m.quantization", "int3", "models.m.quantization"),
     ("models.m.colour", "blue", "models.m.colour"),
     ("models.m.stall_timeout_s", 0, "models.m.stall_timeout_s"),
     ("models.m.stall_timeout_s", "60", "models.m.stall_timeout_s"),
@@ -87,6 +88,19 @@ def test_bad_field_is_named_in_the_error(path, value, named):
     with pytest.raises(ConfigError) as e:
         ModelCatalog.from_dict(with_change(path, value))
     assert named in e.value.message
+
+
+def test_fake_source_needs_a_positive_pace_and_takes_no_weights_fields():
+    fake = {"type": "fake", "tokens_per_second": 20, "prefill_delay_s": 0.5}
+    cfg = ModelCatalog.from_dict(with_change("models.m.source", fake)).get("m")
+    assert (cfg.source.tokens_per_second, cfg.source.prefill_delay_s) == (20.0, 0.5)
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    for bad, named in [({"type": "fake"}, "tokens_per_second: required"),
+                       ({"type": "fake", "tokens_per_second": 0}, "tokens_per_second: must be"),
+                       ({"type": "fake", "tokens_per_second": 5, "prefill_delay_s": -1}, "prefill_delay_s: must be"),
+                       ({"type": "fake", "tokens_per_second": 5, "path": "/x"}, "source.path: unknown field")]:
+        with pytest.raises(ConfigError, match=named):
+            ModelCatalog.from_dict(with_change("models.m.source", bad))
 
 
 def test_bad_file_errors_name_the_file(tmp_path):

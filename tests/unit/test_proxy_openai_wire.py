@@ -87,6 +87,7 @@ def test_chat_answer_chunks_role_first_then_deltas_finish_usage_and_done():
     assert events[2]["choices"][0]["finish_reason"] == "length" and events[2]["usage"] is None
     assert events[3]["choices"] == [] and events[3]["usage"]["total_tokens"] == 4 and events[4] == "[DONE]"
     assert {e["id"] for e in events[:4]} == {"chatcmpl-r1"}
+    assert not any("system_fingerprint" in e for e in events[:4])  # absent, never null
     failure = sse(a.failure(HttpError(503, "service_unavailable", "gone")))
     assert failure[0]["error"]["message"] == "gone" and failure[1] == "[DONE]"
 
@@ -98,6 +99,7 @@ def test_completion_answer_has_no_role_chunk_and_a_whole_body_with_usage():
     assert whole["object"] == "text_completion" and whole["id"] == "cmpl-r2"
     assert whole["choices"] == [{"index": 0, "text": "text", "logprobs": None, "finish_reason": "stop"}]
     assert whole["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert "system_fingerprint" not in whole
 
 
 def test_api_keys_accept_only_their_keys_and_bearer_parsing():

@@ -192,10 +192,12 @@ class StepProbe(Engine):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.finished_at_step: dict[str, int] = {}
+        finish = self.outputs.finish
 
-    def _finish(self, seq, *args, **kw):
-        self.finished_at_step.setdefault(seq.request_id, self.steps_total)
-        super()._finish(seq, *args, **kw)
+        def probe(seq, *args, **kw):
+            self.finished_at_step.setdefault(seq.request_id, self.steps_total)
+            finish(seq, *args, **kw)
+        self.outputs.finish = probe
 
 
 async def test_a_cancelled_row_leaves_the_batch_within_a_step_and_the_others_continue(tiny_loaded, make_engine):
