@@ -77,6 +77,11 @@ def add_admin_parsers(sub) -> None:
     sp.add_argument("model", help="model name from model_configs.json (see `gridserve models`)")
     sp.add_argument("--replicas", type=positive_int, default=1, help="desired replicas (default 1)")
     sp.add_argument("--node", default="", help="place replicas only on this node (see `gridserve nodes`)")
+    g = sp.add_argument_group("autoscaling (any of these, or an 'autoscaling' block in the model's catalog entry, "
+                              "makes the deployment autoscaled; given ones override the block; see "
+                              "docs/autoscaling.md)")
+    for flag, kind, text in AUTOSCALING_FLAGS:
+        g.add_argument(flag, type=kind, default=None, help=text)
     sp = admin_cmd("scale", "change the replica count of a deployed model", admin.cmd_scale)
     sp.add_argument("model")
     sp.add_argument("replicas", type=positive_int, help="desired replicas")
@@ -88,6 +93,17 @@ def add_admin_parsers(sub) -> None:
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing what is appended (Ctrl-C stops)")
     sp.add_argument("--tail", type=int, default=-1, help="only the last N lines (default: the whole log)")
     sp.add_argument("--node", default="", help="the node the replica ran on, for one the head no longer tracks")
+
+
+AUTOSCALING_FLAGS = (
+    ("--min-replicas", int, "fewest replicas (0: scale to zero when idle; default 1)"),
+    ("--max-replicas", int, "most replicas (default 1)"),
+    ("--initial-replicas", int, "replicas at deploy (default: min-replicas)"),
+    ("--target-ongoing-requests", float, "ongoing + queued requests per replica to aim for (default 2)"),
+    ("--upscale-delay", float, "seconds a higher count must be wanted before scaling up (default 30)"),
+    ("--downscale-delay", float, "seconds a lower count must be wanted before scaling down (default 600)"),
+    ("--look-back-period", float, "seconds the load is averaged over (default 30)"),
+)
 
 
 def add_machine_parsers(sub) -> None:

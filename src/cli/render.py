@@ -67,6 +67,16 @@ def deployments_table(st: head_pb2.ClusterStatus) -> str:
     return table_or_none(["MODEL", "READY", "NODE", "MESSAGE"], rows)
 
 
+def autoscaling_table(st: head_pb2.ClusterStatus) -> str:
+    """The autoscaled deployments: ready (current), target, range, load and the last decision with its reason."""
+    rows = [[d.model, str(d.ready), str(d.replicas), str(d.autoscaling.min_replicas),
+             str(d.autoscaling.max_replicas), num(d.autoscaling.target_ongoing_requests), f"{d.autoscaling.load:g}",
+             ago(d.autoscaling.last_decision_at), d.autoscaling.last_decision or "-"]
+            for d in st.deployments if d.HasField("autoscaling")]
+    return table(["MODEL", "CURRENT", "TARGET", "MIN", "MAX", "PER REPLICA", "LOAD", "DECIDED", "LAST DECISION"],
+                 rows) if rows else ""
+
+
 def replicas_table(st: head_pb2.ClusterStatus) -> str:
     rows = [[r.replica_id, r.model, r.node_id or "-", r.address or "-", STATE_NAMES.get(r.state, str(r.state)),
              str(r.restarts), ago(r.state_since), r.message or "-"] for r in st.replicas]
@@ -77,8 +87,9 @@ def render_status(st: head_pb2.ClusterStatus) -> str:
     """The human view of a ClusterStatus: nodes, deployments, replicas, proxy."""
     proxy = (f"{st.proxy_address or '(not listening)'} pid={st.proxy_pid or '-'} restarts={st.proxy_restarts}"
              if st.proxy_pid or st.proxy_address else "(not running)")
+    scaling = autoscaling_table(st)
     return "\n".join(["NODES", nodes_table(st), "", "DEPLOYMENTS", deployments_table(st), "",
-                      "REPLICAS", replicas_table(st), "", f"PROXY  {proxy}", f"ROUTES version {st.routes_version}"])
+                      *(["AUTOSCALING", scaling, ""] if scaling else []), "REPLICAS", replicas_table(st), "", f"PROXY  {proxy}", f"ROUTES version {st.routes_version}"])
 
 
 def status_json(st: head_pb2.ClusterStatus) -> str:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gridserve.common.autoscaling_config import AutoscalingConfig
 from gridserve.common.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -155,9 +156,10 @@ class ModelConfig:
     # With work queued or running, a replica whose engine finishes no step for this long reports
     # NOT_SERVING (and is replaced). 60 s leaves room for a slow CPU prefill of a long prompt on a 7B model.
     stall_timeout_s: float = 60.0
+    autoscaling: AutoscalingConfig | None = None  # None: a fixed replica count (see docs/autoscaling.md)
 
     FIELDS = ("source", "context_length", "max_tokens_limit", "sampling", "resources", "dtype", "quantization",
-              "max_batch_size", "max_waiting", "description", "stall_timeout_s")
+              "max_batch_size", "max_waiting", "description", "stall_timeout_s", "autoscaling")
 
     @classmethod
     def from_dict(cls, name: str, d: Any, where: str = "") -> "ModelConfig":
@@ -186,12 +188,16 @@ class ModelConfig:
             max_waiting=_take(d, "max_waiting", where, (int,), 32, lambda v: v >= 0, "an integer >= 0"),
             description=_take(d, "description", where, (str,), ""),
             stall_timeout_s=float(_take(d, "stall_timeout_s", where, NUM, 60.0, lambda v: v > 0, "a number > 0")),
+            autoscaling=AutoscalingConfig.from_dict(d["autoscaling"], f"{where}.autoscaling")
+            if "autoscaling" in d else None,
         )
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("name")
         d["source"] = {k: v for k, v in d["source"].items() if v}
+        if d["autoscaling"] is None:
+            d.pop("autoscaling")
         return d
 
     def to_json(self) -> str:

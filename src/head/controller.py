@@ -9,6 +9,7 @@ import time
 from gridserve.common.model_config import ModelCatalog
 from gridserve.common.errors import InvalidRequest, NotFound, Unavailable
 from gridserve.common.eventlog import event
+from gridserve.head.autoscaler import autoscaling_settings, scaling_start
 from gridserve.head.log_relay import LogRelay
 from gridserve.head.node_registry import Node, Session
 from gridserve.head.placement import NodeCapacity, ReplicaView, choose_removals, pending_message, place
@@ -58,6 +59,7 @@ class Controller:
         self._version = 0
         self._wake = asyncio.Event()
         self._routes_warm = False  # see _routes_held
+        self.autoscaler = None  # the head's Autoscaler: it calls autoscale_to and annotates status()
 
     # startup and the loop
 
@@ -94,31 +96,37 @@ class Controller:
 
     # admin
 
-    def deploy(self, model: str, replicas: int, node: str = "") -> str:
-        """Creates or replaces a deployment: model, replica count and node pin (empty: any node)."""
+    def deploy(self, model: str, replicas: int, node: str = "", autoscaling_json: str = "") -> str:
+        """Creates or replaces a deployment: model, replica count and node pin (empty: any node); autoscaled
+        (replicas from its settings) when the catalog entry has an autoscaling block or fields are given."""
         config = self.catalog.get(model)
         if config is None:
             raise NotFound(f"model {model!r} is not in the catalog "
                            f"(known models: {', '.join(sorted(self.catalog.models))})")
-        self._check_replicas(replicas)
+        scaling = autoscaling_settings(config, autoscaling_json, self.deployments.get(model))
+        if scaling is not None:
+            replicas = scaling_start(scaling, self.deployments.get(model))
+        else:
+            self._check_replicas(replicas)
         if node and node not in self.nodes:
             raise NotFound(f"node {node!r} is not known to the head "
                            f"(nodes: {', '.join(sorted(self.nodes)) or 'none'})")
         old = self.deployments.get(model)
         retried = self._drop_failed(model) if old else []
-        dep = Deployment(model, replicas, config, node=node)
+        dep = Deployment(model, replicas, config, node=node, autoscaling=scaling)
         self.store.put_deployment(dep)
         self.deployments[model] = dep
         event(log, "deploy", model=model, replicas=replicas, node=node, previous=old.replicas if old else 0,
               retried_failed=len(retried))
         self.wake()
         pin = f" on node {node}" if node else ""
+        pin += f" (autoscaled: {scaling.min_replicas}..{scaling.max_replicas})" if scaling else ""
         if old is None:
             return f"deployed {model} with {replicas} replica(s){pin}"
         note = f"; retrying {len(retried)} failed replica(s)" if retried else ""
         moved = f"; pinned to node {node}" if node and node != old.node else ""
         moved = moved or ("; unpinned" if old.node and not node else "")
-        return f"{model}: replicas {old.replicas} -> {replicas}{moved}{note}"
+        return f"{model}: replicas {old.replicas} -> {replicas}{pin if scaling else ''}{moved}{note}"
 
     def scale(self, model: str, replicas: int) -> str:
         """Changes the replica count of a deployed model; the rest of its spec stays."""
@@ -127,12 +135,23 @@ class Controller:
             known = ", ".join(sorted(self.deployments)) or "none"
             raise NotFound(f"model {model!r} is not deployed (deployed: {known}); use deploy first")
         self._check_replicas(replicas)
+        if dep.autoscaling is not None:
+            a = dep.autoscaling
+            raise InvalidRequest(f"{model} is autoscaled ({a.min_replicas}..{a.max_replicas} replicas); change "
+                                 f"its range with `gridserve deploy {model} --min-replicas N --max-replicas M`")
         old = dep.replicas
         dep.replicas = replicas
         self.store.put_deployment(dep)
         event(log, "scale", model=model, replicas=replicas, previous=old)
         self.wake()
         return f"{model}: replicas {old} -> {replicas}"
+
+    def autoscale_to(self, model: str, replicas: int) -> None:
+        """The autoscaler's new replica count for a deployment: stored, then the reconcile loop fits it."""
+        dep = self.deployments[model]
+        dep.replicas = replicas
+        self.store.put_deployment(dep)
+        self.wake()
 
     @staticmethod
     def _check_replicas(replicas: int) -> None:
@@ -420,6 +439,8 @@ class Controller:
             out.deployments.append(head_pb2.DeploymentStatus(
                 model=dep.model, replicas=dep.replicas, ready=ready, message=self.messages.get(dep.model, ""),
                 node=dep.node))
+        if self.autoscaler is not None:
+            self.autoscaler.annotate(out)
         for a in sorted(self.assignments.values(), key=lambda a: (a.model, a.created, a.replica_id)):
             out.replicas.append(self.replica_status(a))
         return out

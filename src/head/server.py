@@ -17,6 +17,7 @@ from gridserve.common.eventlog import event
 from gridserve.common.paths import StateDir
 from gridserve.common.service import Stop, run_service, stop_or_task_exit
 from gridserve.common.api_key_files import write_key_file
+from gridserve.head.autoscaler import Autoscaler
 from gridserve.head.settings import HeadConfig, parse_config
 from gridserve.head.controller import Controller
 from gridserve.head.route_table import RouteTable
@@ -67,6 +68,7 @@ async def serve(cfg: HeadConfig, stop: Stop) -> int:
     store = StateStore(state_dir.root)
     routes = RouteTable()
     ctl = Controller(catalog, store, routes, cfg.node_timeout, cfg.reconcile_interval)
+    ctl.autoscaler = Autoscaler(ctl)
     server = make_server(cfg.security)
     add_services(server, ctl, routes)
     health = add_health(server)
@@ -92,6 +94,7 @@ async def serve(cfg: HeadConfig, stop: Stop) -> int:
         print(f"cluster token: {cfg.security.token_file or '(from --cluster-token)'}; give it to every scheduler "
               f"with --cluster-token-file (copy the file to each machine)", file=sys.stderr, flush=True)
         tasks.append(asyncio.create_task(ctl.run(), name="reconcile"))
+        tasks.append(asyncio.create_task(ctl.autoscaler.run(), name="autoscaler"))
         if cfg.proxy:
             tasks.append(asyncio.create_task(_proxy(cfg, state_dir, port, ctl, info).run(adopt_pid=previous_proxy),
                                              name="proxy"))

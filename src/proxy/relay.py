@@ -18,6 +18,7 @@ from gridserve.proxy.stream_resume import Upstreams
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_response
 from gridserve.proxy.request_metrics import UNKNOWN_MODEL, ProxyMetrics
 from gridserve.proxy.native_requests import request_id_from
+from gridserve.proxy.load_report import LoadTracker
 from gridserve.proxy.rate_limits import TOKENS_USED
 from gridserve.proxy.request_body import read_body, safe_json_loads
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
@@ -37,6 +38,7 @@ class ProxyState:
     watcher: RouteWatcher | None = None
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
     routes_wait_s: float = 5.0  # a request before the first routing table waits this long for it
+    load: LoadTracker = field(default_factory=LoadTracker)  # requests per model, reported to the head
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -157,8 +159,10 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
                         model=request.match_info.get("model", ""))
     event(log, "request_start", request_id=rec.request_id, api=wire.api, model=rec.model)
     upstreams: Upstreams | None = None
+    counted = ""
     try:
         job = await _parse(request, wire, state, rec)
+        state.load.begin(counted := job.model)
         failovers = state.metrics.failovers
         upstreams = Upstreams(state.table, job.model, job.generate, state.policy,
                               on_retry=state.metrics.retries.labels(job.model).inc,
@@ -179,6 +183,8 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
         if upstreams is not None:
             upstreams.close()
             rec.final_replica, rec.failovers = upstreams.replica_id, upstreams.failovers
+        if counted:
+            state.load.end(counted)
         request[TOKENS_USED] = rec.result.prompt_tokens + (rec.result.completion_tokens or rec.tokens)
         rec.done()
 

@@ -23,6 +23,7 @@ from gridserve.proxy.request_metrics import ProxyMetrics
 from gridserve.proxy.openai_requests import ModelNotFound
 from gridserve.proxy.relay import STATE, ProxyState, Wire, handle
 from gridserve.proxy.native_requests import lookup_model, request_id_from
+from gridserve.proxy.load_report import LoadReporter
 from gridserve.proxy.rate_limits import RateLimiter, add_ratelimit_headers, rate_limit_middleware
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy
@@ -142,7 +143,8 @@ async def serve(cfg: ProxyConfig, stop: Stop) -> int:
     runner = JsonErrorsRunner(app, handler_cancellation=True, access_log=None,
                               shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()
-    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(poller.run())]
+    reporter = LoadReporter(cfg.head, table, state.load)
+    tasks = [asyncio.create_task(t.run()) for t in (watcher, poller, reporter)]
     try:
         port = await _listen(runner, cfg)
         if cfg.port_file:
