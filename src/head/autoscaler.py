@@ -3,6 +3,7 @@ that writes each autoscaled deployment's replica count through the controller.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -209,3 +210,11 @@ def scaling_start(cfg: AutoscalingConfig, old) -> int:
     if old is not None and old.autoscaling is not None:
         return max(cfg.min_replicas, min(cfg.max_replicas, old.replicas))
     return cfg.start_replicas
+
+
+def route_config_json(dep) -> str:
+    """The config the proxies get for a deployment: its model config with the autoscaling in effect, so a
+    proxy knows which models scale to zero (replicas get the catalog's config: a new range restarts none)."""
+    if dep.autoscaling == dep.config.autoscaling:
+        return dep.config.to_json()
+    return dataclasses.replace(dep.config, autoscaling=dep.autoscaling).to_json()

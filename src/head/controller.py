@@ -9,7 +9,7 @@ import time
 from gridserve.common.model_config import ModelCatalog
 from gridserve.common.errors import InvalidRequest, NotFound, Unavailable
 from gridserve.common.eventlog import event
-from gridserve.head.autoscaler import autoscaling_settings, scaling_start
+from gridserve.head.autoscaler import autoscaling_settings, route_config_json, scaling_start
 from gridserve.head.log_relay import LogRelay
 from gridserve.head.node_registry import Node, Session
 from gridserve.head.placement import NodeCapacity, ReplicaView, choose_removals, pending_message, place
@@ -397,7 +397,7 @@ class Controller:
                 st = self.replica_status(a)
                 if a.model == dep.model and node and node.alive and st.state == S.REPLICA_STATE_READY and st.address:
                     endpoints.append(EndpointKey(a.replica_id, st.address, a.node_id))
-            routes.append(RouteKey(dep.model, dep.config.to_json(), tuple(endpoints)))
+            routes.append(RouteKey(dep.model, route_config_json(dep), tuple(endpoints)))
         return routes
 
     # status

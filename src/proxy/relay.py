@@ -23,6 +23,7 @@ from gridserve.proxy.rate_limits import TOKENS_USED
 from gridserve.proxy.request_body import read_body, safe_json_loads
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy, UpstreamStream
+from gridserve.proxy.zero_hold import ZeroHold
 from gridserve.v1 import replica_pb2
 
 log = logging.getLogger("gridserve.proxy")
@@ -39,6 +40,7 @@ class ProxyState:
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
     routes_wait_s: float = 5.0  # a request before the first routing table waits this long for it
     load: LoadTracker = field(default_factory=LoadTracker)  # requests per model, reported to the head
+    zero_hold: ZeroHold = field(default_factory=ZeroHold)  # requests wait here while a model is at zero
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -163,6 +165,7 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
     try:
         job = await _parse(request, wire, state, rec)
         state.load.begin(counted := job.model)
+        await state.zero_hold.wait(state.table, job.model)
         failovers = state.metrics.failovers
         upstreams = Upstreams(state.table, job.model, job.generate, state.policy,
                               on_retry=state.metrics.retries.labels(job.model).inc,

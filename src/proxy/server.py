@@ -24,6 +24,7 @@ from gridserve.proxy.openai_requests import ModelNotFound
 from gridserve.proxy.relay import STATE, ProxyState, Wire, handle
 from gridserve.proxy.native_requests import lookup_model, request_id_from
 from gridserve.proxy.load_report import LoadReporter
+from gridserve.proxy.zero_hold import ZeroHold, scales_to_zero
 from gridserve.proxy.rate_limits import RateLimiter, add_ratelimit_headers, rate_limit_middleware
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy
@@ -105,17 +106,20 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """GET /ready: 200 when every deployed model has a READY replica, else 503 naming those that lack one."""
+    """GET /ready: 200 when every deployed model has a READY replica (or is scaled to zero: it starts on
+    demand), else 503 naming those that lack one."""
     table = request.app[STATE].table
     if not table.received:
         raise HttpError(503, "service_unavailable", "not ready: no routing table from the head yet")
     if not table.routes:
         raise HttpError(503, "service_unavailable", "not ready: no model is deployed")
-    lacking = sorted(name for name, route in table.routes.items() if not route.endpoints)
+    lacking = sorted(name for name, route in table.routes.items()
+                     if not route.endpoints and not scales_to_zero(route))  # at zero: starts on demand
     if lacking:
         raise HttpError(503, "service_unavailable", f"not ready: no ready replica for {', '.join(lacking)}")
     counts = {name: len(route.endpoints) for name, route in sorted(table.routes.items())}
-    return web.json_response({"status": "ready", "models": counts})
+    zero = [name for name, route in sorted(table.routes.items()) if not route.endpoints]
+    return web.json_response({"status": "ready", "models": counts, **({"scaled_to_zero": zero} if zero else {})})
 
 
 async def _listen(runner: web.AppRunner, cfg: ProxyConfig) -> int:
@@ -144,6 +148,7 @@ async def serve(cfg: ProxyConfig, stop: Stop) -> int:
                               shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()
     reporter = LoadReporter(cfg.head, table, state.load)
+    state.zero_hold = ZeroHold(cfg.zero_hold_timeout_s, cfg.zero_hold_max, on_hold=reporter.nudge)
     tasks = [asyncio.create_task(t.run()) for t in (watcher, poller, reporter)]
     try:
         port = await _listen(runner, cfg)
