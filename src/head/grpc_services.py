@@ -9,6 +9,7 @@ import grpc
 
 from gridserve.common.errors import InvalidRequest
 from gridserve.common.eventlog import event
+from gridserve.head.key_usage import KeyUsageBook
 from gridserve.head.controller import Controller
 from gridserve.head.node_registry import Session
 from gridserve.head.route_table import RouteTable
@@ -76,13 +77,14 @@ class RouteServicer(head_pb2_grpc.RouteServiceServicer):
     def __init__(self, routes: RouteTable, controller: Controller | None = None):
         self.routes = routes
         self.ctl = controller
+        self.key_usage = KeyUsageBook()
 
     async def ReportLoad(self, request: head_pb2.LoadReport, context) -> head_pb2.LoadReportAck:
         if not request.proxy_id:
             raise InvalidRequest("proxy_id must not be empty")
         if self.ctl is not None and self.ctl.autoscaler is not None:
             self.ctl.autoscaler.on_report(request)
-        return head_pb2.LoadReportAck()
+        return head_pb2.LoadReportAck(others=self.key_usage.report(request.proxy_id, request.key_usage))
 
     async def Watch(self, request, context):
         event(log, "route_watch_started", peer=context.peer(), known_version=request.known_version)

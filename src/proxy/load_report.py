@@ -51,8 +51,9 @@ class LoadReporter:
     """Sends RouteService.ReportLoad every `interval_s` (and at once when `nudge` is called) while it runs."""
 
     def __init__(self, head_address: str, table: RouteCache, tracker: LoadTracker,
-                 interval_s: float = REPORT_INTERVAL_S):
+                 interval_s: float = REPORT_INTERVAL_S, limiter=None):
         self.head_address, self.table, self.tracker, self.interval_s = head_address, table, tracker, interval_s
+        self.limiter = limiter  # a RateLimiter: reports its keys' use, takes the other proxies' use back
         self.proxy_id = f"{socket.gethostname()}-{os.getpid()}"
         self.failing = False
         self._nudged = asyncio.Event()
@@ -75,8 +76,11 @@ class LoadReporter:
             await channel.close()
 
     async def _send(self, stub: head_pb2_grpc.RouteServiceStub) -> None:
+        report = build_report(self.proxy_id, self.table, self.tracker)
+        if self.limiter:
+            report.key_usage.extend(self.limiter.usage())
         try:
-            await stub.ReportLoad(build_report(self.proxy_id, self.table, self.tracker), timeout=2.0)
+            ack = await stub.ReportLoad(report, timeout=2.0)
         except grpc.aio.AioRpcError as e:
             if not self.failing:  # one line per outage, not one a second
                 event(log, "load_report_failed", logging.WARNING, head=self.head_address, code=e.code().name,
@@ -86,3 +90,5 @@ class LoadReporter:
         if self.failing:
             event(log, "load_report_resumed", head=self.head_address)
         self.failing = False
+        if self.limiter:
+            self.limiter.absorb(list(ack.others))

@@ -15,6 +15,7 @@ from gridserve.common.api_key_files import KeyLimits
 from gridserve.common.eventlog import event
 from gridserve.proxy.auth import bearer_token
 from gridserve.proxy.http_errors import HttpError
+from gridserve.v1 import head_pb2
 
 log = logging.getLogger("gridserve.proxy.rate_limits")
 
@@ -58,9 +59,13 @@ class Bucket:
 
 @dataclass
 class KeyState:
-    """The buckets of one key: requests, tokens, or both."""
+    """The buckets of one key: requests, tokens, or both; what this proxy admitted (cumulative, reported to
+    the head) and the other proxies' use last heard from the head (None: not yet)."""
     requests: Bucket | None
     tokens: Bucket | None
+    used_requests: int = 0
+    used_tokens: int = 0
+    others: tuple[int, int] | None = None
 
     def refill(self, now: float) -> None:
         for b in (self.requests, self.tokens):
@@ -109,13 +114,39 @@ class RateLimiter:
                             headers={"Retry-After": str(max(1, math.ceil(wait - 1e-9))), **state.headers()})
         if state.requests is not None:
             state.requests.level -= 1
+        state.used_requests += 1
         return state
 
     def charge(self, state: KeyState, tokens: int) -> None:
         """Takes the tokens a finished request used from the key's token bucket (it may go below zero)."""
+        if tokens > 0:
+            state.used_tokens += tokens
         if state.tokens is not None and tokens > 0:
             state.refill(self.clock())
             state.tokens.level -= tokens
+
+    def usage(self) -> list[head_pb2.KeyUsage]:
+        """What this proxy admitted per limited key since it started, for the head."""
+        return [head_pb2.KeyUsage(key_digest=d, requests=s.used_requests, tokens=s.used_tokens)
+                for d, s in self._keys.items()]
+
+    def absorb(self, others: list[head_pb2.KeyUsage]) -> None:
+        """Takes from each key's buckets what the other proxies used since the last report, so that a key's
+        limit holds across the cluster (a second late at most). The first figures heard are only a baseline."""
+        now = self.clock()
+        for u in others:
+            state = self._keys.get(u.key_digest)
+            if state is None:
+                continue
+            seen = (u.requests, u.tokens)
+            if state.others is not None:
+                state.refill(now)
+                new_requests, new_tokens = u.requests - state.others[0], u.tokens - state.others[1]
+                if state.requests is not None and new_requests > 0:
+                    state.requests.level -= new_requests
+                if state.tokens is not None and new_tokens > 0:
+                    state.tokens.level -= new_tokens
+            state.others = seen
 
 
 def _digest(key: str) -> bytes:

@@ -143,11 +143,12 @@ async def serve(cfg: ProxyConfig, stop: Stop) -> int:
     state.metrics.registry.register(collector)
     poller = ClusterPoller(cfg.head, table, collector, cfg.metrics_interval_s,
                            on_poll=lambda: state.metrics.known_models(table.routes))
-    app = make_app(state, ApiKeys(cfg.api_keys), RateLimiter(cfg.api_key_limits))
+    limiter = RateLimiter(cfg.api_key_limits)
+    app = make_app(state, ApiKeys(cfg.api_keys), limiter)
     runner = JsonErrorsRunner(app, handler_cancellation=True, access_log=None,
                               shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()
-    reporter = LoadReporter(cfg.head, table, state.load)
+    reporter = LoadReporter(cfg.head, table, state.load, limiter=limiter)
     state.zero_hold = ZeroHold(cfg.zero_hold_timeout_s, cfg.zero_hold_max, on_hold=reporter.nudge)
     tasks = [asyncio.create_task(t.run()) for t in (watcher, poller, reporter)]
     try:

@@ -71,3 +71,34 @@ def test_tokens_are_charged_after_the_answer_and_refuse_until_paid_back():
     assert e.value.headers["x-ratelimit-reset-tokens"] == "1m24s"
     clock.t += 24.5
     assert limiter.admit(KEY) is not None
+
+
+def test_other_proxies_use_reported_by_the_head_is_taken_from_the_buckets_after_a_baseline():
+    from gridserve.v1 import head_pb2
+    clock = Clock()
+    limiter = RateLimiter({KEY: KeyLimits(rpm=10, tpm=100)}, clock)
+    limiter.charge(limiter.admit(KEY), 5)
+    (mine,) = limiter.usage()
+    assert (mine.requests, mine.tokens) == (1, 5)
+    digest = mine.key_digest
+    limiter.absorb([head_pb2.KeyUsage(key_digest=digest, requests=50, tokens=500)])  # baseline: history
+    assert limiter.admit(KEY).headers()["x-ratelimit-remaining-requests"] == "8"
+    limiter.absorb([head_pb2.KeyUsage(key_digest=digest, requests=58, tokens=560),
+                    head_pb2.KeyUsage(key_digest=b"unknown", requests=9, tokens=9)])
+    with pytest.raises(HttpError) as e:  # 8 more requests elsewhere: none left here
+        limiter.admit(KEY)
+    assert e.value.error_type == "requests" and e.value.headers["x-ratelimit-remaining-tokens"] == "35"
+    limiter.absorb([head_pb2.KeyUsage(key_digest=digest, requests=3, tokens=0)])  # a head restart: no refund
+    assert limiter.usage()[0].requests == 2
+
+
+def test_the_head_sums_the_other_proxies_use_per_key():
+    from gridserve.head.key_usage import KeyUsageBook
+    from gridserve.v1 import head_pb2
+    book = KeyUsageBook(clock=Clock())
+    u = head_pb2.KeyUsage
+    assert [(x.requests, x.tokens) for x in book.report("a", [u(key_digest=b"k", requests=2, tokens=20)])] == [(0, 0)]
+    book.report("b", [u(key_digest=b"k", requests=3, tokens=30), u(key_digest=b"j", requests=1, tokens=1)])
+    book.report("c", [u(key_digest=b"k", requests=4, tokens=40)])
+    others = book.report("a", [u(key_digest=b"k", requests=5, tokens=50)])
+    assert [(x.key_digest, x.requests, x.tokens) for x in others] == [(b"k", 7, 70)]
