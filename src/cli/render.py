@@ -89,7 +89,8 @@ def render_status(st: head_pb2.ClusterStatus) -> str:
              if st.proxy_pid or st.proxy_address else "(not running)")
     scaling = autoscaling_table(st)
     return "\n".join(["NODES", nodes_table(st), "", "DEPLOYMENTS", deployments_table(st), "",
-                      *(["AUTOSCALING", scaling, ""] if scaling else []), "REPLICAS", replicas_table(st), "", f"PROXY  {proxy}", f"ROUTES version {st.routes_version}"])
+                      *(["AUTOSCALING", scaling, ""] if scaling else []),
+                      "REPLICAS", replicas_table(st), "", f"PROXY  {proxy}", f"ROUTES version {st.routes_version}"])
 
 
 def status_json(st: head_pb2.ClusterStatus) -> str:

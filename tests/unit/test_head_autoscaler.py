@@ -93,3 +93,59 @@ def test_a_model_entry_takes_an_autoscaling_block_and_round_trips():
         ModelConfig.from_dict("f", {**entry, "autoscaling": {"max_replicas": 99}})
     fixed = {k: v for k, v in entry.items() if k != "autoscaling"}
     assert "autoscaling" not in ModelConfig.from_dict("g", fixed).to_dict()
+
+
+class FakeController:
+    """What the Autoscaler uses of the head's controller: deployments and autoscale_to."""
+
+    def __init__(self, **deployments):
+        self.deployments = deployments
+        self.calls = []
+
+    def autoscale_to(self, model, replicas):
+        self.calls.append((model, replicas))
+        self.deployments[model].replicas = replicas
+
+
+def test_the_loop_samples_proxy_reports_applies_decisions_and_shows_them_in_status():
+    from types import SimpleNamespace
+
+    from gridserve.cli.render import autoscaling_table
+    from gridserve.head.autoscaler import Autoscaler
+    from gridserve.v1 import head_pb2
+
+    t = [0.0]
+    cfg = AutoscalingConfig(min_replicas=0, max_replicas=4, target_ongoing_requests=1, upscale_delay_s=2,
+                            downscale_delay_s=3, look_back_period_s=1)
+    ctl = FakeController(m=SimpleNamespace(model="m", replicas=0, autoscaling=cfg),
+                         fixed=SimpleNamespace(model="fixed", replicas=2, autoscaling=None))
+    scaler = Autoscaler(ctl, clock=lambda: t[0])
+
+    def report(proxy, ongoing, queued):
+        scaler.on_report(head_pb2.LoadReport(proxy_id=proxy, models=[
+            head_pb2.ModelLoad(model="m", ongoing=ongoing, queued=queued)]))
+
+    scaler.tick()
+    assert ctl.calls == []  # no proxy reports: no sample, no decision
+    report("p1", 0, 1)  # a request held at zero: decided at once
+    assert ctl.calls == [("m", 1)]
+    for second in range(1, 5):  # two proxies, 3 requests in all, for 4 s: up to 3 after the 2 s delay
+        t[0] = second
+        report("p1", 1, 1)
+        report("p2", 1, 0)
+        scaler.tick()
+    assert ctl.calls[-1] == ("m", 3)
+    status = head_pb2.ClusterStatus(deployments=[head_pb2.DeploymentStatus(model="m", replicas=3, ready=3),
+                                                 head_pb2.DeploymentStatus(model="fixed", replicas=2)])
+    scaler.annotate(status)
+    m, fixed = status.deployments
+    assert m.autoscaling.last_decision == "1 -> 3: load 3.0 > 1 x 1 ongoing requests for 2s"
+    assert (m.autoscaling.min_replicas, m.autoscaling.max_replicas, m.autoscaling.load) == (0, 4, 3)
+    assert not fixed.HasField("autoscaling")
+    table = autoscaling_table(status).splitlines()
+    assert table[0].split() == ["MODEL", "CURRENT", "TARGET", "MIN", "MAX", "PER", "REPLICA", "LOAD", "DECIDED",
+                                "LAST", "DECISION"]
+    assert table[1].split()[:7] == ["m", "3", "3", "0", "4", "1", "3"] and len(table) == 2
+    t[0] = 10  # the proxies went silent: no sample, the count stays
+    scaler.tick()
+    assert ctl.calls[-1] == ("m", 3)
