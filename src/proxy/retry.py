@@ -13,6 +13,7 @@ from tenacity import (AsyncRetrying, retry_if_exception, stop_after_attempt, sto
                       wait_exponential, wait_random)
 
 from gridserve.common.eventlog import event
+from gridserve.proxy.prefix_affinity import affinity_of
 from gridserve.proxy.http_errors import HttpError
 from gridserve.proxy.route_cache import Endpoint, Lease, RouteCache
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
@@ -105,7 +106,7 @@ async def open_stream(table: RouteCache, model: str, request: replica_pb2.Genera
         retry=retry_if_exception(_retryable), reraise=True)
     async for attempt in retrying:
         with attempt:
-            endpoint = table.pick(model, exclude=tried)
+            endpoint = affinity_of(table).pick(table, model, request, exclude=tried)
             if endpoint is None:
                 raise _no_endpoint(model, last, others=bool(tried))
             if attempt.retry_state.attempt_number > 1:
