@@ -108,8 +108,13 @@ class LoadBook:
         return [r for _, r in self._reports.values()]
 
     @staticmethod
-    def load(reports: list[head_pb2.LoadReport], model: str) -> float:
-        return float(sum(m.ongoing + m.queued for r in reports for m in r.models if m.model == model))
+    def totals(reports: list[head_pb2.LoadReport]) -> dict[str, float]:
+        """Ongoing + queued requests per model, summed over the reports."""
+        out: dict[str, float] = {}
+        for r in reports:
+            for m in r.models:
+                out[m.model] = out.get(m.model, 0.0) + m.ongoing + m.queued
+        return out
 
 
 @dataclass
@@ -143,6 +148,7 @@ class Autoscaler:
     def tick(self) -> None:
         now = self.clock()
         reports = self.book.fresh(now)
+        totals = self.book.totals(reports)
         for name in [m for m in self.models if m not in self.ctl.deployments]:
             del self.models[name]
         for dep in list(self.ctl.deployments.values()):
@@ -152,7 +158,7 @@ class Autoscaler:
                 continue
             ms = self.models.setdefault(dep.model, ModelScaling())
             if reports:  # no proxy reporting: no sample (an absent proxy is not an idle deployment)
-                ms.load = self.book.load(reports, dep.model)
+                ms.load = totals.get(dep.model, 0.0)
                 ms.history.append(LoadSample(now, ms.load))
             keep = max(cfg.upscale_delay_s, cfg.downscale_delay_s) + cfg.look_back_period_s + 2 * self.tick_s
             while ms.history and ms.history[0].at < now - keep:

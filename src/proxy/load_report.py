@@ -35,12 +35,12 @@ class LoadTracker:
 
 
 def build_report(proxy_id: str, table: RouteCache, tracker: LoadTracker) -> head_pb2.LoadReport:
-    """Per model: streams open to each replica (ongoing) and requests still without one (queued)."""
+    """Per model: streams open to each busy replica (ongoing) and requests still without one (queued)."""
     report = head_pb2.LoadReport(proxy_id=proxy_id)
     for model in sorted(set(table.routes) | set(tracker.requests)):
         route = table.routes.get(model)
         replicas = [head_pb2.ReplicaLoad(replica_id=e.replica_id, ongoing=table.inflight(e.address))
-                    for e in (route.endpoints if route else ())]
+                    for e in (route.endpoints if route else ()) if table.inflight(e.address)]
         ongoing = sum(r.ongoing for r in replicas)
         report.models.add(model=model, ongoing=ongoing, queued=max(0, tracker.requests[model] - ongoing),
                           replicas=replicas)
