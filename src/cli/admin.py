@@ -7,7 +7,7 @@ import signal
 import sys
 
 from gridserve.cli import render
-from gridserve.cli.headclient import call_head, stream_logs
+from gridserve.cli.headclient import CliError, call_head, stream_logs
 from gridserve.v1 import head_pb2
 
 
@@ -47,11 +47,15 @@ def autoscaling_json(args) -> str:
              "target_ongoing_requests": "target_ongoing_requests", "upscale_delay": "upscale_delay_s",
              "downscale_delay": "downscale_delay_s", "look_back_period": "look_back_period_s"}
     given = {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
+    if given and args.replicas is not None:
+        raise CliError("error: give --replicas (a fixed count) or autoscaling flags, not both")
+    if args.replicas is not None:
+        return "null"  # a fixed count: no autoscaling, whatever the catalog entry says
     return json.dumps(given) if given else ""
 
 
 def cmd_deploy(args) -> int:
-    resp = call_head(args.head, "Deploy", head_pb2.DeployRequest(model=args.model, replicas=args.replicas,
+    resp = call_head(args.head, "Deploy", head_pb2.DeployRequest(model=args.model, replicas=args.replicas or 1,
                                                                   node=args.node or "",
                                                                   autoscaling_json=autoscaling_json(args)))
     return _print(args, {"message": resp.message}, resp.message)

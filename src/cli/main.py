@@ -75,7 +75,9 @@ def add_admin_parsers(sub) -> None:
     sp.add_argument("--model", default="", help="only this model's replicas")
     sp = admin_cmd("deploy", "deploy a model from the catalog (or replace its deployment)", admin.cmd_deploy)
     sp.add_argument("model", help="model name from model_configs.json (see `gridserve models`)")
-    sp.add_argument("--replicas", type=positive_int, default=1, help="desired replicas (default 1)")
+    sp.add_argument("--replicas", type=positive_int, default=None,
+                    help="a fixed count of replicas, even when the catalog entry has an autoscaling block "
+                         "(default 1, or autoscaled by that block)")
     sp.add_argument("--node", default="", help="place replicas only on this node (see `gridserve nodes`)")
     g = sp.add_argument_group("autoscaling (any of these, or an 'autoscaling' block in the model's catalog entry, "
                               "makes the deployment autoscaled; given ones override the block; see "

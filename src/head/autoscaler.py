@@ -196,12 +196,16 @@ class Autoscaler:
 
 def autoscaling_settings(config, given_json: str, old) -> AutoscalingConfig | None:
     """A deployment's autoscaling: the fields given on deploy over the catalog entry's block; a redeploy
-    without fields keeps the settings the deployment has. None: a fixed replica count."""
+    without fields keeps the settings the deployment has; "null" asks for a fixed count. None: fixed."""
     try:
         given = json.loads(given_json) if given_json else {}
     except ValueError as e:
         raise InvalidRequest(f"autoscaling_json is not valid JSON: {e}") from None
     base = old.autoscaling if old is not None and old.autoscaling else config.autoscaling
+    if given is None:
+        return None
+    if not isinstance(given, dict):
+        raise InvalidRequest("autoscaling_json must be a JSON object of autoscaling fields, or null")
     if not given:
         return base
     try:

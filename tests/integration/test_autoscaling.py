@@ -105,6 +105,8 @@ def test_deploy_flags_set_the_range_scale_is_refused_and_settings_survive_a_head
     assert res.returncode != 0 and "fast is autoscaled (1..2 replicas)" in res.stderr
     bad = c.cli("deploy", "fast", "--min-replicas", "3", "--max-replicas", "2", check=False)
     assert bad.returncode != 0 and "max_replicas" in bad.stderr
+    both = c.cli("deploy", "fast", "--replicas", "2", "--max-replicas", "2", check=False)
+    assert both.returncode == 1 and "--replicas (a fixed count) or autoscaling flags, not both" in both.stderr
     c.kill("head", signal.SIGKILL)
     c.relaunch_head()
     d = wait_for(lambda: (lambda d: d if d.ready == 1 else None)(deployment(c)), 60, "the adopted replica")
@@ -113,3 +115,6 @@ def test_deploy_flags_set_the_range_scale_is_refused_and_settings_survive_a_head
     assert (config["target_ongoing_requests"], config["downscale_delay_s"], config["upscale_delay_s"]) == (4, 7, 1)
     c.wait_reconcile_passes(3)
     assert [r.state for r in c.replicas("fast")] == [READY]
+    assert "fast: replicas 1 -> 2" in c.cli("deploy", "fast", "--replicas", "2").stdout  # fixed from now on
+    assert not deployment(c).HasField("autoscaling")
+    assert "fast: replicas 2 -> 3" in c.cli("scale", "fast", "3").stdout
