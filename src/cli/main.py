@@ -137,6 +137,9 @@ def add_up_parser(sub) -> None:
     sp.add_argument("--model-configs", default="", help="model catalog (default: the repo's model_configs.json)")
     sp.add_argument("--api-key-file", action="append", default=[], metavar="PATH",
                     help="API keys for the proxy, one per line; /v1/* then needs Authorization: Bearer <key>")
+    sp.add_argument("--admin-key-file", action="append", default=[], metavar="PATH",
+                    help="dashboard admin keys, one per line: needed to deploy, scale and undeploy from "
+                         "/dashboard")
     sp.add_argument("--timeout", type=float, default=600.0,
                     help="seconds to wait for the model to become READY (default 600)")
     sp.set_defaults(func=cmd_up)

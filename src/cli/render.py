@@ -6,6 +6,7 @@ import time
 
 from google.protobuf import json_format
 
+from gridserve.common.model_config_proto import config_to_dict
 from gridserve.v1 import head_pb2
 
 STATE_NAMES = {v: k.removeprefix("REPLICA_STATE_") for k, v in head_pb2.ReplicaState.items()}
@@ -102,8 +103,7 @@ def status_json(st: head_pb2.ClusterStatus) -> str:
 def models_data(resp: head_pb2.ModelsResponse) -> dict:
     models = []
     for m in resp.models:
-        config = json.loads(m.model_config_json)
-        config.pop("name", None)
+        config = config_to_dict(m.model_config)
         models.append({"name": m.name, "default": m.is_default, "deployed": m.deployed, "replicas": m.replicas,
                        "ready": m.ready, "config": config})
     return {"catalog_path": resp.catalog_path, "models": models}

@@ -124,6 +124,8 @@ def start_head(cluster: LocalCluster, args) -> Head:
         argv += ["--model-configs", args.model_configs]
     for path in args.api_key_file:
         argv += ["--api-key-file", path]
+    for path in args.admin_key_file:
+        argv += ["--admin-key-file", path]
     proc = cluster.spawn("head", "gridserve.head", argv, state.head_log)
     print(f"starting the head on {args.host}:{args.grpc_port} (pid {proc.pid}, log {state.head_log})", flush=True)
     address = wait_head_json(cluster, state, "grpc_address", 60.0)["grpc_address"]
@@ -203,4 +205,5 @@ def print_ready(model: str, head: Head, http: str, state_dir: str, keys: bool = 
           f"  curl -N -X POST http://{http}/v1/chat/{model}{auth} -d \"What is the capital of France?\"\n"
           f"  curl -N http://{http}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{body}'\n"
           f"  gridserve status{head_flag}\n"
+          f"  open http://{http}/dashboard in a browser (cluster, charts, logs, chat playground)\n"
           f"Press Ctrl-C to stop the cluster.", flush=True)

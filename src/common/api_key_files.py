@@ -1,4 +1,5 @@
-"""API keys of the HTTP proxy: the flags, reading key files, and the 0600 file the head hands to its proxy."""
+"""API keys and dashboard admin keys of the HTTP proxy: the flags, reading key files, and the 0600 files the
+head hands to its proxy."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from gridserve.common.errors import ConfigError
 from gridserve.common.files import write_atomic
+from gridserve.common.paths import StateDir
 
 MIN_KEY_LENGTH = 8
 
@@ -57,22 +59,25 @@ def parse_key_line(line: str, where: str) -> tuple[str, KeyLimits]:
     return check_key(key, where), KeyLimits(**values)
 
 
-def read_key_entries(path: str | Path) -> list[tuple[str, KeyLimits]]:
+def read_key_entries(path: str | Path, flag: str = "--api-key-file") -> list[tuple[str, KeyLimits]]:
     """The keys in a file with their limits, one per line; blank lines and '#' comments are skipped."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--api-key-file {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise ConfigError(f"{flag} {path}: {getattr(e, 'strerror', None) or e}") from None
     lines = [line.strip() for line in text.splitlines()]
-    entries = [parse_key_line(line, f"--api-key-file {path}") for line in lines if line and not line.startswith("#")]
+    entries = [parse_key_line(line, f"{flag} {path}") for line in lines if line and not line.startswith("#")]
     if not entries:
-        raise ConfigError(f"--api-key-file {path}: the file holds no key")
+        raise ConfigError(f"{flag} {path}: the file holds no key")
     return entries
 
 
-def read_key_file(path: str | Path) -> list[str]:
-    """The keys in a file, one per line, without their limits."""
-    return [key for key, _ in read_key_entries(path)]
+def read_key_file(path: str | Path, flag: str = "--api-key-file") -> list[str]:
+    """The keys in a file, one per line, without their limits (an admin key file takes none)."""
+    entries = read_key_entries(path, flag)
+    if flag != "--api-key-file" and any(lim for _, lim in entries):
+        raise ConfigError(f"{flag} {path}: rate limits (rpm=, tpm=) belong in an --api-key-file")
+    return [key for key, _ in entries]
 
 
 def keys_from_args(args: argparse.Namespace) -> tuple[str, ...]:
@@ -89,6 +94,27 @@ def limits_from_args(args: argparse.Namespace) -> dict[str, KeyLimits]:
     for path in args.api_key_file:
         limits.update((key, lim) for key, lim in read_key_entries(path) if lim)
     return limits
+
+
+def add_admin_key_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin-key-file", action="append", default=[], metavar="PATH",
+                        help="a file of dashboard admin keys, one per line: only they may deploy, scale and "
+                             "undeploy from /dashboard (separate from API keys; none: dashboard actions are off)")
+
+
+def admin_keys_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """Every admin key given by --admin-key-file, without duplicates, in order."""
+    keys: list[str] = []
+    for path in args.admin_key_file:
+        keys += read_key_file(path, "--admin-key-file")
+    return tuple(dict.fromkeys(keys))
+
+
+def admin_key_args(state_dir: Path, keys: tuple[str, ...]) -> list[str]:
+    """The head's admin keys written 0600 under its state dir (removed when none), as the proxy's flag."""
+    path = StateDir(state_dir).admin_keys
+    write_key_file(path, keys)
+    return ["--admin-key-file", str(path)] if keys else []
 
 
 def write_key_file(path: Path, keys: tuple[str, ...] | list[str], limits: dict[str, KeyLimits] | None = None) -> None:

@@ -12,11 +12,13 @@ from gridserve.common.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_CONFIGS = REPO_ROOT / "model_configs.json"
-SOURCE_TYPES = ("gguf_package", "hub", "local", "fake")
+SOURCE_TYPES = ("gguf_package", "hub", "local", "package", "fake")
 DTYPES = ("float32", "bfloat16", "float16")
 # Weight-only quantization a model may ask for; "none" keeps the weights in `dtype`. Only kinds with a
 # kernel that is fast on the replica's device are offered (see docs/performance.md).
 QUANTIZATIONS = ("none",)
+TASKS = ("generate", "embedding")  # what a model's replicas serve: text generation or sentence embeddings
+NO_EMBEDDING_FIELDS = ("max_tokens_limit", "sampling")  # generation settings an embedding model refuses
 
 
 def _take(d: dict, key: str, where: str, kinds: tuple, default: Any = ..., check=None, rule: str = ""):
@@ -56,7 +58,8 @@ NUM = (int, float)
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the weights come from: a GGUF file in a Python package, a hub id, or a local folder.
+    """Where the weights come from: a GGUF file in a Python package, a hub id, a local folder, or a
+    transformers folder inside an installed Python package (`package`, with `path` inside it).
 
     "fake" has no weights: the replica's real engine (admission, cancel, resume, 429, metrics) runs
     with a model runner that streams deterministic words at `tokens_per_second` per stream, after
@@ -79,10 +82,11 @@ class ModelSource:
                      rule=f"one of {', '.join(SOURCE_TYPES)}")
         if kind == "fake":
             return cls._fake(d, where)
-        need = {"gguf_package": ("package", "file"), "hub": ("repo",), "local": ("path",)}[kind]
+        need = {"gguf_package": ("package", "file"), "hub": ("repo",), "local": ("path",),
+                "package": ("package",)}[kind]
         allowed = {"type", *need, "revision"} if kind == "hub" else {"type", *need}
-        if kind == "local":
-            allowed.add("file")
+        if kind in ("local", "package"):
+            allowed.add("file" if kind == "local" else "path")
         _no_extra(d, allowed, where)
         vals = {k: _take(d, k, where, (str,), check=bool, rule="a non-empty string") for k in need}
         rest = {k: _take(d, k, where, (str,), default="") for k in allowed - set(need) - {"type"}}
@@ -102,6 +106,8 @@ class ModelSource:
             return f"{self.package}/{self.file}"
         if self.type == "hub":
             return self.repo + (f"@{self.revision}" if self.revision else "")
+        if self.type == "package":
+            return f"{self.package}/{self.path}" if self.path else self.package
         return self.path
 
 
@@ -156,10 +162,14 @@ class ModelConfig:
     # With work queued or running, a replica whose engine finishes no step for this long reports
     # NOT_SERVING (and is replaced). 60 s leaves room for a slow CPU prefill of a long prompt on a 7B model.
     stall_timeout_s: float = 60.0
+    # "generate" (chat and completions) or "embedding" (POST /v1/embeddings). For an embedding model,
+    # context_length is the most tokens one input may have, max_batch_size the inputs in one forward
+    # pass and max_waiting the inputs queued beyond them; max_tokens_limit is 0 and sampling unused.
+    task: str = "generate"
     autoscaling: AutoscalingConfig | None = None  # None: a fixed replica count (see docs/autoscaling.md)
 
     FIELDS = ("source", "context_length", "max_tokens_limit", "sampling", "resources", "dtype", "quantization",
-              "max_batch_size", "max_waiting", "description", "stall_timeout_s", "autoscaling")
+              "max_batch_size", "max_waiting", "description", "stall_timeout_s", "task", "autoscaling")
 
     @classmethod
     def from_dict(cls, name: str, d: Any, where: str = "") -> "ModelConfig":
@@ -167,6 +177,9 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: must be an object")
         _no_extra(d, set(cls.FIELDS), where)
+        task = _take(d, "task", where, (str,), "generate", lambda v: v in TASKS, f"one of {', '.join(TASKS)}")
+        if task == "embedding":
+            return cls._embedding(name, d, where)
         ctx = _take(d, "context_length", where, (int,), check=lambda v: v >= 16, rule="an integer >= 16")
         limit = _take(d, "max_tokens_limit", where, (int,), check=lambda v: 1 <= v <= ctx,
                       rule=f"an integer in [1, context_length={ctx}]")
@@ -180,6 +193,26 @@ class ModelConfig:
             context_length=ctx,
             max_tokens_limit=limit,
             sampling=sampling,
+            **cls._common(d, where),
+        )
+
+    @classmethod
+    def _embedding(cls, name: str, d: dict, where: str) -> "ModelConfig":
+        """An embedding model's entry: no generation settings; context_length bounds one input."""
+        for key in NO_EMBEDDING_FIELDS:
+            if key in d:
+                raise ConfigError(f"{where}.{key}: does not apply to an embedding model (task \"embedding\" "
+                                  f"generates no tokens); remove it")
+        ctx = _take(d, "context_length", where, (int,), check=lambda v: v >= 16, rule="an integer >= 16")
+        return cls(name=name, task="embedding", context_length=ctx, max_tokens_limit=0,
+                   source=ModelSource.from_dict(_take(d, "source", where, (dict,), rule="an object"),
+                                                f"{where}.source"),
+                   **cls._common(d, where))
+
+    @staticmethod
+    def _common(d: dict, where: str) -> dict:
+        """The fields every task shares, validated."""
+        return dict(
             resources=Resources.from_dict(_obj(d, "resources", where), f"{where}.resources"),
             dtype=_take(d, "dtype", where, (str,), "float32", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
             quantization=_take(d, "quantization", where, (str,), "none", lambda v: v in QUANTIZATIONS,
@@ -198,6 +231,9 @@ class ModelConfig:
         d["source"] = {k: v for k, v in d["source"].items() if v}
         if d["autoscaling"] is None:
             d.pop("autoscaling")
+        if self.task == "embedding":
+            for key in NO_EMBEDDING_FIELDS:
+                d.pop(key)
         return d
 
     def to_json(self) -> str:

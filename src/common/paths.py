@@ -32,6 +32,11 @@ class StateDir:
         return self.root / "api-keys"
 
     @property
+    def admin_keys(self) -> Path:
+        """The 0600 file of dashboard admin keys the head hands to the proxy it starts."""
+        return self.root / "admin-keys"
+
+    @property
     def proxy_port(self) -> Path:
         return self.root / "proxy.port"
 

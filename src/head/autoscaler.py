@@ -222,9 +222,9 @@ def scaling_start(cfg: AutoscalingConfig, old) -> int:
     return cfg.start_replicas
 
 
-def route_config_json(dep) -> str:
+def route_config(dep):
     """The config the proxies get for a deployment: its model config with the autoscaling in effect, so a
     proxy knows which models scale to zero (replicas get the catalog's config: a new range restarts none)."""
     if dep.autoscaling == dep.config.autoscaling:
-        return dep.config.to_json()
-    return dataclasses.replace(dep.config, autoscaling=dep.autoscaling).to_json()
+        return dep.config
+    return dataclasses.replace(dep.config, autoscaling=dep.autoscaling)

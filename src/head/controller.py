@@ -7,9 +7,10 @@ import secrets
 import time
 
 from gridserve.common.model_config import ModelCatalog
+from gridserve.common.model_config_proto import config_to_proto
 from gridserve.common.errors import InvalidRequest, NotFound, Unavailable
 from gridserve.common.eventlog import event
-from gridserve.head.autoscaler import autoscaling_settings, route_config_json, scaling_start
+from gridserve.head.autoscaler import autoscaling_settings, route_config, scaling_start
 from gridserve.head.log_relay import LogRelay
 from gridserve.head.node_registry import Node, Session
 from gridserve.head.placement import NodeCapacity, ReplicaView, choose_removals, pending_message, place
@@ -376,13 +377,13 @@ class Controller:
         for node in self.nodes.values():
             if not (node.alive and node.synced and node.session):
                 continue
-            specs = [head_pb2.ReplicaSpec(replica_id=a.replica_id, model=a.model,
-                                          model_config_json=self.deployments[a.model].config.to_json())
-                     for a in sorted(self.assignments.values(), key=lambda a: a.replica_id)
-                     if a.node_id == node.node_id]
-            key = tuple((s.replica_id, s.model_config_json) for s in specs)
+            mine = [a for a in sorted(self.assignments.values(), key=lambda a: a.replica_id)
+                    if a.node_id == node.node_id]
+            key = tuple((a.replica_id, self.deployments[a.model].config) for a in mine)
             if key == node.sent_key:
                 continue
+            specs = [head_pb2.ReplicaSpec(replica_id=rid, model=config.name, model_config=config_to_proto(config))
+                     for rid, config in key]
             self._version += 1
             node.session.push(head_pb2.DesiredState(version=self._version, replicas=specs))
             node.sent_key = key
@@ -397,7 +398,7 @@ class Controller:
                 st = self.replica_status(a)
                 if a.model == dep.model and node and node.alive and st.state == S.REPLICA_STATE_READY and st.address:
                     endpoints.append(EndpointKey(a.replica_id, st.address, a.node_id))
-            routes.append(RouteKey(dep.model, route_config_json(dep), tuple(endpoints)))
+            routes.append(RouteKey(dep.model, route_config(dep), tuple(endpoints)))
         return routes
 
     # status
@@ -452,7 +453,7 @@ class Controller:
         for name, config in sorted(self.catalog.models.items()):
             dep = self.deployments.get(name)
             out.models.append(head_pb2.CatalogModel(
-                name=name, model_config_json=config.to_json(), deployed=dep is not None,
+                name=name, model_config=config_to_proto(config), deployed=dep is not None,
                 replicas=dep.replicas if dep else 0, ready=ready.get(name, 0),
                 is_default=name == self.catalog.default_model))
         return out

@@ -5,6 +5,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from gridserve.common.model_config import ModelConfig
+from gridserve.common.model_config_proto import config_to_proto
 from gridserve.v1 import head_pb2
 
 
@@ -15,11 +17,11 @@ class EndpointKey:
     node_id: str
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class RouteKey:
-    """One route in comparable form: model, its config JSON, its READY endpoints sorted."""
+    """One route in comparable form: model, its config, its READY endpoints sorted."""
     model: str
-    model_config_json: str
+    config: ModelConfig
     endpoints: tuple[EndpointKey, ...] = ()
 
 
@@ -33,8 +35,8 @@ class RouteTable:
 
     def update(self, routes: list[RouteKey]) -> bool:
         """Replaces the routes; returns True (and wakes every watcher) if they differ from the current ones."""
-        canonical = tuple(sorted(RouteKey(r.model, r.model_config_json, tuple(sorted(r.endpoints)))
-                                 for r in routes))
+        canonical = tuple(sorted((RouteKey(r.model, r.config, tuple(sorted(r.endpoints))) for r in routes),
+                                 key=lambda r: r.model))
         if canonical == self._routes and self.version:
             return False
         self._routes = canonical
@@ -45,7 +47,7 @@ class RouteTable:
 
     def snapshot(self) -> head_pb2.RoutingTable:
         return head_pb2.RoutingTable(version=self.version, routes=[
-            head_pb2.Route(model=r.model, model_config_json=r.model_config_json,
+            head_pb2.Route(model=r.model, model_config=config_to_proto(r.config),
                            endpoints=[head_pb2.Endpoint(replica_id=e.replica_id, address=e.address,
                                                         node_id=e.node_id) for e in r.endpoints])
             for r in self._routes])

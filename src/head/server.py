@@ -16,7 +16,7 @@ from gridserve.common.grpcutil import SERVING, add_health, add_reflection, bind,
 from gridserve.common.eventlog import event
 from gridserve.common.paths import StateDir
 from gridserve.common.service import Stop, run_service, stop_or_task_exit
-from gridserve.common.api_key_files import write_key_file
+from gridserve.common.api_key_files import admin_key_args, write_key_file
 from gridserve.head.autoscaler import Autoscaler
 from gridserve.head.settings import HeadConfig, parse_config
 from gridserve.head.controller import Controller
@@ -121,7 +121,8 @@ def _proxy(cfg: HeadConfig, state_dir: StateDir, grpc_port: int, ctl: Controller
 
     write_key_file(state_dir.api_keys, cfg.api_keys, cfg.api_key_limits)  # 0600; removed when the head has no keys
     return ProxySupervisor(f"{cfg.local_host}:{grpc_port}", cfg.http_host, cfg.http_port, state_dir.proxy_port,
-                           on_change, state_dir.api_keys if cfg.api_keys else None, cfg.security.child_args())
+                           on_change, state_dir.api_keys if cfg.api_keys else None,
+                           cfg.security.child_args() + admin_key_args(cfg.state_dir, cfg.admin_keys))
 
 
 def main(argv: list[str] | None = None) -> int:

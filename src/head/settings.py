@@ -7,7 +7,8 @@ from pathlib import Path
 
 from gridserve.common.model_config import DEFAULT_MODEL_CONFIGS
 from gridserve.common.errors import ConfigError
-from gridserve.common.api_key_files import KeyLimits, add_api_key_args, keys_from_args, limits_from_args
+from gridserve.common.api_key_files import (KeyLimits, add_admin_key_args, add_api_key_args, admin_keys_from_args,
+                                               keys_from_args, limits_from_args)
 from gridserve.common.security import Security, add_security_args, security_from_args
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
@@ -28,6 +29,7 @@ class HeadConfig:
     log_level: str = "INFO"
     api_keys: tuple[str, ...] = ()  # handed to the proxy in a 0600 file under state_dir, never on argv
     api_key_limits: dict[str, KeyLimits] = field(default_factory=dict)  # key -> rate limits, in that file too
+    admin_keys: tuple[str, ...] = ()  # the dashboard's admin credential, handed over the same way
     security: Security = Security()  # always has a token: the head makes one in state_dir if none is given
 
     def __post_init__(self) -> None:
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between periodic reconcile passes (default 1)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     add_api_key_args(p)
+    add_admin_key_args(p)
     add_security_args(p)
     return p
 
@@ -79,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None = None) -> HeadConfig:
     """Flags -> HeadConfig; argparse errors exit 2, a bad value raises ConfigError naming the flag."""
     args = build_parser().parse_args(argv)
-    keys, limits = keys_from_args(args), limits_from_args(args)
+    keys, limits, admin_keys = keys_from_args(args), limits_from_args(args), admin_keys_from_args(args)
     security = security_from_args(args, state_dir=args.state_dir, create=True)
-    for name in ("api_key", "api_key_file", "cluster_token", "cluster_token_file", "tls_cert", "tls_key", "tls_ca"):
+    for name in ("api_key", "api_key_file", "cluster_token", "cluster_token_file", "tls_cert", "tls_key", "tls_ca",
+                 "admin_key_file"):
         delattr(args, name)
-    return HeadConfig(**vars(args), api_keys=keys, api_key_limits=limits, security=security)
+    return HeadConfig(**vars(args), api_keys=keys, api_key_limits=limits, admin_keys=admin_keys, security=security)

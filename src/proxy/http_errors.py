@@ -98,7 +98,7 @@ def _from_http_exception(e: web.HTTPException) -> HttpError:
         headers["Allow"] = allowed
     elif isinstance(e, web.HTTPNotFound):
         message = ("no such path; try POST /v1/chat/completions, POST /v1/completions, POST /v1/chat/{model}, "
-                   "GET /v1/models, GET /health, GET /ready or GET /metrics")
+                   "POST /v1/embeddings, GET /v1/models, GET /health, GET /ready or GET /metrics")
     else:
         message = e.text or e.reason
         if message.startswith(f"{e.status}: "):

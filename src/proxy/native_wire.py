@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import json
-from typing import Mapping
-
-from gridserve.common.model_config import ModelConfig
 from gridserve.proxy.http_errors import HttpError
 from gridserve.proxy.relay import Job, Result, Wire
-from gridserve.proxy.native_requests import lookup_model, parse_generate
+from gridserve.proxy.native_parse import parse
 
 
 PATH_PREFIX = "/v1/chat/"
@@ -20,14 +17,9 @@ def is_native_path(path: str) -> bool:
 
 
 def error_body(err: HttpError) -> dict:
-    """The native error shape: {"error": {"message", "type", "param", "code"}} with the HTTP status as the code."""
+    """The native error shape: {"error": {"message", "type", "param", "code"}} with the HTTP status as the
+    code; `param` names the request field at fault (null when the fault is not one field's)."""
     return {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": err.status}}
-
-
-def parse(body: bytes, content_type: str, path_model: str, models: Mapping[str, ModelConfig],
-          request_id: str) -> Job:
-    config = lookup_model(models, path_model)
-    return Job(path_model, parse_generate(body, content_type, config, request_id))
 
 
 class TextAnswer:

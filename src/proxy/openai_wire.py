@@ -6,12 +6,12 @@ import json
 import time
 
 from gridserve.proxy.http_errors import HttpError
-from gridserve.proxy.openai_requests import parse_chat, parse_completion
+from gridserve.proxy.openai_parse import parse_chat, parse_completion
 from gridserve.proxy.relay import Job, Result, Wire
 from gridserve.proxy.route_cache import ModelRoute
 
 DONE = b"data: [DONE]\n\n"
-PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings")
 
 
 def is_openai_path(path: str) -> bool:
@@ -55,7 +55,7 @@ class _OpenAIAnswer:
         return _sse(data)
 
     def tail(self, result: Result) -> bytes:
-        out = self._chunk(self._final_choice(result.finish))
+        out = self._chunk(self._final_choice(result.finish.value))
         if self.include_usage:
             out += _sse({**self._envelope(self.chunk_object, []), "usage": _usage(result)})
         return out + DONE
@@ -64,7 +64,7 @@ class _OpenAIAnswer:
         return _sse(error_body(err)) + DONE
 
     def whole(self, text: str, result: Result) -> dict:
-        choice = {"index": 0, **self._whole_choice(text), "logprobs": None, "finish_reason": result.finish}
+        choice = {"index": 0, **self._whole_choice(text), "logprobs": None, "finish_reason": result.finish.value}
         return {**self._envelope(self.whole_object, [choice]), "usage": _usage(result)}
 
     def _final_choice(self, finish: str) -> dict:
@@ -114,4 +114,5 @@ def model_object(name: str, route: ModelRoute) -> dict:
     """One deployed model as OpenAI lists it, plus what gridserve knows of it."""
     return {"id": name, "object": "model", "created": 0, "owned_by": "gridserve",
             "ready_replicas": len(route.endpoints), "context_length": route.config.context_length,
-            "max_tokens_limit": route.config.max_tokens_limit, "description": route.config.description}
+            "max_tokens_limit": route.config.max_tokens_limit, "description": route.config.description,
+            "task": route.config.task}

@@ -14,22 +14,20 @@ from aiohttp import web
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import GridserveError
 from gridserve.common.eventlog import event
+from gridserve.common.request_contract import FinishReason
 from gridserve.proxy.stream_resume import Upstreams
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_response
 from gridserve.proxy.request_metrics import UNKNOWN_MODEL, ProxyMetrics
-from gridserve.proxy.native_requests import request_id_from
 from gridserve.proxy.load_report import LoadTracker
 from gridserve.proxy.rate_limits import TOKENS_USED
-from gridserve.proxy.request_body import read_body, safe_json_loads
+from gridserve.proxy.request_body import read_body, request_id_from, safe_json_loads
+from gridserve.proxy.model_tasks import check_task
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy, UpstreamStream
 from gridserve.proxy.zero_hold import ZeroHold
 from gridserve.v1 import replica_pb2
 
 log = logging.getLogger("gridserve.proxy")
-
-FINISH = {replica_pb2.FINISH_REASON_STOP: "stop", replica_pb2.FINISH_REASON_LENGTH: "length"}
-
 
 @dataclass
 class ProxyState:
@@ -57,8 +55,8 @@ class Job:
 
 @dataclass
 class Result:
-    """How a generation ended: finish reason ("stop" or "length") and token counts."""
-    finish: str = "stop"
+    """How a generation ended: finish reason (stop or length) and token counts."""
+    finish: FinishReason = FinishReason.STOP
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -85,6 +83,7 @@ class Wire:
     parse: Parse
     answer: Callable[[Job, str], Answer]
     error_body: ErrorBody
+    task: str = "generate"  # the model task it serves; a model of another task is a 400
 
 
 @dataclass
@@ -129,8 +128,9 @@ class RequestRecord:
         if chunk.HasField("usage"):
             self.result.prompt_tokens = chunk.usage.prompt_tokens
             self.result.completion_tokens = chunk.usage.completion_tokens
-        if chunk.finish_reason in FINISH:
-            self.result.finish = FINISH[chunk.finish_reason]
+        finish = FinishReason.from_proto(chunk.finish_reason)
+        if finish is not None:
+            self.result.finish = finish
 
     def failed_mid_stream(self, err: HttpError) -> None:
         self.outcome, self.error = "upstream_error", err.message
@@ -201,8 +201,11 @@ async def _parse(request: web.Request, wire: Wire, state: ProxyState, rec: Reque
     except GridserveError as e:
         rec.model = rec.model or _model_hint(body)
         rec.known = rec.model in state.table.routes
+        if rec.known:  # a model of the other task explains a bad body better (max_tokens for minilm ...)
+            check_task(state.table.models[rec.model], wire.task)
         raise HttpError.from_gridserve(e) from None
     rec.model, rec.known = job.model, True
+    check_task(state.table.models[job.model], wire.task)
     return job
 
 

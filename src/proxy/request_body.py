@@ -1,18 +1,50 @@
-"""Reading a request body safely: its content encoding and framing, then JSON that is neither too deep nor
-holding text that cannot be encoded (lone surrogates), each refused as a 4xx naming what is wrong."""
+"""Reading a request body safely: its content encoding and framing, then text or one JSON object that is
+neither too deep nor holding text that cannot be encoded (lone surrogates), each refused as a 4xx naming what
+is wrong; and the request id a request is known by."""
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 
 from gridserve.common.errors import InvalidRequest
+from gridserve.common.request_contract import kind
 from gridserve.proxy.http_errors import HttpError
 
 MAX_DEPTH = 32  # nested objects/lists in a JSON body; real requests need 4 or 5
 ENCODINGS = ("identity", "gzip", "deflate")  # Content-Encoding values the proxy decodes
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+
+
+def request_id_from(header: str | None) -> str:
+    """The client's X-Request-Id when it is sane (1-128 of [A-Za-z0-9._:-]), else a new one."""
+    if header and _REQUEST_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
+
+
+def is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def body_text(body: bytes, empty_message: str) -> str:
+    """The body as UTF-8 text; InvalidRequest when it is empty or not UTF-8."""
+    if not body:
+        raise InvalidRequest(empty_message)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"request body is not valid UTF-8 (byte {e.start})") from None
+
+
+def json_object(body: bytes) -> dict:
+    """A body that must be one JSON object (NaN and Infinity refused)."""
+    return safe_json_loads(body_text(body, "request body is empty: send a JSON object"))
 
 
 class BodyError(InvalidRequest):
@@ -61,9 +93,7 @@ def safe_json_loads(text: str) -> dict:
     except ValueError as e:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        kind = "a list" if isinstance(data, list) else "a string" if isinstance(data, str) else \
-            "null" if data is None else "a boolean" if isinstance(data, bool) else "a number"
-        raise InvalidRequest(f"request body must be a JSON object, got {kind}")
+        raise InvalidRequest(f"request body must be a JSON object, got {kind(data)}")
     _check(data, "", 1)
     return data
 

@@ -12,6 +12,7 @@ from gridserve.common import grpcutil
 from gridserve.common.backoff import Backoff
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import ConfigError
+from gridserve.common.model_config_proto import config_from_proto
 from gridserve.common.eventlog import event
 from gridserve.common.security import Security
 from gridserve.v1 import head_pb2, head_pb2_grpc
@@ -120,7 +121,7 @@ class RouteCache:
 
     def _parse_route(self, route: head_pb2.Route) -> ModelRoute | None:
         try:
-            config = ModelConfig.from_json(route.model_config_json)
+            config = config_from_proto(route.model_config)
         except ConfigError as e:  # keep what we had for this model rather than drop it
             event(log, "route_invalid", logging.WARNING, model=route.model, error=e.message)
             return self.routes.get(route.model)

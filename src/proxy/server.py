@@ -1,5 +1,5 @@
-"""The proxy's aiohttp app: the generation endpoints of both wire formats, models, health, readiness,
-metrics, and the process lifecycle."""
+"""The proxy's aiohttp app: the generation endpoints of both wire formats, embeddings, models, health,
+readiness, metrics, and the process lifecycle."""
 from __future__ import annotations
 
 import asyncio
@@ -16,13 +16,16 @@ from gridserve.common.service import Stop
 from gridserve.proxy import native_wire as native, openai_wire as openai_api
 from gridserve.proxy.auth import ApiKeys, auth_middleware
 from gridserve.proxy.cluster_metrics import ClusterCollector, ClusterPoller
+from gridserve.proxy.dashboard import add_dashboard_routes
+from gridserve.proxy.embeddings import embeddings
 from gridserve.proxy.settings import ProxyConfig
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_body, error_middleware, escaped_errors_in_json
 from gridserve.proxy.http_rejections import JsonErrorsRunner
 from gridserve.proxy.request_metrics import ProxyMetrics
-from gridserve.proxy.openai_requests import ModelNotFound
+from gridserve.proxy.openai_parse import ModelNotFound
 from gridserve.proxy.relay import STATE, ProxyState, Wire, handle
-from gridserve.proxy.native_requests import lookup_model, request_id_from
+from gridserve.common.request_contract import lookup_model
+from gridserve.proxy.request_body import request_id_from
 from gridserve.proxy.load_report import LoadReporter
 from gridserve.proxy.zero_hold import ZeroHold, scales_to_zero
 from gridserve.proxy.rate_limits import RateLimiter, add_ratelimit_headers, rate_limit_middleware
@@ -59,6 +62,7 @@ def make_app(state: ProxyState, keys: ApiKeys = ApiKeys(), limiter: RateLimiter 
     app.router.add_post("/v1/chat/completions", _generate(openai_api.CHAT))
     app.router.add_post("/v1/completions", _generate(openai_api.COMPLETIONS))
     app.router.add_post("/v1/chat/{model}", _generate(native.WIRE))  # after /v1/chat/completions
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/health", health)
@@ -145,12 +149,13 @@ async def serve(cfg: ProxyConfig, stop: Stop) -> int:
                            on_poll=lambda: state.metrics.known_models(table.routes))
     limiter = RateLimiter(cfg.api_key_limits)
     app = make_app(state, ApiKeys(cfg.api_keys), limiter)
+    dashboard = add_dashboard_routes(app, state, cfg)
     runner = JsonErrorsRunner(app, handler_cancellation=True, access_log=None,
                               shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()
     reporter = LoadReporter(cfg.head, table, state.load, limiter=limiter)
     state.zero_hold = ZeroHold(cfg.zero_hold_timeout_s, cfg.zero_hold_max, on_hold=reporter.nudge)
-    tasks = [asyncio.create_task(t.run()) for t in (watcher, poller, reporter)]
+    tasks = [asyncio.create_task(t.run()) for t in (watcher, poller, reporter, dashboard)]
     try:
         port = await _listen(runner, cfg)
         if cfg.port_file:

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from gridserve.common.model_config import parse_hostport
 from gridserve.common.errors import ConfigError
-from gridserve.common.api_key_files import KeyLimits, add_api_key_args, keys_from_args, limits_from_args
+from gridserve.common.api_key_files import (KeyLimits, add_admin_key_args, add_api_key_args, admin_keys_from_args,
+                                               keys_from_args, limits_from_args)
 from gridserve.common.security import Security, add_security_args, security_from_args
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -30,6 +31,7 @@ class ProxyConfig:
     api_key_limits: dict[str, KeyLimits] = field(default_factory=dict, repr=False)  # key -> its rate limits
     zero_hold_timeout_s: float = 60.0  # how long a request for a model at zero replicas waits for one
     zero_hold_max: int = 100           # requests per model held at once; more get 503 at once
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: dashboard actions are refused
     security: Security = field(default=Security(), repr=False)  # cluster token and TLS for gRPC calls
 
     def __post_init__(self) -> None:
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-interval", type=float, default=5.0,
                    help="seconds between polls of the head and replicas for /metrics' cluster gauges")
     add_api_key_args(p)
+    add_admin_key_args(p)
     add_security_args(p)
     return p
 
@@ -97,6 +100,7 @@ def parse_config(argv: list[str] | None = None) -> ProxyConfig:
                            shutdown_grace_s=args.shutdown_grace, metrics_interval_s=args.metrics_interval,
                            zero_hold_timeout_s=args.zero_hold_timeout, zero_hold_max=args.zero_hold_max,
                            api_keys=keys_from_args(args), api_key_limits=limits_from_args(args),
+                           admin_keys=admin_keys_from_args(args),
                            security=security_from_args(args))
     except ConfigError as e:
         parser.error(e.message)

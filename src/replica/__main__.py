@@ -1,4 +1,5 @@
-"""`python -m gridserve.replica --replica-id ID --model-config-json JSON ...`: run one replica process."""
+"""`python -m gridserve.replica --replica-id ID --model-config BASE64 ...`: run one replica process (the scheduler
+starts it; --model-config is base64 of a serialized gridserve.v1.ModelConfig)."""
 import sys
 
 from gridserve.replica.server import main

@@ -206,7 +206,7 @@ def _load_weights(config: ModelConfig, dtype: torch.dtype, cache_dir: Path | Non
             return (*_from_pretrained(src.repo, dtype, revision=src.revision or None), False)
         except (OSError, ValueError) as e:
             raise _hub_error(src.repo, e) from None
-    folder = Path(src.path)
+    folder = package_dir(src.package) / src.path if src.type == "package" else Path(src.path)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"local model folder {folder} has no config.json")
     return (*_from_pretrained(str(folder), dtype), False)

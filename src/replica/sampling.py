@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from gridserve.replica.request_params import SamplingOptions
+from gridserve.common.request_contract import SamplingOptions
 
 # How many of the most likely tokens a top-k/top-p row is sampled from when its cut lies within them.
 CANDIDATES = 256

@@ -16,14 +16,14 @@ from gridserve.common.grpcutil import NOT_SERVING, SERVING, add_health, add_refl
 from gridserve.common.eventlog import event
 from gridserve.common.service import Stop, run_service
 from gridserve.replica.settings import ReplicaConfig, parse_config
-from gridserve.replica.request_params import resolve_input, resolve_sampling
+from gridserve.common.request_contract import FinishReason
+from gridserve.replica.request_params import resolve_request
+from gridserve.replica.embed_service import embed, generate_refused
 from gridserve.replica.stall_watchdog import StallWatch
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
 log = logging.getLogger("gridserve.replica")
 SERVICE_NAME = replica_pb2.DESCRIPTOR.services_by_name["Replica"].full_name
-FINISH = {"stop": replica_pb2.FINISH_REASON_STOP, "length": replica_pb2.FINISH_REASON_LENGTH,
-          "abort": replica_pb2.FINISH_REASON_ABORT}
 # Initial metadata sent as soon as the engine has taken a request (queued or running), before its first
 # token: a caller that gets no accept in a few seconds may try another replica.
 ACCEPTED = (("x-gridserve-accepted", "1"),)
@@ -53,8 +53,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
                 completion = out.completion_tokens or completion
                 chunk = replica_pb2.GenerateResponse(text=out.text, token_ids=out.token_ids)
                 if out.finish_reason:
-                    finish = out.finish_reason
-                    chunk.finish_reason = FINISH[out.finish_reason]
+                    finish = FinishReason(out.finish_reason)
+                    chunk.finish_reason = finish.to_proto()
                     chunk.usage.prompt_tokens = len(prompt_ids)
                     chunk.usage.completion_tokens = out.completion_tokens
                 yield chunk
@@ -73,10 +73,11 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
     async def _admit(self, request, request_id: str):
         """Validate, tokenize (off the loop) and queue a request: (prompt ids, options, engine handle)."""
         engine = self.engine
+        if self.cfg.model.task != "generate":
+            raise generate_refused(self.cfg.model)
         if engine is None:
             raise Unavailable(f"replica {self.cfg.replica_id} is still loading model '{self.cfg.model.name}'")
-        opts = resolve_sampling(request.params, self.cfg.model)
-        kind, value = resolve_input(request)
+        kind, value, opts = resolve_request(request, self.cfg.model)
         encode = engine.loaded.encode_prompt if kind == "prompt" else engine.loaded.encode_chat
         prompt_ids = await asyncio.to_thread(encode, value)
         ctx = self.cfg.model.context_length
@@ -84,6 +85,10 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
             raise InvalidRequest(f"the prompt is {len(prompt_ids)} tokens; model '{self.cfg.model.name}' has a "
                                  f"context length of {ctx} tokens, so the prompt must be shorter than that")
         return prompt_ids, opts, engine.submit(request_id, prompt_ids, opts, list(request.resume_token_ids))
+
+    async def Embed(self, request, context):
+        async for reply in embed(self.cfg, self.engine, request, context):
+            yield reply
 
     async def Info(self, request, context):
         cfg, engine = self.cfg, self.engine
@@ -114,6 +119,9 @@ def _build_engine(cfg: ReplicaConfig):
         return Engine(load_fake(cfg.model), cfg.num_threads)
     import torch
     torch.set_num_threads(cfg.num_threads)
+    if cfg.model.task == "embedding":
+        from gridserve.replica.embedding_engine import build_embedding_engine
+        return build_embedding_engine(cfg)
     from gridserve.replica.engine import Engine
     from gridserve.replica.model_loader import load_model
     loaded = load_model(cfg.model, cfg.cache_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import ConfigError
+from gridserve.common.model_config_proto import config_from_arg
 from gridserve.common.security import Security, add_security_args, security_from_args
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -60,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gridserve.replica",
                                 description="Serve one model over gRPC (Generate, Info, grpc.health.v1).")
     p.add_argument("--replica-id", required=True, help="this replica's id, '<model>-<6 hex>'")
-    p.add_argument("--model-config-json", required=True,
-                   help="the model's config as JSON: {\"name\": ..., <a model_configs.json entry>}")
+    p.add_argument("--model-config", required=True,
+                   help="the model's config: base64 of a serialized gridserve.v1.ModelConfig (the scheduler "
+                        "passes it; gridserve.common.model_config_proto.config_to_arg makes one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default 0)")
     p.add_argument("--port-file", help="write the bound port here (atomically) once bound")
@@ -79,7 +81,7 @@ def parse_config(argv: list[str] | None = None) -> ReplicaConfig:
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     return ReplicaConfig(
         replica_id=args.replica_id,
-        model=ModelConfig.from_json(args.model_config_json),
+        model=config_from_arg(args.model_config),
         host=args.host, port=args.port,
         port_file=Path(args.port_file) if args.port_file else None,
         num_threads=args.num_threads, cache_dir=cache_dir,

@@ -71,7 +71,7 @@ class NodeAgent:
         want = {s.replica_id: s for s in desired.replicas}
         for rid, runner in list(self.replicas.items()):
             spec = want.get(rid)
-            if spec is None or spec.model_config_json != runner.spec.model_config_json:
+            if spec is None or spec.model_config != runner.spec.model_config:
                 self._retire(runner, "not desired" if spec is None else "config changed")
         for rid, spec in want.items():
             if rid not in self.replicas:

@@ -16,7 +16,7 @@ from typing import Callable
 import grpc
 
 from gridserve.common.backoff import Backoff
-from gridserve.common.model_config import ModelConfig
+from gridserve.common.model_config_proto import config_from_proto, config_to_arg
 from gridserve.common.errors import GridserveError, Unavailable
 from gridserve.common.files import read_port_file
 from gridserve.common.grpcutil import SERVING, channel, check_health
@@ -172,7 +172,7 @@ class ReplicaRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await after
         try:
-            num_threads = max(1, math.ceil(ModelConfig.from_json(self.spec.model_config_json).resources.num_cpus))
+            num_threads = max(1, math.ceil(config_from_proto(self.spec.model_config).resources.num_cpus))
         except GridserveError as e:
             self._set(S.REPLICA_STATE_FAILED, f"bad model config from the head: {e.message}")
             return
@@ -200,7 +200,7 @@ class ReplicaRunner:
 
     def _command(self, num_threads: int) -> list[str]:
         cmd = [*self.cfg.replica_command, "--replica-id", self.replica_id,
-               "--model-config-json", self.spec.model_config_json, "--host", self.cfg.host,
+               "--model-config", config_to_arg(config_from_proto(self.spec.model_config)), "--host", self.cfg.host,
                "--port", str(pick_port(self.cfg.host, *self.cfg.port_range)),
                "--port-file", str(self.port_file), "--num-threads", str(num_threads),
                *self.cfg.security.child_args()]

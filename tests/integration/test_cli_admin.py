@@ -16,15 +16,16 @@ pytestmark = pytest.mark.timeout(120)
 # Picked by the model's description: "fake:fatal" exits like an offline hub model; others tick.
 FAKE_REPLICA = textwrap.dedent('''
     import argparse, asyncio, json, os, signal, sys
+    from gridserve.common.model_config_proto import config_from_arg
     from gridserve.common.grpcutil import SERVING, add_health, bind, make_server
 
     async def main():
         p = argparse.ArgumentParser()
-        for flag in ("--replica-id", "--model-config-json", "--host", "--port", "--port-file", "--num-threads"):
+        for flag in ("--replica-id", "--model-config", "--host", "--port", "--port-file", "--num-threads"):
             p.add_argument(flag, required=True)
         a, _security_flags = p.parse_known_args()
         print(f"fake replica {a.replica_id} starting", file=sys.stderr, flush=True)
-        if json.loads(a.model_config_json)["description"] == "fake:fatal":
+        if config_from_arg(a.model_config).description == "fake:fatal":
             print("fatal: cannot load it: the hub is offline", file=sys.stderr, flush=True)
             sys.exit(3)
         server = make_server()

@@ -85,17 +85,19 @@ async def test_bad_requests_get_json_errors_with_fitting_statuses(proxy, head, h
     err = error_of(body)
     assert err["type"] == "not_found_error" and err["code"] == 404 and "other, tiny" in err["message"]
     cases = [
-        ("", {}, "empty"),
-        ("{broken", {"Content-Type": "application/json"}, "not valid JSON"),
-        (json.dumps({"prompt": "x", "max_tokens": 33}), {"Content-Type": "application/json"}, r"[1, 32]"),
-        (json.dumps({"prompt": "x", "top_p": 0}), {"Content-Type": "application/json"}, "(0, 1]"),
-        (json.dumps({"messages": "hi"}), {"Content-Type": "application/json"}, "non-empty list"),
+        ("", {}, "empty", None),
+        ("{broken", {"Content-Type": "application/json"}, "not valid JSON", None),
+        (json.dumps({"prompt": "x", "max_tokens": 33}), {"Content-Type": "application/json"}, r"[1, 32]", "max_tokens"),
+        (json.dumps({"prompt": "x", "top_p": 0}), {"Content-Type": "application/json"}, "(0, 1]", "top_p"),
+        (json.dumps({"prompt": "x", "top_p": 1e-300}), {"Content-Type": "application/json"}, "(0, 1]", "top_p"),
+        (json.dumps({"prompt": "x", "stop": list("abcde")}), {"Content-Type": "application/json"}, "up to 4", "stop"),
+        (json.dumps({"messages": "hi"}), {"Content-Type": "application/json"}, "non-empty list", "messages"),
     ]
-    for data, headers, needle in cases:
+    for data, headers, needle, param in cases:
         async with http.post(f"{proxy.url}/v1/chat/tiny", data=data, headers=headers) as r:
             err = error_of(await r.read())
             assert r.status == 400 and err["type"] == "invalid_request_error", (data, err)
-            assert needle in err["message"], (needle, err)
+            assert needle in err["message"] and err["param"] == param, (needle, err)
     assert r1.requests == []  # nothing invalid reached a replica
     async with http.post(f"{proxy.url}/v1/chat/tiny", data="x" * 5000) as r:
         assert r.status == 413 and error_of(await r.read())["type"] == "request_too_large"

@@ -6,19 +6,20 @@ import json
 import aiohttp
 import pytest
 
-from gridserve.v1 import head_pb2
-from support.fakes import MODEL_JSON, FakeHead, FakeReplica, Proxy, wait_version
+from gridserve.v1 import head_pb2, model_config_pb2
+from support.fakes import FakeHead, FakeReplica, Proxy, model_config, wait_version
 
 pytestmark = pytest.mark.timeout(60)
 
-ZERO_JSON = json.dumps({**json.loads(MODEL_JSON), "name": "idle",
-                        "autoscaling": {"min_replicas": 0, "max_replicas": 2, "downscale_delay_s": 5}})
+ZERO = model_config("idle")
+ZERO.autoscaling.CopyFrom(model_config_pb2.Autoscaling(min_replicas=0, max_replicas=2, target_ongoing_requests=2,
+                                                       upscale_delay_s=30, downscale_delay_s=5, look_back_period_s=30))
 _version = iter(range(10_000, 20_000))
 
 
 def publish_zero(head: FakeHead, *replicas: FakeReplica) -> int:
     table = head_pb2.RoutingTable(version=next(_version))
-    route = table.routes.add(model="idle", model_config_json=ZERO_JSON)
+    route = table.routes.add(model="idle", model_config=ZERO)
     for r in replicas:
         route.endpoints.add(replica_id=r.replica_id, address=r.address, node_id="n1")
     head.current = table

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 
@@ -10,6 +9,8 @@ import grpc
 import pytest
 
 from gridserve.common.grpcutil import NOT_SERVING, check_health
+from gridserve.common.model_config import ModelConfig
+from gridserve.common.model_config_proto import config_to_arg
 from gridserve.v1 import replica_pb2
 from test_replica_process import Replica, request
 from support.waiting import wait_until
@@ -19,9 +20,9 @@ MULTIBYTE_PROMPT = "word8 日本"  # the tiny model's greedy output holds a byte
 
 
 def config(model_dir, **extra) -> str:
-    return json.dumps({"name": "tiny", "source": {"type": "local", "path": str(model_dir)},
-                       "context_length": 1024, "max_tokens_limit": 900,
-                       "sampling": {"temperature": 0, "max_new_tokens": 16}, "max_batch_size": 4, **extra})
+    return config_to_arg(ModelConfig.from_dict("tiny", {
+        "source": {"type": "local", "path": str(model_dir)}, "context_length": 1024, "max_tokens_limit": 900,
+        "sampling": {"temperature": 0, "max_new_tokens": 16}, "max_batch_size": 4, **extra}))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,8 @@ import time
 import grpc
 import pytest
 
+from gridserve.common.model_config import ModelConfig
+from gridserve.common.model_config_proto import config_to_arg
 from gridserve.common.grpcutil import NOT_SERVING, SERVING, channel, check_health
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 from support.reflect import list_services
@@ -21,21 +22,21 @@ LIMIT = 64
 
 
 def tiny_config(path) -> str:
-    return json.dumps({"name": "tiny", "source": {"type": "local", "path": str(path)},
-                       "context_length": CONTEXT, "max_tokens_limit": LIMIT,
-                       "sampling": {"temperature": 0, "max_new_tokens": 16}, "max_batch_size": 4})
+    return config_to_arg(ModelConfig.from_dict("tiny", {
+        "source": {"type": "local", "path": str(path)}, "context_length": CONTEXT, "max_tokens_limit": LIMIT,
+        "sampling": {"temperature": 0, "max_new_tokens": 16}, "max_batch_size": 4}))
 
 
 class Replica:
     """One spawned replica process, its stderr log and a channel to it."""
 
-    def __init__(self, tmp, model_config_json: str, name: str = "r", env: dict[str, str] | None = None):
+    def __init__(self, tmp, model_config: str, name: str = "r", env: dict[str, str] | None = None):
         self.port_file = tmp / f"{name}.port"
         self.log_path = tmp / f"{name}.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gridserve.replica", "--replica-id", f"tiny-{name}00000",
-             "--model-config-json", model_config_json, "--host", "127.0.0.1", "--port", "0",
+             "--model-config", model_config, "--host", "127.0.0.1", "--port", "0",
              "--port-file", str(self.port_file), "--num-threads", "1", "--cache-dir", str(tmp / "cache")],
             stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"), env=env)
         self.address = None
@@ -130,16 +131,19 @@ def chat(*messages) -> replica_pb2.GenerateRequest:
         messages=[replica_pb2.ChatMessage(role=r, content=c) for r, c in messages]))
 
 
-BAD_REQUESTS = [
-    (request(prompt=""), "prompt is empty"),
-    (replica_pb2.GenerateRequest(), "set prompt or chat"),
-    (chat(), "no messages"),
-    (chat(("user", "hi"), ("wizard", "hi")), "unknown role 'wizard'"),
-    (request(max_tokens=0), f"max_tokens must be in [1, {LIMIT}]"),
+BAD_REQUESTS = [  # each message names the field, as the proxy's 400 for the same input would
+    (request(prompt=""), "'prompt' must be a non-empty string"),
+    (replica_pb2.GenerateRequest(), "the request has no input"),
+    (chat(), "'messages' must be a non-empty list"),
+    (chat(("user", "hi"), ("wizard", "hi")), 'messages[1].role must be one of system, user, assistant, got "wizard"'),
+    (request(max_tokens=0), f"'max_tokens' must be an integer in [1, {LIMIT}]"),
     (request(max_tokens=LIMIT + 1), f"got {LIMIT + 1}"),
-    (request(temperature=3.0), "temperature must be in [0, 2]"),
-    (request(top_p=0.0), "top_p must be in (0, 1]"),
-    (request(stop=[""]), "stop string"),
+    (request(temperature=3.0), "'temperature' must be a number in [0, 2]"),
+    (request(top_p=0.0), "'top_p' must be a number in (0, 1]"),
+    (request(top_p=1e-300), "'top_p' must be a number in (0, 1]"),
+    (request(top_k=2**31), "'top_k' must be an integer in [0, 2147483647]"),
+    (request(stop=[""]), "'stop' must be"),
+    (request(stop=list("abcde")), "up to 4 non-empty strings"),
     (request(prompt="word " * (CONTEXT + 10)), f"context length of {CONTEXT}"),
 ]
 
@@ -181,7 +185,7 @@ async def test_info_reports_batch_size_queue_depth_and_tokens_per_second(replica
 async def test_the_replica_lists_its_services_by_reflection(replica):
     services, methods = await asyncio.to_thread(list_services, replica.address, None, "gridserve.v1.Replica")
     assert services == ["gridserve.v1.Replica", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
-    assert methods == ["Generate", "Info"]
+    assert methods == ["Generate", "Info", "Embed"]
 
 
 async def test_cancelled_stream_frees_the_replica_and_the_next_call_succeeds(replica):
@@ -221,8 +225,8 @@ async def test_sigterm_lets_the_open_stream_finish_and_exits_zero(tiny_model_dir
 
 
 async def test_hub_model_offline_is_fatal_with_exit_code_3(tmp_path):
-    cfg = json.dumps({"name": "gpt2", "source": {"type": "hub", "repo": "openai-community/gpt2"},
-                      "context_length": 1024, "max_tokens_limit": 512})
+    cfg = config_to_arg(ModelConfig.from_dict("gpt2", {"source": {"type": "hub", "repo": "openai-community/gpt2"},
+                                                       "context_length": 1024, "max_tokens_limit": 512}))
     r = Replica(tmp_path, cfg, name="hub")
     try:
         assert r.proc.wait(60) == 3

@@ -21,17 +21,18 @@ GRIDSERVE = str(Path(sys.executable).parent / "gridserve")
 # Behaviour is picked by the model's description: "fake:fatal" exits like an offline hub model.
 FAKE_REPLICA = textwrap.dedent('''
     import argparse, asyncio, json, os, signal, sys
+    from gridserve.common.model_config_proto import config_from_arg
     from gridserve.common.grpcutil import NOT_SERVING, SERVING, add_health, bind, make_server
 
     async def main():
         p = argparse.ArgumentParser()
-        for flag in ("--replica-id", "--model-config-json", "--host", "--port", "--port-file", "--num-threads"):
+        for flag in ("--replica-id", "--model-config", "--host", "--port", "--port-file", "--num-threads"):
             p.add_argument(flag, required=True)
         a, _security_flags = p.parse_known_args()
-        cfg = json.loads(a.model_config_json)
+        cfg = config_from_arg(a.model_config)
         print(f"fake replica {a.replica_id} threads={a.num_threads}", file=sys.stderr, flush=True)
-        if cfg["description"] == "fake:fatal":
-            print(f"fatal: cannot load {cfg['name']}: the hub is offline", file=sys.stderr)
+        if cfg.description == "fake:fatal":
+            print(f"fatal: cannot load {cfg.name}: the hub is offline", file=sys.stderr)
             sys.exit(3)
         server = make_server()
         health = add_health(server)

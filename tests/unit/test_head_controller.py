@@ -261,7 +261,7 @@ def test_catalog_models_list_every_model_with_its_deployment(tmp_path):
     models = {m.name: m for m in ctl.catalog_models().models}
     assert sorted(models) == ["gpu", "m", "other"]
     assert (models["m"].deployed, models["m"].replicas, models["m"].ready, models["m"].is_default) == (True, 1, 1, True)
-    assert not models["other"].deployed and '"context_length": 64' in models["other"].model_config_json
+    assert not models["other"].deployed and models["other"].model_config.context_length == 64
 
 
 def test_log_requests_go_to_the_session_of_the_replicas_node(tmp_path):

@@ -1,7 +1,8 @@
 """Routing tables: versions bump only on real changes, and watchers get complete snapshots."""
 import asyncio
 
-from gridserve.common.model_config import ModelCatalog
+from gridserve.common.model_config import ModelCatalog, ModelConfig
+from gridserve.common.model_config_proto import config_from_proto
 from gridserve.common.grpcutil import bind, channel, make_server
 from gridserve.head.controller import Controller
 from gridserve.head.route_table import EndpointKey, RouteKey, RouteTable
@@ -13,37 +14,42 @@ E1 = EndpointKey("m-000001", "h1:1", "n1")
 E2 = EndpointKey("m-000002", "h2:2", "n2")
 
 
+def cfg(name: str = "m", limit: int = 16) -> ModelConfig:
+    return ModelConfig.from_dict(name, {"source": {"type": "local", "path": "/x"}, "context_length": 64,
+                                        "max_tokens_limit": limit, "sampling": {"max_new_tokens": 8}})
+
+
 def test_version_bumps_only_when_routes_really_change():
     table = RouteTable()
-    assert table.update([RouteKey("m", "{}")])
+    assert table.update([RouteKey("m", cfg())])
     v = table.version
-    assert not table.update([RouteKey("m", "{}")])
-    assert table.update([RouteKey("m", "{}", (E1, E2))])
-    assert not table.update([RouteKey("m", "{}", (E2, E1))])  # the same endpoints in another order
-    assert table.update([RouteKey("m", "{}", (E2,))])
-    assert table.update([RouteKey("m", '{"x": 1}', (E2,))])  # a config change is a change
+    assert not table.update([RouteKey("m", cfg())])
+    assert table.update([RouteKey("m", cfg(), (E1, E2))])
+    assert not table.update([RouteKey("m", cfg(), (E2, E1))])  # the same endpoints in another order
+    assert table.update([RouteKey("m", cfg(), (E2,))])
+    assert table.update([RouteKey("m", cfg(limit=32), (E2,))])  # a config change is a change
     assert table.version == v + 3
 
 
 def test_snapshot_lists_every_route_even_without_endpoints():
     table = RouteTable()
-    table.update([RouteKey("b", "{}", (E1,)), RouteKey("a", '{"name": "a"}')])
+    table.update([RouteKey("b", cfg(), (E1,)), RouteKey("a", cfg("a"))])
     snap = table.snapshot()
-    assert [(r.model, r.model_config_json, len(r.endpoints)) for r in snap.routes] == \
-        [("a", '{"name": "a"}', 0), ("b", "{}", 1)]
+    assert [(r.model, r.model_config.name, len(r.endpoints)) for r in snap.routes] == [("a", "a", 0), ("b", "m", 1)]
+    assert config_from_proto(snap.routes[0].model_config) == cfg("a")
     assert snap.routes[1].endpoints[0] == head_pb2.Endpoint(replica_id="m-000001", address="h1:1", node_id="n1")
 
 
 async def test_a_watcher_gets_the_current_table_at_once_then_each_new_version():
     table = RouteTable()
-    table.update([RouteKey("m", "{}")])
+    table.update([RouteKey("m", cfg())])
     watch = table.watch()
     first = await asyncio.wait_for(anext(watch), 1)
     assert first.version == table.version
     pending = asyncio.ensure_future(anext(watch))
     await asyncio.sleep(0.05)
     assert not pending.done()  # nothing new yet
-    table.update([RouteKey("m", "{}", (E1,))])
+    table.update([RouteKey("m", cfg(), (E1,))])
     second = await asyncio.wait_for(pending, 1)
     assert second.version == first.version + 1 and len(second.routes[0].endpoints) == 1
     await watch.aclose()
@@ -55,7 +61,7 @@ async def test_a_slow_watcher_skips_to_the_newest_complete_table():
     watch = table.watch()
     await anext(watch)
     for endpoints in [(E1,), (E1, E2), (E2,)]:
-        table.update([RouteKey("m", "{}", endpoints)])
+        table.update([RouteKey("m", cfg(), endpoints)])
     newest = await asyncio.wait_for(anext(watch), 1)
     assert newest.version == table.version
     assert [e.replica_id for e in newest.routes[0].endpoints] == ["m-000002"]
@@ -82,7 +88,7 @@ async def test_watch_over_grpc_streams_a_new_version_after_a_deploy(tmp_path):
             ctl.reconcile()
             second = await asyncio.wait_for(call.read(), 5)
             assert second.version > first.version
-            assert [r.model for r in second.routes] == ["m"] and '"name": "m"' in second.routes[0].model_config_json
+            assert [r.model for r in second.routes] == ["m"] and second.routes[0].model_config.name == "m"
             call.cancel()
     finally:
         await server.stop(0)

@@ -20,7 +20,7 @@ from gridserve.proxy.relay import ProxyState
 from gridserve.proxy.route_cache import RouteCache
 from gridserve.proxy.server import make_app
 from gridserve.v1 import head_pb2
-from support.fakes import CHUNKS, MODEL_JSON, FakeReplica
+from support.fakes import CHUNKS, FakeReplica, model_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -40,7 +40,7 @@ async def proxy():
     replica = await PlainReplica("tiny-aaaaaa").start()
     table = RouteCache()
     snapshot = head_pb2.RoutingTable(version=1)
-    route = snapshot.routes.add(model="tiny", model_config_json=MODEL_JSON)
+    route = snapshot.routes.add(model="tiny", model_config=model_config("tiny"))
     route.endpoints.add(replica_id=replica.replica_id, address=replica.address, node_id="n1")
     table.apply(snapshot)
     state = ProxyState(table, max_body_bytes=MAX_BODY, routes_wait_s=0.1)

@@ -2,13 +2,13 @@
 from gridserve.proxy.load_report import LoadTracker, build_report
 from gridserve.proxy.route_cache import RouteCache
 from gridserve.v1 import head_pb2
-from support.fakes import MODEL_JSON
+from support.fakes import model_config
 
 
 def table_with(*endpoints: tuple[str, str]) -> RouteCache:
     table = RouteCache()
     snapshot = head_pb2.RoutingTable(version=1)
-    route = snapshot.routes.add(model="tiny", model_config_json=MODEL_JSON)
+    route = snapshot.routes.add(model="tiny", model_config=model_config("tiny"))
     for rid, address in endpoints:
         route.endpoints.add(replica_id=rid, address=address)
     table.apply(snapshot)

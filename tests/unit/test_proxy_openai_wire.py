@@ -5,10 +5,11 @@ import pytest
 
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import InvalidRequest, NotFound
+from gridserve.common.request_contract import FinishReason
 from gridserve.proxy.auth import ApiKeys, bearer_token
 from gridserve.proxy.http_errors import HttpError
 from gridserve.proxy.openai_wire import ChatAnswer, CompletionAnswer, error_body
-from gridserve.proxy.openai_requests import parse_chat, parse_completion
+from gridserve.proxy.openai_parse import parse_chat, parse_completion
 from gridserve.proxy.relay import Job, Result
 
 CONFIG = ModelConfig.from_dict("tiny", {"source": {"type": "local", "path": "/x"}, "context_length": 256,
@@ -81,7 +82,7 @@ def sse(data: bytes) -> list:
 
 def test_chat_answer_chunks_role_first_then_deltas_finish_usage_and_done():
     a = ChatAnswer(Job("tiny", None, stream=True, include_usage=True), "r1")
-    events = sse(a.head() + a.delta("Hi") + a.tail(Result("length", 3, 1)))
+    events = sse(a.head() + a.delta("Hi") + a.tail(Result(FinishReason.LENGTH, 3, 1)))
     assert [e["choices"][0]["delta"] for e in events[:2]] == [{"role": "assistant", "content": ""},
                                                                {"content": "Hi"}]
     assert events[2]["choices"][0]["finish_reason"] == "length" and events[2]["usage"] is None
@@ -95,7 +96,7 @@ def test_chat_answer_chunks_role_first_then_deltas_finish_usage_and_done():
 def test_completion_answer_has_no_role_chunk_and_a_whole_body_with_usage():
     a = CompletionAnswer(Job("tiny", None), "r2")
     assert a.head() == b""
-    whole = a.whole("text", Result("stop", 2, 3))
+    whole = a.whole("text", Result(FinishReason.STOP, 2, 3))
     assert whole["object"] == "text_completion" and whole["id"] == "cmpl-r2"
     assert whole["choices"] == [{"index": 0, "text": "text", "logprobs": None, "finish_reason": "stop"}]
     assert whole["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}

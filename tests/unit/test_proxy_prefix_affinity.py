@@ -4,7 +4,7 @@ import random
 from gridserve.proxy.prefix_affinity import PrefixAffinity, block_hashes
 from gridserve.proxy.route_cache import RouteCache
 from gridserve.v1 import head_pb2, replica_pb2
-from support.fakes import MODEL_JSON
+from support.fakes import model_config
 
 SYSTEM = "You are a helpful assistant who answers questions about the history of computing. " * 4  # ~340 chars
 ADDRESSES = [f"10.0.0.{i}:1" for i in range(1, 5)]
@@ -13,7 +13,7 @@ ADDRESSES = [f"10.0.0.{i}:1" for i in range(1, 5)]
 def table_of(addresses=ADDRESSES, seed=0) -> RouteCache:
     table = RouteCache(rng=random.Random(seed))
     snapshot = head_pb2.RoutingTable(version=1)
-    route = snapshot.routes.add(model="tiny", model_config_json=MODEL_JSON)
+    route = snapshot.routes.add(model="tiny", model_config=model_config("tiny"))
     for i, a in enumerate(addresses):
         route.endpoints.add(replica_id=f"tiny-{i}", address=a)
     table.apply(snapshot)

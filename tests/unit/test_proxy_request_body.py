@@ -6,8 +6,8 @@ import pytest
 
 from gridserve.common.errors import InvalidRequest
 from gridserve.proxy.http_errors import MAX_MESSAGE, HttpError, cap_message
-from gridserve.proxy.native_requests import parse_generate
-from gridserve.proxy.openai_requests import parse_chat
+from gridserve.proxy.native_parse import parse_generate
+from gridserve.proxy.openai_parse import parse_chat
 from gridserve.proxy.request_body import MAX_DEPTH, safe_json_loads
 from gridserve.common.model_config import ModelConfig
 

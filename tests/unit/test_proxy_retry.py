@@ -12,7 +12,7 @@ from gridserve.proxy.http_errors import HttpError
 from gridserve.proxy.route_cache import RouteCache
 from gridserve.proxy.retry import RetryPolicy, open_stream, replica_lost
 from gridserve.v1 import head_pb2, replica_pb2
-from support.fakes import MODEL_JSON, SCRIPT, SCRIPT_IDS, SCRIPT_TEXT, FakeReplica
+from support.fakes import SCRIPT, SCRIPT_IDS, SCRIPT_TEXT, FakeReplica, model_config
 from support.fakes import replicas  # noqa: F401  (shared fixture)
 
 pytestmark = pytest.mark.timeout(30)
@@ -31,7 +31,7 @@ async def table():
 def route(table: RouteCache, *replicas: FakeReplica) -> None:
     """Installs a newer snapshot with model "tiny" served by `replicas`."""
     snapshot = head_pb2.RoutingTable(version=next(_versions))
-    r = snapshot.routes.add(model="tiny", model_config_json=MODEL_JSON)
+    r = snapshot.routes.add(model="tiny", model_config=model_config("tiny"))
     for replica in replicas:
         r.endpoints.add(replica_id=replica.replica_id, address=replica.address, node_id="n1")
     assert table.apply(snapshot)

@@ -4,21 +4,23 @@ import random
 
 from gridserve.common import grpcutil
 from gridserve.common.model_config import ModelConfig
+from gridserve.common.model_config_proto import config_to_proto
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.v1 import head_pb2, head_pb2_grpc
 from support.waiting import wait_until as wait_for
 
 
-def config_json(name: str) -> str:
-    return ModelConfig.from_dict(name, {"source": {"type": "local", "path": "/x"}, "context_length": 128,
-                                        "max_tokens_limit": 32, "sampling": {"max_new_tokens": 16}}).to_json()
+def model_config(name: str):
+    return config_to_proto(ModelConfig.from_dict(name, {"source": {"type": "local", "path": "/x"},
+                                                        "context_length": 128, "max_tokens_limit": 32,
+                                                        "sampling": {"max_new_tokens": 16}}))
 
 
 def snapshot(version: int, **models: list[str]) -> head_pb2.RoutingTable:
     """A RoutingTable with model -> list of endpoint addresses (replica id = model-<port>)."""
     table = head_pb2.RoutingTable(version=version)
     for name, addresses in models.items():
-        route = table.routes.add(model=name, model_config_json=config_json(name))
+        route = table.routes.add(model=name, model_config=model_config(name))
         for a in addresses:
             route.endpoints.add(replica_id=f"{name}-{a.rsplit(':', 1)[1]}", address=a, node_id="n1")
     return table
@@ -59,8 +61,8 @@ def test_removed_model_disappears_and_bad_config_keeps_the_previous_route():
     table = RouteCache()
     table.apply(snapshot(1, a=["h:1"], b=["h:2"]))
     broken = snapshot(2, a=["h:3"])
-    broken.routes[0].model_config_json = "{not json"
-    broken.routes.add(model="c", model_config_json='{"name": "c"}')  # invalid and new: skipped
+    broken.routes[0].model_config.max_tokens_limit = 0
+    broken.routes.add(model="c").model_config.name = "c"  # invalid and new: skipped
     table.apply(broken)
     assert set(table.routes) == {"a"}
     assert addresses(table, "a") == ["h:1"]

@@ -1,16 +1,17 @@
 """Replica settings: fault injection is off unless GRIDSERVE_FAULT_INJECTION=1 is set when the config is built."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from gridserve.common.errors import ConfigError
+from gridserve.common.model_config import ModelConfig
+from gridserve.common.model_config_proto import config_to_arg
 from gridserve.replica.settings import parse_config
 
-MODEL = json.dumps({"name": "m", "source": {"type": "local", "path": "/models/m"}, "context_length": 64,
-                    "max_tokens_limit": 32, "sampling": {"max_new_tokens": 16}, "stall_timeout_s": 2.5})
-ARGV = ["--replica-id", "m-abc123", "--model-config-json", MODEL]
+MODEL = config_to_arg(ModelConfig.from_dict("m", {"source": {"type": "local", "path": "/models/m"},
+                                                   "context_length": 64, "max_tokens_limit": 32,
+                                                   "sampling": {"max_new_tokens": 16}, "stall_timeout_s": 2.5}))
+ARGV = ["--replica-id", "m-abc123", "--model-config", MODEL]
 
 
 @pytest.mark.parametrize("value,on", [(None, False), ("", False), ("0", False), ("1", True)])

@@ -1,15 +1,17 @@
-"""Turns OpenAI chat.completions and completions request bodies into a replica Job, or says why not."""
+"""The OpenAI wire's requests, top to bottom: chat.completions and completions bodies into a replica Job,
+checked by the common request contract; fields OpenAI clients send that gridserve cannot honour are refused
+by name."""
 from __future__ import annotations
 
 import json
 from typing import Any, Mapping
 
-from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import NotFound
+from gridserve.common.model_config import ModelConfig
+from gridserve.common.request_contract import (FieldError, GenerationRequest, Sampling, check_messages,
+                                               check_prompt, clip, kind, lookup_model, quote)
 from gridserve.proxy.relay import Job
-from gridserve.proxy.native_requests import (FieldError, chat_messages, json_object, lookup_model, prompt_text,
-                                      sampling_params)
-from gridserve.v1 import replica_pb2
+from gridserve.proxy.request_body import json_object
 
 COMMON_FIELDS = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop", "seed", "n",
                  "top_k")
@@ -24,6 +26,7 @@ NEUTRAL: dict[str, tuple] = {
     "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},),
 }
 STREAM_OPTIONS = ("include_usage", "include_obfuscation")
+MESSAGE_FIELDS = ("role", "content", "name")
 
 
 class ModelNotFound(NotFound):
@@ -39,9 +42,8 @@ def parse_chat(body: bytes, content_type: str, path_model: str, models: Mapping[
     config = _model(data, models)
     if "messages" not in data:
         raise FieldError("'messages' is required: a list of {role, content} objects", "messages")
-    request = replica_pb2.GenerateRequest(request_id=request_id)
-    request.chat.CopyFrom(chat_messages(data["messages"], openai=True))
-    return _job(request, data, config)
+    messages = _messages(data["messages"])
+    return _job(data, config, lambda sampling: GenerationRequest(request_id, sampling, messages=messages))
 
 
 def parse_completion(body: bytes, content_type: str, path_model: str, models: Mapping[str, ModelConfig],
@@ -51,8 +53,8 @@ def parse_completion(body: bytes, content_type: str, path_model: str, models: Ma
     config = _model(data, models)
     if "prompt" not in data:
         raise FieldError("'prompt' is required: the text to continue", "prompt")
-    request = replica_pb2.GenerateRequest(request_id=request_id, prompt=prompt_text(_one_prompt(data["prompt"])))
-    return _job(request, data, config)
+    prompt = check_prompt(_one_prompt(data["prompt"]))
+    return _job(data, config, lambda sampling: GenerationRequest(request_id, sampling, prompt=prompt))
 
 
 def _known_fields(data: dict, allowed: tuple[str, ...]) -> dict:
@@ -69,7 +71,7 @@ def _known_fields(data: dict, allowed: tuple[str, ...]) -> dict:
                                  key, "unsupported_parameter")
             continue
         if key not in allowed:
-            raise FieldError(f"unrecognized request argument {key!r} (supported: {', '.join(allowed)})",
+            raise FieldError(f"unrecognized request argument {clip(key)!r} (supported: {', '.join(allowed)})",
                              key, "unknown_parameter")
         out[key] = value
     return out
@@ -85,6 +87,40 @@ def _model(data: dict, models: Mapping[str, ModelConfig]) -> ModelConfig:
         raise ModelNotFound(e.message) from None
 
 
+def _messages(value: Any) -> tuple[tuple[str, str], ...]:
+    """What OpenAI clients send, as (role, content) pairs: the developer role is system, content may be a
+    list of text parts, `name` (and any null field) is ignored."""
+    if not isinstance(value, list) or not value:
+        raise FieldError(f"'messages' must be a non-empty list of {{role, content}} objects, got {kind(value)}",
+                         "messages")
+    pairs = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise FieldError(f"{where} must be an object with 'role' and 'content', got {kind(m)}", where)
+        extra = sorted(k for k in set(m) - set(MESSAGE_FIELDS) if m[k] is not None)
+        if extra:
+            raise FieldError(f"{where}: unknown field {clip(extra[0])!r} (known: {', '.join(MESSAGE_FIELDS)})",
+                             f"{where}.{extra[0]}")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        pairs.append((role, _text_parts(m.get("content"), where)))
+    return check_messages(pairs)
+
+
+def _text_parts(content: Any, where: str) -> Any:
+    """Content as a list of parts: text parts are joined; any other kind is refused."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            what = part.get("type") if isinstance(part, dict) else kind(part)
+            raise FieldError(f"{where}.content[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
+                             f"are supported, got {quote(what)}", f"{where}.content")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def _one_prompt(value: Any) -> Any:
     """A prompt string, or a list holding one; token-id prompts and several prompts are refused."""
     if not isinstance(value, list):
@@ -96,21 +132,22 @@ def _one_prompt(value: Any) -> Any:
     raise FieldError("one prompt per request: send a string (or a list of one string)", "prompt")
 
 
-def _job(request: replica_pb2.GenerateRequest, data: dict, config: ModelConfig) -> Job:
+def _job(data: dict, config: ModelConfig, request) -> Job:
+    """The Job: `request` builds the GenerationRequest from the checked sampling fields."""
     n = data.get("n", 1)
     if n != 1 or isinstance(n, bool):
-        raise FieldError(f"only n=1 is supported (one choice per request), got {json.dumps(n)}; "
+        raise FieldError(f"only n=1 is supported (one choice per request), got {quote(n)}; "
                          f"send several requests for several answers", "n", "unsupported_value")
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
-        raise FieldError(f"'stream' must be true or false, got {json.dumps(stream)}", "stream")
+        raise FieldError(f"'stream' must be true or false, got {quote(stream)}", "stream")
     include_usage = _stream_options(data, stream)
     if "max_completion_tokens" in data:
         if "max_tokens" in data and data["max_tokens"] != data["max_completion_tokens"]:
             raise FieldError("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
         data["max_tokens"] = data.pop("max_completion_tokens")
-    request.params.CopyFrom(sampling_params(data, config))
-    return Job(config.name, request, stream=stream, include_usage=include_usage)
+    generate = request(Sampling.from_fields(data, config)).to_proto()
+    return Job(config.name, generate, stream=stream, include_usage=include_usage)
 
 
 def _stream_options(data: dict, stream: bool) -> bool:
@@ -122,8 +159,9 @@ def _stream_options(data: dict, stream: bool) -> bool:
         raise FieldError("'stream_options' is only allowed when 'stream' is true", "stream_options")
     if not isinstance(options, dict) or set(options) - set(STREAM_OPTIONS):
         raise FieldError(f"'stream_options' must be an object with {' and/or '.join(STREAM_OPTIONS)}, "
-                         f"got {json.dumps(options)}", "stream_options")
+                         f"got {quote(options)}", "stream_options")
     include = options.get("include_usage", False)
     if not isinstance(include, bool):
         raise FieldError("'stream_options.include_usage' must be true or false", "stream_options.include_usage")
     return include
+

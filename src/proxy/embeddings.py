@@ -1,0 +1,126 @@
+"""POST /v1/embeddings: parse, call Embed on a replica of the model (another one on UNAVAILABLE or RESOURCE_EXHAUSTED),
+answer in OpenAI's list shape with float or base64 vectors, then log and count."""
+from __future__ import annotations
+
+import array
+import asyncio
+import base64
+import logging
+import sys
+
+import grpc
+from aiohttp import web
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential, \
+    wait_random
+
+from gridserve.common.eventlog import event
+from gridserve.proxy.embedding_requests import EmbeddingsJob, parse_embeddings
+from gridserve.proxy.http_errors import HttpError, error_response
+from gridserve.proxy.request_body import request_id_from
+from gridserve.proxy.openai_wire import error_body
+from gridserve.proxy.relay import STATE, RequestRecord, Wire, _parse
+from gridserve.proxy.retry import RetryPolicy, _accepted, _no_endpoint
+from gridserve.proxy.route_cache import Endpoint, RouteCache
+from gridserve.v1 import replica_pb2, replica_pb2_grpc
+
+log = logging.getLogger("gridserve.proxy")
+API = "embeddings"
+# The relay's parse step (routing-table wait, body size, metrics label) with this endpoint's parser.
+WIRE = Wire(api=API, parse=parse_embeddings, answer=None, error_body=error_body, task="embedding")
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """POST /v1/embeddings in OpenAI's shape; errors as {"error": {"message", "type", "param", "code"}}."""
+    state = request.app[STATE]
+    rec = RequestRecord(request_id_from(request.headers.get("X-Request-Id")), API, state.metrics)
+    event(log, "request_start", request_id=rec.request_id, api=API, model="")
+    headers = {"X-Request-Id": rec.request_id}
+    try:
+        job: EmbeddingsJob = await _parse(request, WIRE, state, rec)
+        reply, endpoint = await call_embed(state.table, job.model, job.embed, state.policy,
+                                           on_retry=state.metrics.retries.labels(job.model).inc)
+        rec.replica = endpoint.replica_id
+        rec.result.prompt_tokens = reply.prompt_tokens
+        state.metrics.prompt_tokens.labels(job.model).inc(reply.prompt_tokens)
+        rec.status, rec.outcome = 200, "ok"
+        return web.json_response(answer(job, reply), headers={**headers, "X-Replica-Id": endpoint.replica_id})
+    except HttpError as e:
+        rec.status, rec.error = e.status, e.message
+        return error_response(e, error_body, headers=headers)
+    except asyncio.CancelledError:  # the client went away: the replica call is cancelled with us
+        rec.outcome, rec.status = "cancelled", rec.status or 499
+        raise
+    finally:
+        rec.done()
+
+
+def answer(job: EmbeddingsJob, reply: replica_pb2.EmbedResponse) -> dict:
+    """OpenAI's embeddings list: one {"object": "embedding", "index", "embedding"} per input, then usage."""
+    encode = base64_floats if job.encoding_format == "base64" else list
+    data = [{"object": "embedding", "index": i, "embedding": encode(e.values)}
+            for i, e in enumerate(reply.embeddings)]
+    return {"object": "list", "data": data, "model": job.model,
+            "usage": {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}}
+
+
+def base64_floats(values) -> str:
+    """Little-endian float32s, base64: what OpenAI sends for encoding_format "base64"."""
+    packed = array.array("f", values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def _retryable(e: BaseException) -> bool:
+    return isinstance(e, HttpError) and e.retryable
+
+
+async def call_embed(table: RouteCache, model: str, request: replica_pb2.EmbedRequest, policy: RetryPolicy,
+                     on_retry=lambda: None) -> tuple[replica_pb2.EmbedResponse, Endpoint]:
+    """Embed on a replica picked by power of two choices; on UNAVAILABLE, RESOURCE_EXHAUSTED or no admission
+    within policy.accept_timeout_s, backs off and tries another (embedding is idempotent, so a replica that
+    goes away mid-call is retried too). Raises HttpError: no replica, all failed, or a bad request."""
+    tried: set[str] = set()
+    last: list[HttpError] = []
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline_s),
+        wait=wait_exponential(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s)
+        + wait_random(0, policy.backoff_initial_s),
+        retry=retry_if_exception(_retryable), reraise=True)
+    async for attempt in retrying:
+        with attempt:
+            endpoint = table.pick(model, exclude=tried)
+            if endpoint is None:
+                raise _no_endpoint(model, last, others=bool(tried))
+            if attempt.retry_state.attempt_number > 1:
+                on_retry()
+            tried.add(endpoint.address)
+            try:
+                return await _embed_on(table, endpoint, request, policy.accept_timeout_s), endpoint
+            except HttpError as e:
+                last.append(e)
+                event(log, "upstream_attempt_failed", request_id=request.request_id, model=model,
+                      replica=endpoint.replica_id, attempt=attempt.retry_state.attempt_number,
+                      status=e.status, retry=e.retryable, error=e.message)
+                raise
+    raise AssertionError("unreachable: tenacity reraises the last error")
+
+
+async def _embed_on(table: RouteCache, endpoint: Endpoint, request: replica_pb2.EmbedRequest,
+                    accept_timeout_s: float) -> replica_pb2.EmbedResponse:
+    lease = table.acquire(endpoint)
+    call = replica_pb2_grpc.ReplicaStub(lease.channel).Embed(request)
+    try:
+        await _accepted(call, endpoint, accept_timeout_s)
+        reply = await call.read()  # no time limit once admitted: the inputs may wait in the replica's queue
+        if reply is not grpc.aio.EOF:
+            await call.read()  # the end of the stream (and its status) follows at once
+    except grpc.aio.AioRpcError as e:
+        raise HttpError.from_grpc(e, where=f"replica {endpoint.replica_id}") from None
+    finally:
+        call.cancel()  # no-op once done; otherwise the replica drops the request
+        lease.release()
+    if reply is grpc.aio.EOF:
+        raise HttpError(502, "upstream_error", f"replica {endpoint.replica_id} ended the call without vectors")
+    return reply
+
