@@ -19,8 +19,8 @@ from gridserve.v1 import head_pb2
 
 log = logging.getLogger("gridserve.proxy.rate_limits")
 
-TOKENS_USED = "gridserve.tokens_used"  # request key: prompt + completion tokens, set by the relay when done
-_HEADERS = "gridserve.ratelimit_headers"
+TOKENS_USED = web.RequestKey("tokens_used", int)  # prompt + completion tokens, set by the relay when done
+_HEADERS = web.RequestKey("ratelimit_headers", dict)  # the x-ratelimit-* headers of an admitted request
 
 
 def duration(seconds: float) -> str:
