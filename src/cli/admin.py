@@ -72,8 +72,11 @@ def cmd_undeploy(args) -> int:
 
 
 def cmd_models(args) -> int:
+    """The catalog (with the nodes whose HF cache holds each hub model), then every node's cached hub models."""
     data = render.models_data(call_head(args.head, "Models", head_pb2.ModelsRequest()))
-    return _print(args, data, render.models_table(data))
+    data["node_caches"] = render.node_caches(_status(args))
+    text = f"{render.models_table(data)}\n\nNODE CACHES (Hugging Face)\n{render.node_caches_table(data['node_caches'])}"
+    return _print(args, data, text)
 
 
 def cmd_logs(args) -> int:

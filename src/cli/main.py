@@ -95,6 +95,11 @@ def add_admin_parsers(sub) -> None:
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing what is appended (Ctrl-C stops)")
     sp.add_argument("--tail", type=int, default=-1, help="only the last N lines (default: the whole log)")
     sp.add_argument("--node", default="", help="the node the replica ran on, for one the head no longer tracks")
+    from gridserve.cli.pull import cmd_pull
+    sp = admin_cmd("pull", "fetch a hub model into the HF cache of the nodes, ahead of a deploy", cmd_pull)
+    sp.add_argument("model", help="a catalog model with a hub source, or a hub repo id (org/name)")
+    sp.add_argument("--node", default="", help="only this node (default: every alive node)")
+    sp.add_argument("--revision", default="", help="branch, tag or commit (default: the catalog's, or main)")
 
 
 AUTOSCALING_FLAGS = (

@@ -78,10 +78,34 @@ def autoscaling_table(st: head_pb2.ClusterStatus) -> str:
                  rows) if rows else ""
 
 
+def state_text(r: head_pb2.ReplicaStatus) -> str:
+    """The state, and while a STARTING replica fills the HF cache, how far: 'STARTING (downloading 45%, 12.0MiB/s)'."""
+    name = STATE_NAMES.get(r.state, str(r.state))
+    d = r.download
+    if r.state != head_pb2.REPLICA_STATE_STARTING or not r.HasField("download"):
+        return name
+    done = f"{100 * d.done_bytes / d.total_bytes:.0f}%" if d.total_bytes else mem(d.done_bytes) or "0B"
+    speed = f", {mem(d.bytes_per_second)}/s" if d.bytes_per_second >= 1 else ""
+    return f"{name} (downloading {done}{speed})"
+
+
+def memory_text(r: head_pb2.ReplicaStatus) -> str:
+    """RSS and the limit it is held to: '412.3MiB/1.2GiB' ('-' when not running)."""
+    if not r.rss_bytes:
+        return "-"
+    return mem(r.rss_bytes) + (f"/{mem(r.memory_limit_bytes)}" if r.memory_limit_bytes else "")
+
+
+def message_text(r: head_pb2.ReplicaStatus) -> str:
+    """Its message; when it has none, why it was last restarted ('last restart: killed by SIGKILL: over ...')."""
+    return r.message or (f"last restart: {r.last_restart}" if r.last_restart else "-")
+
+
 def replicas_table(st: head_pb2.ClusterStatus) -> str:
-    rows = [[r.replica_id, r.model, r.node_id or "-", r.address or "-", STATE_NAMES.get(r.state, str(r.state)),
-             str(r.restarts), ago(r.state_since), r.message or "-"] for r in st.replicas]
-    return table_or_none(["REPLICA", "MODEL", "NODE", "ADDRESS", "STATE", "RESTARTS", "SINCE", "MESSAGE"], rows)
+    rows = [[r.replica_id, r.model, r.node_id or "-", r.address or "-", state_text(r), memory_text(r),
+             mem(r.gpu_bytes), str(r.restarts), ago(r.state_since), message_text(r)] for r in st.replicas]
+    return table_or_none(["REPLICA", "MODEL", "NODE", "ADDRESS", "STATE", "MEM", "GPU MEM", "RESTARTS", "SINCE",
+                          "MESSAGE"], rows)
 
 
 def render_status(st: head_pb2.ClusterStatus) -> str:
@@ -105,7 +129,7 @@ def models_data(resp: head_pb2.ModelsResponse) -> dict:
     for m in resp.models:
         config = config_to_dict(m.model_config)
         models.append({"name": m.name, "default": m.is_default, "deployed": m.deployed, "replicas": m.replicas,
-                       "ready": m.ready, "config": config})
+                       "ready": m.ready, "cached_on": list(m.cached_on), "config": config})
     return {"catalog_path": resp.catalog_path, "models": models}
 
 
@@ -116,6 +140,18 @@ def models_table(data: dict) -> str:
         deployed = f"{m['ready']}/{m['replicas']}" if m["deployed"] else "-"
         rows.append([m["name"] + (" *" if m["default"] else ""), deployed, num(res["num_cpus"]),
                      num(res["num_gpus"]), mem(res["memory_mb"] * 1024 * 1024), str(c["context_length"]),
-                     c.get("description") or "-"])
-    out = table_or_none(["MODEL", "DEPLOYED", "CPUS", "GPUS", "MEMORY", "CONTEXT", "DESCRIPTION"], rows)
+                     ",".join(m.get("cached_on", [])) or "-", c.get("description") or "-"])
+    out = table_or_none(["MODEL", "DEPLOYED", "CPUS", "GPUS", "MEMORY", "CONTEXT", "CACHED ON", "DESCRIPTION"], rows)
     return f"{out}\n(* the default model; catalog {data['catalog_path'] or '-'})"
+
+
+def node_caches(st: head_pb2.ClusterStatus) -> list[dict]:
+    """Every hub model in every node's HF cache: node, repo, size, revisions and refs."""
+    return [{"node": n.node_id, "repo": c.repo, "size_bytes": c.size_bytes, "revisions": list(c.revisions),
+             "refs": list(c.refs)} for n in st.nodes for c in n.cached_models]
+
+
+def node_caches_table(caches: list[dict]) -> str:
+    rows = [[c["node"], c["repo"], mem(c["size_bytes"]), ",".join(c["refs"]) or "-",
+             ",".join(r[:12] for r in c["revisions"]) or "-"] for c in caches]
+    return table_or_none(["NODE", "CACHED MODEL", "SIZE", "REFS", "REVISIONS"], rows)

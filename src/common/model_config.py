@@ -129,19 +129,49 @@ class SamplingDefaults:
         )
 
 
+MEMORY_UNITS = {"": 2**20, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "ki": 2**10, "m": 2**20,
+                "mb": 10**6, "mib": 2**20, "mi": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "gi": 2**30,
+                "t": 2**40, "tb": 10**12, "tib": 2**40, "ti": 2**40}
+MEMORY_RULE = 'a size such as "1200MiB", "1.5GiB" or "2GB" (a bare number is MiB)'
+
+
+def parse_memory_mb(value: Any, where: str) -> int:
+    """A memory size in operator units ("1.2GiB", "1200MB", "512Mi", 900) to whole MiB, rounded up."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    elif isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        digits = len(text) - len(text.lstrip("0123456789."))
+        number_text, unit = text[:digits], text[digits:].lower()
+        try:
+            number = float(number_text)
+        except ValueError:
+            number, unit = -1.0, "?"
+    else:
+        number, unit = -1.0, "?"
+    if unit not in MEMORY_UNITS or not math.isfinite(number) or number < 0:
+        raise ConfigError(f"{where}: must be {MEMORY_RULE}, got {json.dumps(value)}")
+    return math.ceil(number * MEMORY_UNITS[unit] / 2**20)
+
+
 @dataclass(frozen=True)
 class Resources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    memory_mb: int = 0
+    memory_mb: int = 0  # MiB a replica may hold (its RSS); 0: no limit. "memory" gives it in any unit.
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "Resources":
-        _no_extra(d, {"num_cpus", "num_gpus", "memory_mb"}, where)
+        _no_extra(d, {"num_cpus", "num_gpus", "memory_mb", "memory"}, where)
+        if "memory" in d and "memory_mb" in d:
+            raise ConfigError(f"{where}.memory: give either memory or memory_mb, not both")
+        memory_mb = _take(d, "memory_mb", where, (int,), 0, lambda v: v >= 0, "an integer >= 0")
+        if "memory" in d:
+            memory_mb = parse_memory_mb(d["memory"], f"{where}.memory")
         return cls(
             num_cpus=float(_take(d, "num_cpus", where, NUM, 1.0, lambda v: v > 0, "a number > 0")),
             num_gpus=float(_take(d, "num_gpus", where, NUM, 0.0, lambda v: v >= 0, "a number >= 0")),
-            memory_mb=_take(d, "memory_mb", where, (int,), 0, lambda v: v >= 0, "an integer >= 0"),
+            memory_mb=memory_mb,
         )
 
 

@@ -13,6 +13,7 @@ from gridserve.common.eventlog import event
 from gridserve.head.autoscaler import autoscaling_settings, route_config, scaling_start
 from gridserve.head.log_relay import LogRelay
 from gridserve.head.node_registry import Node, Session
+from gridserve.head.pull_relay import PullRelay
 from gridserve.head.placement import NodeCapacity, ReplicaView, choose_removals, pending_message, place
 from gridserve.head.route_table import EndpointKey, RouteKey, RouteTable
 from gridserve.head.state import Assignment, Deployment, StateStore
@@ -57,6 +58,7 @@ class Controller:
         self.reconcile_passes = 0  # counted for tests and operators: "nothing happened for N passes"
         self._tombstones: dict[str, float] = {}
         self.logs = LogRelay()
+        self.pulls = PullRelay()
         self._version = 0
         self._wake = asyncio.Event()
         self._routes_warm = False  # see _routes_held
@@ -228,6 +230,7 @@ class Controller:
         self._seen(node)
         node.available.CopyFrom(report.available)
         node.cpu_percent = report.cpu_percent
+        node.cached_models = list(report.cached_models)
         session.reports += 1
         old = node.reports
         node.reports = {r.replica_id: r for r in report.replicas}
@@ -243,6 +246,7 @@ class Controller:
     def close_session(self, session: Session, reason: str) -> None:
         session.close(reason)
         self.logs.node_gone(session.node_id, reason)
+        self.pulls.node_gone(session.node_id, reason)
         if self.stopping:  # the head is going down, not the node: keep its replicas' assignments for adoption
             return
         node = self.nodes.get(session.node_id)
@@ -278,6 +282,7 @@ class Controller:
             node.session.close(reason)
             node.session = None
             self.logs.node_gone(node.node_id, reason)
+            self.pulls.node_gone(node.node_id, reason)
         gone = [a.replica_id for a in self.assignments.values() if a.node_id == node.node_id]
         for rid in gone:
             self.assignments.pop(rid)
@@ -328,7 +333,7 @@ class Controller:
         if len(mine) < dep.replicas:
             want = dep.replicas - len(mine)
             nodes = [c for c in self._capacities() if not dep.node or c.node_id == dep.node]
-            chosen, _ = place(nodes, res.num_cpus, res.num_gpus, want)
+            chosen, _ = place(nodes, res.num_cpus, res.num_gpus, want, memory=res.memory_mb * 2**20)
             for node_id in chosen:
                 a = Assignment(new_replica_id(dep.model), dep.model, node_id, time.time())
                 self.assignments[a.replica_id] = a
@@ -342,7 +347,7 @@ class Controller:
         if pending:
             res = dep.config.resources
             parts.append(pending_message(pending, res.num_cpus, res.num_gpus, dep.node,
-                                         dep.node in self.nodes and self.nodes[dep.node].alive))
+                                         dep.node in self.nodes and self.nodes[dep.node].alive, res.memory_mb))
         failed = [s for s in (self.replica_status(a) for a in self.assignments.values() if a.model == dep.model)
                   if s.state == S.REPLICA_STATE_FAILED]
         if failed:
@@ -355,13 +360,17 @@ class Controller:
         return "; ".join(parts)
 
     def _capacities(self) -> list[NodeCapacity]:
-        """Alive, synced nodes with what is already placed on them."""
+        """Alive, synced nodes with what is already placed on them. Free memory is the smaller of capacity minus
+        the memory_mb placed there and what the node last reported free (other processes use memory too)."""
         out = []
         for n in self.nodes.values():
             if n.alive and n.synced:
                 used = self._allocated(n.node_id)
+                memory = n.capacity.memory_bytes
+                if memory and n.available.memory_bytes:
+                    memory = min(memory, used.memory_bytes + n.available.memory_bytes)
                 out.append(NodeCapacity(n.node_id, n.capacity.num_cpus, n.capacity.num_gpus,
-                                        used.num_cpus, used.num_gpus))
+                                        used.num_cpus, used.num_gpus, memory, used.memory_bytes))
         return out
 
     def _remove(self, replica_ids: list[str], reason: str) -> None:
@@ -433,7 +442,8 @@ class Controller:
             out.nodes.append(head_pb2.NodeStatus(
                 node_id=node.node_id, hostname=node.hostname, address=node.address, capacity=node.capacity,
                 allocated=self._allocated(node.node_id), available=node.available,
-                cpu_percent=node.cpu_percent, alive=node.alive, last_seen=node.last_seen_wall))
+                cpu_percent=node.cpu_percent, alive=node.alive, last_seen=node.last_seen_wall,
+                cached_models=node.cached_models))
         for dep in sorted(self.deployments.values(), key=lambda d: d.model):
             mine = [self.replica_status(a) for a in self.assignments.values() if a.model == dep.model]
             ready = sum(1 for s in mine if s.state == S.REPLICA_STATE_READY)
@@ -452,8 +462,10 @@ class Controller:
         out = head_pb2.ModelsResponse(catalog_path=self.catalog.path)
         for name, config in sorted(self.catalog.models.items()):
             dep = self.deployments.get(name)
+            repo = config.source.repo if config.source.type == "hub" else None
+            cached_on = sorted(n.node_id for n in self.nodes.values() if any(c.repo == repo for c in n.cached_models))
             out.models.append(head_pb2.CatalogModel(
                 name=name, model_config=config_to_proto(config), deployed=dep is not None,
                 replicas=dep.replicas if dep else 0, ready=ready.get(name, 0),
-                is_default=name == self.catalog.default_model))
+                is_default=name == self.catalog.default_model, cached_on=cached_on))
         return out

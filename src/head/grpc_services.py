@@ -12,6 +12,7 @@ from gridserve.common.eventlog import event
 from gridserve.head.key_usage import KeyUsageBook
 from gridserve.head.controller import Controller
 from gridserve.head.node_registry import Session
+from gridserve.head.pull_relay import pull_sessions, pull_source
 from gridserve.head.route_table import RouteTable
 from gridserve.v1 import head_pb2, head_pb2_grpc
 
@@ -59,6 +60,8 @@ class NodeServicer(head_pb2_grpc.NodeServiceServicer):
                 self.ctl.on_report(session, msg.report)
             elif kind == "log_chunk":
                 self.ctl.logs.deliver(session.node_id, msg.log_chunk)
+            elif kind == "pull_progress":
+                self.ctl.pulls.deliver(session.node_id, msg.pull_progress)
             else:
                 event(log, "node_message_ignored", logging.WARNING, node=session.node_id,
                       kind=msg.WhichOneof("kind"))
@@ -96,7 +99,7 @@ class RouteServicer(head_pb2_grpc.RouteServiceServicer):
 
 
 class AdminServicer(head_pb2_grpc.AdminServiceServicer):
-    """Deploy, Scale, Undeploy, Status, Models and Logs for the CLI, the proxy's metrics and tests."""
+    """Deploy, Scale, Undeploy, Status, Models, Logs and Pull for the CLI, the proxy's metrics and tests."""
 
     def __init__(self, controller: Controller):
         self.ctl = controller
@@ -118,6 +121,13 @@ class AdminServicer(head_pb2_grpc.AdminServiceServicer):
         session = self.ctl.log_session(request.replica_id, request.node)
         async for data in self.ctl.logs.stream(session, request.replica_id, request.follow, request.tail_lines):
             yield head_pb2.LogsResponse(data=data)
+
+    async def Pull(self, request: head_pb2.PullRequest, context):
+        """Each chosen node fetches the model into its HF cache; their progress, interleaved, until all end."""
+        repo, revision = pull_source(self.ctl.catalog, request.model, request.revision)
+        sessions = pull_sessions(self.ctl.nodes, request.node)
+        async for progress in self.ctl.pulls.pull(sessions, repo, revision):
+            yield progress
 
     async def Undeploy(self, request: head_pb2.UndeployRequest, context) -> head_pb2.UndeployResponse:
         return head_pb2.UndeployResponse(message=self.ctl.undeploy(request.model))

@@ -82,3 +82,4 @@ class Node:
     session: Session | None = None
     sent_key: tuple | None = None  # the replica set last sent, to send only real changes
     reports: dict[str, head_pb2.ReplicaStatus] = field(default_factory=dict)
+    cached_models: list[head_pb2.CachedModel] = field(default_factory=list)  # its HF cache, as last reported

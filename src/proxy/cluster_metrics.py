@@ -67,6 +67,33 @@ class ClusterCollector(Collector):
         for d in st.deployments:
             desired.add_metric([d.model], d.replicas)
         yield desired
+        yield from ClusterCollector._memory(st)
+
+    @staticmethod
+    def _memory(st: head_pb2.ClusterStatus):
+        """Each running replica's RSS, GPU memory and limit, and each alive node's total and free memory."""
+        labels = ["model", "replica", "node"]
+        rss = GaugeMetricFamily("gridserve_replica_memory_rss_bytes", "Resident memory of the replica's process "
+                                "(with its children), measured by its scheduler", labels=labels)
+        gpu = GaugeMetricFamily("gridserve_replica_gpu_memory_bytes", "GPU memory the replica's process holds "
+                                "(0 without a GPU)", labels=labels)
+        limit = GaugeMetricFamily("gridserve_replica_memory_limit_bytes", "The model's resources.memory_mb: past it "
+                                  "the scheduler stops and restarts the replica", labels=labels)
+        for r in st.replicas:
+            if r.rss_bytes:
+                key = [r.model, r.replica_id, r.node_id]
+                rss.add_metric(key, r.rss_bytes)
+                gpu.add_metric(key, r.gpu_bytes)
+                if r.memory_limit_bytes:
+                    limit.add_metric(key, r.memory_limit_bytes)
+        total = GaugeMetricFamily("gridserve_node_memory_total_bytes", "Memory of each alive node", labels=["node"])
+        free = GaugeMetricFamily("gridserve_node_memory_available_bytes", "Memory each alive node last reported "
+                                 "available (psutil)", labels=["node"])
+        for n in st.nodes:
+            if n.alive:
+                total.add_metric([n.node_id], n.capacity.memory_bytes)
+                free.add_metric([n.node_id], n.available.memory_bytes)
+        yield from (rss, gpu, limit, total, free)
 
     def _replicas(self):
         labels = ["model", "replica"]

@@ -27,6 +27,7 @@ SERVICE_NAME = replica_pb2.DESCRIPTOR.services_by_name["Replica"].full_name
 # Initial metadata sent as soon as the engine has taken a request (queued or running), before its first
 # token: a caller that gets no accept in a few seconds may try another replica.
 ACCEPTED = (("x-gridserve-accepted", "1"),)
+FAULT_ALLOC_MB = 256  # what one SIGUSR2 allocates under fault injection
 
 
 class ReplicaService(replica_pb2_grpc.ReplicaServicer):
@@ -157,6 +158,7 @@ class ReplicaProcess:
         self.cfg = cfg
         self.service = ReplicaService(cfg)
         self.load_thread: threading.Thread | None = None
+        self.leak: list[bytes] = []  # what SIGUSR2 fault injection holds
 
     async def _set_health(self, health, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -177,6 +179,7 @@ class ReplicaProcess:
               source=cfg.model.source.describe(), pid=os.getpid())
         if cfg.fault_injection:
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._inject_fault)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, self._inject_allocation)
         try:
             if await self._load(health, stop):
                 await self._serve(health, stop)
@@ -207,6 +210,11 @@ class ReplicaProcess:
         event(log, "fault_injected", logging.WARNING, fault="engine_wedged", loaded=engine is not None)
         if engine is not None:
             engine.wedge()
+
+    def _inject_allocation(self) -> None:
+        """SIGUSR2 under GRIDSERVE_FAULT_INJECTION=1: hold FAULT_ALLOC_MB more resident memory (a leak)."""
+        self.leak.append(b"\x01" * (FAULT_ALLOC_MB << 20))  # written bytes: resident, unlike a zeroed buffer
+        event(log, "fault_injected", logging.WARNING, fault="memory_allocated", held_mb=len(self.leak) * FAULT_ALLOC_MB)
 
     async def _load(self, health, stop: asyncio.Event) -> bool:
         """Load off the loop; True once SERVING, False if told to stop first. Fatal errors propagate."""

@@ -13,7 +13,7 @@ from gridserve.common.security import Security, add_security_args, security_from
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SHUTDOWN_GRACE_S = 5.0  # how long in-flight streams may finish after SIGTERM before they are cancelled
-FAULT_INJECTION_ENV = "GRIDSERVE_FAULT_INJECTION"  # "1": SIGUSR1 wedges the engine (tests only)
+FAULT_INJECTION_ENV = "GRIDSERVE_FAULT_INJECTION"  # "1": SIGUSR1 wedges the engine, SIGUSR2 leaks memory (tests only)
 
 
 @dataclass(frozen=True)

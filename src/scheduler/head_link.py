@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -14,7 +15,9 @@ from gridserve.common.grpcutil import channel
 from gridserve.common.eventlog import event
 from gridserve.common.security import call_metadata
 from gridserve.scheduler.settings import SchedulerConfig
+from gridserve.scheduler.hf_cache import cached_models
 from gridserve.scheduler.log_streams import LogStreams
+from gridserve.scheduler.model_pull import ModelPulls
 from gridserve.scheduler.replica_supervisor import ReplicaRunner
 from gridserve.v1 import head_pb2, head_pb2_grpc
 
@@ -26,6 +29,7 @@ STABLE_SESSION = 10.0  # a session that lasted this long resets the reconnect ba
 # The head answers a hello at once. Without an answer in this time the link is not there (writes are
 # only queued while gRPC is still connecting, and a cut link can keep it connecting for minutes).
 SESSION_OPEN_TIMEOUT = 10.0
+CACHE_SCAN_INTERVAL = 30.0  # the HF cache is rescanned this often, and after each pull
 
 
 class NodeAgent:
@@ -40,6 +44,9 @@ class NodeAgent:
         self._changed = asyncio.Event()
         self.connected = False
         self.desired_version = 0
+        self.cached: list[head_pb2.CachedModel] = []  # the HF cache's models, for reports
+        self._rescan = asyncio.Event()
+        self._pulls: ModelPulls | None = None
         psutil.cpu_percent(None)  # primes the counter: later calls measure since the previous one
 
     def changed(self) -> None:
@@ -62,7 +69,8 @@ class NodeAgent:
                                          num_gpus=self.cfg.num_gpus,
                                          memory_bytes=psutil.virtual_memory().available),
             cpu_percent=cpu,
-            replicas=[r.status(self.cfg.node_id) for r in runners.values()])
+            replicas=[r.status(self.cfg.node_id) for r in runners.values()],
+            cached_models=self.cached)
 
     # convergence
 
@@ -134,6 +142,8 @@ class NodeAgent:
         async with channel(self.cfg.head, self.cfg.security) as ch:
             call = head_pb2_grpc.NodeServiceStub(ch).Session(metadata=call_metadata(self.cfg.security))
             logs = LogStreams(self.cfg.work_dir)
+            self._pulls = ModelPulls(self.cfg.node_id, logs.outbox, on_done=self._rescan.set)
+            scanner = asyncio.create_task(self._scan_cache(), name="hf-cache-scan")
             try:
                 first = await self._open_within(call, SESSION_OPEN_TIMEOUT)
                 if first is grpc.aio.EOF:
@@ -155,6 +165,8 @@ class NodeAgent:
                         raise t.exception()
             finally:
                 call.cancel()
+                scanner.cancel()
+                await self._pulls.close()
                 await logs.close()
 
     async def _open_within(self, call, timeout: float):
@@ -192,6 +204,21 @@ class NodeAgent:
             logs.open(msg.log_request)
         elif kind == "log_cancel":
             logs.cancel(msg.log_cancel.stream_id)
+        elif kind == "model_pull" and self._pulls is not None:
+            self._pulls.open(msg.model_pull)
+        elif kind == "model_pull_cancel" and self._pulls is not None:
+            self._pulls.cancel(msg.model_pull_cancel.stream_id)
+
+    async def _scan_cache(self) -> None:
+        """Keeps `cached` (the HF cache's models) current: now, after each pull, and every CACHE_SCAN_INTERVAL."""
+        while True:
+            self._rescan.clear()
+            found = await asyncio.to_thread(cached_models)
+            if found != self.cached:
+                self.cached = found
+                self.changed()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._rescan.wait(), CACHE_SCAN_INTERVAL)
 
     async def _send(self, call, outbox: asyncio.Queue) -> None:
         """Writes log chunks as they come and a report on every change and at least every report_interval

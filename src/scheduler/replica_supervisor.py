@@ -24,6 +24,8 @@ from gridserve.common.eventlog import event
 from gridserve.common.paths import WorkDir
 from gridserve.common.procs import stop_async, tied_child_env
 from gridserve.common.service import ExitCode
+from gridserve.scheduler.download_watch import DownloadWatch
+from gridserve.scheduler.replica_memory import GpuMemory, over_limit, process_rss
 from gridserve.scheduler.settings import SchedulerConfig
 from gridserve.v1 import head_pb2, replica_pb2, replica_pb2_grpc
 
@@ -104,6 +106,11 @@ class ReplicaRunner:
         self.task: asyncio.Task | None = None
         self.stopping = False
         self.kill_reason = ""  # why the scheduler killed the current process (a hung replica)
+        self.rss_bytes = self.gpu_bytes = self.memory_limit = 0  # memory_limit: resources.memory_mb in bytes
+        self.download: head_pb2.ModelDownload | None = None  # HF cache progress while STARTING
+        self.gpu = GpuMemory(cfg.num_gpus)
+        self.last_restart = ""  # why the process was last restarted, kept in status after the restart
+        self.hub_source: tuple[str, str] | None = None  # (repo, revision) of a hub model, for the download watch
         work = WorkDir(cfg.work_dir)
         self.log_path = work.replica_log(self.replica_id)
         self.port_file = work.replica_port(self.replica_id)
@@ -127,7 +134,9 @@ class ReplicaRunner:
         return head_pb2.ReplicaStatus(
             replica_id=self.replica_id, model=self.spec.model, node_id=node_id, address=self.address,
             state=self.state, pid=self.pid, restarts=self.restarts, message=self.message,
-            state_since=self.state_since)
+            state_since=self.state_since, rss_bytes=self.rss_bytes, gpu_bytes=self.gpu_bytes,
+            memory_limit_bytes=self.memory_limit, last_restart=self.last_restart,
+            download=self.download if self.state == S.REPLICA_STATE_STARTING else None)
 
     # lifecycle
 
@@ -172,10 +181,13 @@ class ReplicaRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await after
         try:
-            num_threads = max(1, math.ceil(config_from_proto(self.spec.model_config).resources.num_cpus))
+            config = config_from_proto(self.spec.model_config)
         except GridserveError as e:
             self._set(S.REPLICA_STATE_FAILED, f"bad model config from the head: {e.message}")
             return
+        num_threads = max(1, math.ceil(config.resources.num_cpus))
+        self.memory_limit = config.resources.memory_mb * 2**20
+        self.hub_source = (config.source.repo, config.source.revision) if config.source.type == "hub" else None
         crashes, backoff = CrashWindow(), restart_backoff()
         while not self.stopping:
             started = time.monotonic()
@@ -195,6 +207,7 @@ class ReplicaRunner:
             delay = backoff.next_delay(time.monotonic() - started)
             self.restarts += 1
             why = f"{describe_exit(code)}; restart in {delay:g}s: {tail}"
+            self.last_restart = f"{describe_exit(code)}: {tail}"[:MESSAGE_LIMIT]
             self._set(S.REPLICA_STATE_RESTARTING, why[:MESSAGE_LIMIT])
             await asyncio.sleep(delay)
 
@@ -226,13 +239,17 @@ class ReplicaRunner:
         self._set(S.REPLICA_STATE_STARTING, "")
         event(log, "replica_spawned", replica=self.replica_id, pid=self.pid, log=self.log_path)
         prober = asyncio.create_task(self._probe())
+        watcher = asyncio.create_task(self._watch())
         try:
             code = await self.proc.wait()
         finally:
-            prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await prober
+            for task in (prober, watcher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         self.address, self.pid, self.port = "", 0, 0
+        self.rss_bytes = self.gpu_bytes = 0
+        self.download = None
         return code, offset
 
     async def _probe(self) -> None:
@@ -259,6 +276,36 @@ class ReplicaRunner:
                     return
                 ready = self.state == S.REPLICA_STATE_READY
                 await asyncio.sleep(self.cfg.probe_interval if ready else min(STARTING_PROBE, self.cfg.probe_interval))
+
+    async def _watch(self) -> None:
+        """Every probe interval while the process runs: its RSS and GPU memory; SIGKILL past resources.memory_mb
+        (restarted through the same backoff); while STARTING, how far a hub model's download has come."""
+        downloads = DownloadWatch(*self.hub_source) if self.hub_source else None
+        if downloads is not None:
+            downloads.start()
+        try:
+            while True:
+                self.rss_bytes, self.gpu_bytes = process_rss(self.pid), self.gpu.get(self.pid)
+                if reason := over_limit(self.rss_bytes, self.memory_limit):
+                    self._kill_over_memory(reason)
+                    return
+                if downloads is not None:
+                    progress = downloads.sample() if self.state == S.REPLICA_STATE_STARTING else None
+                    if progress != self.download:
+                        self.download = progress
+                        self.on_change()
+                await asyncio.sleep(self.cfg.probe_interval)
+        finally:
+            if downloads is not None:
+                downloads.stop()
+
+    def _kill_over_memory(self, reason: str) -> None:
+        """SIGKILL a replica past its memory limit before the machine runs out; _supervise restarts it."""
+        self.kill_reason = reason
+        event(log, "replica_over_memory", logging.WARNING, replica=self.replica_id, pid=self.pid, reason=reason)
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
 
     def _kill_hung(self, reason: str) -> None:
         """SIGKILL (a stopped or wedged process ignores SIGTERM); _supervise restarts it with backoff."""

@@ -16,9 +16,12 @@ pytestmark = pytest.mark.timeout(60)
 async def head():
     h = await FakeHead().start()
     h.status = pb.ClusterStatus(
-        nodes=[pb.NodeStatus(node_id="n1", alive=True), pb.NodeStatus(node_id="n2", alive=False)],
+        nodes=[pb.NodeStatus(node_id="n1", alive=True, capacity=pb.Resources(memory_bytes=8 << 30),
+                             available=pb.Resources(memory_bytes=5 << 30)),
+               pb.NodeStatus(node_id="n2", alive=False)],
         deployments=[pb.DeploymentStatus(model="tiny", replicas=2, ready=1)],
-        replicas=[pb.ReplicaStatus(replica_id="tiny-m00001", model="tiny", state=pb.REPLICA_STATE_READY),
+        replicas=[pb.ReplicaStatus(replica_id="tiny-m00001", model="tiny", node_id="n1", state=pb.REPLICA_STATE_READY,
+                                   rss_bytes=400 << 20, memory_limit_bytes=1200 << 20),
                   pb.ReplicaStatus(replica_id="tiny-m00009", model="tiny", state=pb.REPLICA_STATE_FAILED)])
     yield h
     await h.server.stop(None)
@@ -110,6 +113,13 @@ async def test_counters_move_by_the_requests_made_and_cluster_gauges_come_from_s
     assert value(after, "gridserve_cluster_replicas", model="tiny", state="FAILED") == 1
     assert ("gridserve_cluster_replicas", frozenset({("model", "tiny"), ("state", "STARTING")})) in after
     assert value(after, "gridserve_deployment_desired_replicas", model="tiny") == 2
+    mine = {"model": "tiny", "replica": "tiny-m00001", "node": "n1"}
+    assert value(after, "gridserve_replica_memory_rss_bytes", **mine) == 400 << 20
+    assert value(after, "gridserve_replica_memory_limit_bytes", **mine) == 1200 << 20
+    assert ("gridserve_replica_gpu_memory_bytes", frozenset(mine.items())) in after
+    assert not [k for k in after if k[0] == "gridserve_replica_memory_rss_bytes" and ("replica", "tiny-m00009") in k[1]]
+    assert value(after, "gridserve_node_memory_total_bytes", node="n1") == 8 << 30
+    assert value(after, "gridserve_node_memory_available_bytes", node="n1") == 5 << 30
     assert value(after, "gridserve_replica_queue_depth", model="tiny", replica="tiny-m00001") == 3
     assert value(after, "gridserve_replica_batch_size", model="tiny", replica="tiny-m00001") == 2
     assert value(after, "gridserve_replica_batch_size", model="tiny", replica="tiny-m00002") == 0

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import grpc
 import pytest
 
+from gridserve.common.model_config import ModelConfig
+from gridserve.common.model_config_proto import config_to_arg
 from gridserve.v1 import replica_pb2
 from test_replica_process import Replica
 
@@ -15,11 +16,10 @@ TPS = 50
 
 
 def fake_config(max_batch_size: int = 2, max_waiting: int = 1) -> str:
-    return json.dumps({"name": "fake", "source": {"type": "fake", "tokens_per_second": TPS},
-                       "context_length": 512, "max_tokens_limit": 256,
-                       "sampling": {"temperature": 0, "max_new_tokens": 16},
-                       "resources": {"num_cpus": 0.1}, "max_batch_size": max_batch_size,
-                       "max_waiting": max_waiting})
+    return config_to_arg(ModelConfig.from_dict("fake", {
+        "source": {"type": "fake", "tokens_per_second": TPS}, "context_length": 512, "max_tokens_limit": 256,
+        "sampling": {"temperature": 0, "max_new_tokens": 16}, "resources": {"num_cpus": 0.1},
+        "max_batch_size": max_batch_size, "max_waiting": max_waiting}))
 
 
 @pytest.fixture(scope="module")

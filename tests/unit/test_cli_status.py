@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gridserve.cli.render import models_data, models_table, render_status, status_json
+from gridserve.cli.render import (models_data, models_table, node_caches, node_caches_table, render_status,
+                                  status_json)
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.model_config_proto import config_to_proto
 from gridserve.v1 import head_pb2 as pb
@@ -30,7 +31,8 @@ def cluster_status() -> pb.ClusterStatus:
         deployments=[pb.DeploymentStatus(model="smollm2", replicas=2, ready=1, node="n1"),
                      pb.DeploymentStatus(model="gpt2", replicas=1, message="1 replica(s) failed: fatal: no hub")],
         replicas=[pb.ReplicaStatus(replica_id="smollm2-a1b2c3", model="smollm2", node_id="n1",
-                                   address="10.0.0.5:40001", state=pb.REPLICA_STATE_READY, pid=11, restarts=2),
+                                   address="10.0.0.5:40001", state=pb.REPLICA_STATE_READY, pid=11, restarts=2,
+                                   rss_bytes=412 << 20, memory_limit_bytes=1200 << 20, gpu_bytes=0),
                   pb.ReplicaStatus(replica_id="gpt2-d4e5f6", model="gpt2", node_id="n1",
                                    state=pb.REPLICA_STATE_FAILED, message="fatal: no hub")],
         routes_version=7, proxy_address="127.0.0.1:8000", proxy_pid=99, proxy_restarts=1)
@@ -46,10 +48,19 @@ def test_status_table_shows_nodes_deployments_and_replicas():
     assert row(text, "n2")[-2] == "no"
     assert row(text, "smollm2")[:3] == ["smollm2", "1/2", "n1"]
     assert " ".join(row(text, "gpt2")) == "gpt2 0/1 - 1 replica(s) failed: fatal: no hub"
-    assert row(text, "smollm2-a1b2c3") == ["smollm2-a1b2c3", "smollm2", "n1", "10.0.0.5:40001", "READY", "2", "-",
-                                           "-"]
-    assert " ".join(row(text, "gpt2-d4e5f6")) == "gpt2-d4e5f6 gpt2 n1 - FAILED 0 - fatal: no hub"
+    assert row(text, "smollm2-a1b2c3") == ["smollm2-a1b2c3", "smollm2", "n1", "10.0.0.5:40001", "READY",
+                                           "412.0MiB/1.2GiB", "-", "2", "-", "-"]
+    assert " ".join(row(text, "gpt2-d4e5f6")) == "gpt2-d4e5f6 gpt2 n1 - FAILED - - 0 - fatal: no hub"
     assert "127.0.0.1:8000 pid=99 restarts=1" in text
+
+
+def test_a_replica_filling_the_hf_cache_shows_starting_downloading_with_percent_and_rate():
+    r = pb.ReplicaStatus(replica_id="gpt2-1", model="gpt2", state=pb.REPLICA_STATE_STARTING,
+                         download=pb.ModelDownload(done_bytes=45 << 20, total_bytes=100 << 20,
+                                                   bytes_per_second=12 << 20))
+    assert "STARTING (downloading 45%, 12.0MiB/s)" in render_status(pb.ClusterStatus(replicas=[r]))
+    r.download.total_bytes = 0
+    assert "STARTING (downloading 45.0MiB, 12.0MiB/s)" in render_status(pb.ClusterStatus(replicas=[r]))
 
 
 def test_empty_cluster_renders_without_tables():
@@ -66,7 +77,7 @@ def test_status_json_keeps_proto_field_names_and_zero_values():
 
 HEAD_COMMANDS = (["status"], ["nodes"], ["deployments"], ["replicas"], ["deploy", "smollm2"],
                  ["deploy", "smollm2", "--node", "n1"], ["scale", "smollm2", "2"], ["undeploy", "smollm2"],
-                 ["models"], ["logs", "smollm2-abcdef"], ["logs", "smollm2-abcdef", "--follow"])
+                 ["models"], ["logs", "smollm2-abcdef"], ["logs", "smollm2-abcdef", "--follow"], ["pull", "gpt2"])
 
 
 def test_commands_against_a_head_that_is_down_print_one_line_and_exit_1():
@@ -93,7 +104,7 @@ def test_help_lists_every_command():
     res = subprocess.run([GRIDSERVE, "--help"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0
     for command in ("head", "scheduler", "replica", "proxy", "status", "nodes", "deployments", "replicas", "deploy",
-                    "scale", "undeploy", "models", "logs", "hardware", "recommend", "up"):
+                    "scale", "undeploy", "models", "logs", "pull", "hardware", "recommend", "up"):
         assert f"    {command}" in res.stdout, command
 
 
@@ -107,6 +118,20 @@ def test_models_view_marks_the_default_and_shows_deployed_counts():
     assert data["models"][0]["config"]["context_length"] == 64 and "name" not in data["models"][0]["config"]
     text = models_table(data)
     assert row(text, "smollm2")[:3] == ["smollm2", "*", "1/2"] and row(text, "gpt2")[1] == "-"
+
+
+def test_models_view_shows_which_nodes_hold_a_hub_model_in_their_cache():
+    resp = pb.ModelsResponse(models=[pb.CatalogModel(name="gpt2", model_config=model_config("gpt2"),
+                                                     cached_on=["n1", "n2"])])
+    data = models_data(resp)
+    assert data["models"][0]["cached_on"] == ["n1", "n2"]
+    assert row(models_table(data), "gpt2")[6] == "n1,n2"
+    st = pb.ClusterStatus(nodes=[pb.NodeStatus(node_id="n1", cached_models=[pb.CachedModel(
+        repo="openai-community/gpt2", revisions=["a" * 40], refs=["main"], size_bytes=548 << 20)])])
+    caches = node_caches(st)
+    assert caches == [{"node": "n1", "repo": "openai-community/gpt2", "size_bytes": 548 << 20,
+                       "revisions": ["a" * 40], "refs": ["main"]}]
+    assert row(node_caches_table(caches), "n1") == ["n1", "openai-community/gpt2", "548.0MiB", "main", "a" * 12]
 
 
 def run_json(*args: str) -> dict:

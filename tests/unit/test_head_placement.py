@@ -58,3 +58,24 @@ def test_pending_message_names_the_missing_cpus_and_gpus():
     assert pending_message(1, 4, 1) == "1 replica(s) pending: no alive node has 4 free CPUs and 1 free GPU"
     assert pending_message(2, 1, 0) == "2 replica(s) pending: no alive node has 1 free CPU"
     assert pending_message(1, 0.5, 2) == "1 replica(s) pending: no alive node has 0.5 free CPUs and 2 free GPUs"
+
+
+def test_a_replica_goes_only_to_a_node_with_the_memory_it_needs():
+    gib = 1 << 30
+    nodes = [NodeCapacity("small", 8, 0, memory_bytes=2 * gib, used_memory=gib), NodeCapacity("roomy", 2, 0,
+                                                                                              memory_bytes=8 * gib)]
+    chosen, after = place(nodes, 1, 0, 5, memory=3 * gib)
+    assert chosen == ["roomy", "roomy"]
+    assert {n.node_id: n.used_memory for n in after} == {"small": gib, "roomy": 6 * gib}
+
+
+def test_a_node_that_reports_no_memory_is_not_held_to_a_memory_need():
+    chosen, _ = place([NodeCapacity("old", 2, 0)], 1, 0, 1, memory=1 << 30)
+    assert chosen == ["old"]
+
+
+def test_pending_message_names_the_memory_a_replica_needs():
+    assert pending_message(1, 1, 0, memory_mb=1200) == \
+        "1 replica(s) pending: no alive node has 1 free CPU and 1200 MiB free memory"
+    assert pending_message(2, 2, 1, "n1", memory_mb=512) == \
+        "2 replica(s) pending: node n1 (pinned) does not have 2 free CPUs and 1 free GPU and 512 MiB free memory"
