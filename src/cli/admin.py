@@ -7,7 +7,7 @@ import signal
 import sys
 
 from gridserve.cli import render
-from gridserve.cli.headclient import call_head, stream_logs
+from gridserve.cli.headclient import CliError, call_head, stream_logs
 from gridserve.v1 import head_pb2
 
 
@@ -41,9 +41,23 @@ def cmd_replicas(args) -> int:
     return _print(args, {"replicas": [render.to_dict(r) for r in mine.replicas]}, render.replicas_table(mine))
 
 
+def autoscaling_json(args) -> str:
+    """The autoscaling flags given to deploy, as the JSON object of AutoscalingConfig fields ("" if none)."""
+    names = {"min_replicas": "min_replicas", "max_replicas": "max_replicas", "initial_replicas": "initial_replicas",
+             "target_ongoing_requests": "target_ongoing_requests", "upscale_delay": "upscale_delay_s",
+             "downscale_delay": "downscale_delay_s", "look_back_period": "look_back_period_s"}
+    given = {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
+    if given and args.replicas is not None:
+        raise CliError("error: give --replicas (a fixed count) or autoscaling flags, not both")
+    if args.replicas is not None:
+        return "null"  # a fixed count: no autoscaling, whatever the catalog entry says
+    return json.dumps(given) if given else ""
+
+
 def cmd_deploy(args) -> int:
-    resp = call_head(args.head, "Deploy", head_pb2.DeployRequest(model=args.model, replicas=args.replicas,
-                                                                  node=args.node or ""))
+    resp = call_head(args.head, "Deploy", head_pb2.DeployRequest(model=args.model, replicas=args.replicas or 1,
+                                                                  node=args.node or "",
+                                                                  autoscaling_json=autoscaling_json(args)))
     return _print(args, {"message": resp.message}, resp.message)
 
 

@@ -77,8 +77,15 @@ def add_admin_parsers(sub) -> None:
     sp.add_argument("--model", default="", help="only this model's replicas")
     sp = admin_cmd("deploy", "deploy a model from the catalog (or replace its deployment)", admin.cmd_deploy)
     sp.add_argument("model", help="model name from model_configs.json (see `gridserve models`)")
-    sp.add_argument("--replicas", type=positive_int, default=1, help="desired replicas (default 1)")
+    sp.add_argument("--replicas", type=positive_int, default=None,
+                    help="a fixed count of replicas, even when the catalog entry has an autoscaling block "
+                         "(default 1, or autoscaled by that block)")
     sp.add_argument("--node", default="", help="place replicas only on this node (see `gridserve nodes`)")
+    g = sp.add_argument_group("autoscaling (any of these, or an 'autoscaling' block in the model's catalog entry, "
+                              "makes the deployment autoscaled; given ones override the block; see "
+                              "docs/autoscaling.md)")
+    for flag, kind, text in AUTOSCALING_FLAGS:
+        g.add_argument(flag, type=kind, default=None, help=text)
     sp = admin_cmd("scale", "change the replica count of a deployed model", admin.cmd_scale)
     sp.add_argument("model")
     sp.add_argument("replicas", type=positive_int, help="desired replicas")
@@ -95,6 +102,17 @@ def add_admin_parsers(sub) -> None:
     sp.add_argument("model", help="a catalog model with a hub source, or a hub repo id (org/name)")
     sp.add_argument("--node", default="", help="only this node (default: every alive node)")
     sp.add_argument("--revision", default="", help="branch, tag or commit (default: the catalog's, or main)")
+
+
+AUTOSCALING_FLAGS = (
+    ("--min-replicas", int, "fewest replicas (0: scale to zero when idle; default 1)"),
+    ("--max-replicas", int, "most replicas (default 1)"),
+    ("--initial-replicas", int, "replicas at deploy (default: min-replicas)"),
+    ("--target-ongoing-requests", float, "ongoing + queued requests per replica to aim for (default 2)"),
+    ("--upscale-delay", float, "seconds a higher count must be wanted before scaling up (default 30)"),
+    ("--downscale-delay", float, "seconds a lower count must be wanted before scaling down (default 600)"),
+    ("--look-back-period", float, "seconds the load is averaged over (default 30)"),
+)
 
 
 def add_machine_parsers(sub) -> None:

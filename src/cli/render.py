@@ -136,6 +136,16 @@ def deployments_table(st: head_pb2.ClusterStatus) -> str:
     return table_or_none(["MODEL", "READY", "NODE", "MESSAGE"], rows)
 
 
+def autoscaling_table(st: head_pb2.ClusterStatus) -> str:
+    """The autoscaled deployments: ready (current), target, range, load and the last decision with its reason."""
+    rows = [[d.model, str(d.ready), str(d.replicas), str(d.autoscaling.min_replicas),
+             str(d.autoscaling.max_replicas), num(d.autoscaling.target_ongoing_requests), f"{d.autoscaling.load:g}",
+             ago(d.autoscaling.last_decision_at), d.autoscaling.last_decision or "-"]
+            for d in st.deployments if d.HasField("autoscaling")]
+    return table(["MODEL", "CURRENT", "TARGET", "MIN", "MAX", "PER REPLICA", "LOAD", "DECIDED", "LAST DECISION"],
+                 rows) if rows else ""
+
+
 def state_text(r: head_pb2.ReplicaStatus) -> str:
     """The state, and while a STARTING replica fills the HF cache, how far: 'STARTING (downloading 45%, 12.0MiB/s)'."""
     name = STATE_NAMES.get(r.state, str(r.state))
@@ -170,7 +180,9 @@ def render_status(st: head_pb2.ClusterStatus) -> str:
     """The human view of a ClusterStatus: nodes, deployments, replicas, proxy."""
     proxy = (f"{st.proxy_address or '(not listening)'} pid={st.proxy_pid or '-'} restarts={st.proxy_restarts}"
              if st.proxy_pid or st.proxy_address else "(not running)")
+    scaling = autoscaling_table(st)
     return "\n".join(["NODES", _nodes_part(st), "", "DEPLOYMENTS", deployments_table(st), "",
+                      *(["AUTOSCALING", scaling, ""] if scaling else []),
                       "REPLICAS", _replicas_part(st), "", f"PROXY  {proxy}", f"ROUTES version {st.routes_version}"])
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gridserve.common.autoscaling_config import AutoscalingConfig
 from gridserve.common.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -195,9 +196,10 @@ class ModelConfig:
     # context_length is the most tokens one input may have, max_batch_size the inputs in one forward
     # pass and max_waiting the inputs queued beyond them; max_tokens_limit is 0 and sampling unused.
     task: str = "generate"
+    autoscaling: AutoscalingConfig | None = None  # None: a fixed replica count (see docs/autoscaling.md)
 
     FIELDS = ("source", "context_length", "max_tokens_limit", "sampling", "resources", "dtype", "quantization",
-              "max_batch_size", "max_waiting", "description", "stall_timeout_s", "task")
+              "max_batch_size", "max_waiting", "description", "stall_timeout_s", "task", "autoscaling")
 
     @classmethod
     def from_dict(cls, name: str, d: Any, where: str = "") -> "ModelConfig":
@@ -249,12 +251,16 @@ class ModelConfig:
             max_waiting=_take(d, "max_waiting", where, (int,), 32, lambda v: v >= 0, "an integer >= 0"),
             description=_take(d, "description", where, (str,), ""),
             stall_timeout_s=float(_take(d, "stall_timeout_s", where, NUM, 60.0, lambda v: v > 0, "a number > 0")),
+            autoscaling=AutoscalingConfig.from_dict(d["autoscaling"], f"{where}.autoscaling")
+            if "autoscaling" in d else None,
         )
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("name")
         d["source"] = {k: v for k, v in d["source"].items() if v}
+        if d["autoscaling"] is None:
+            d.pop("autoscaling")
         if self.task == "embedding":
             for key in NO_EMBEDDING_FIELDS:
                 d.pop(key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 
 from google.protobuf.message import DecodeError
 
@@ -16,7 +17,7 @@ SOURCE_FIELDS = ("type", "package", "file", "repo", "revision", "path", "tokens_
 
 def config_to_proto(config: ModelConfig) -> model_config_pb2.ModelConfig:
     s, r = config.sampling, config.resources
-    return model_config_pb2.ModelConfig(
+    msg = model_config_pb2.ModelConfig(
         name=config.name,
         source=model_config_pb2.ModelSource(**{k: getattr(config.source, k) for k in SOURCE_FIELDS}),
         context_length=config.context_length, max_tokens_limit=config.max_tokens_limit,
@@ -27,6 +28,9 @@ def config_to_proto(config: ModelConfig) -> model_config_pb2.ModelConfig:
         dtype=config.dtype, max_batch_size=config.max_batch_size, max_waiting=config.max_waiting,
         description=config.description, stall_timeout_s=config.stall_timeout_s,
         quantization=config.quantization, task=config.task)
+    if config.autoscaling is not None:
+        msg.autoscaling.CopyFrom(model_config_pb2.Autoscaling(**dataclasses.asdict(config.autoscaling)))
+    return msg
 
 
 def config_to_dict(msg: model_config_pb2.ModelConfig) -> dict:
@@ -47,6 +51,10 @@ def config_to_dict(msg: model_config_pb2.ModelConfig) -> dict:
     if d["task"] == "embedding":
         for key in NO_EMBEDDING_FIELDS:
             d.pop(key)
+    if msg.HasField("autoscaling"):
+        a = msg.autoscaling
+        d["autoscaling"] = {f.name: getattr(a, f.name) for f in a.DESCRIPTOR.fields
+                            if f.name != "initial_replicas" or a.HasField("initial_replicas")}
     return d
 
 

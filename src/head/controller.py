@@ -11,6 +11,7 @@ from gridserve.common.model_config_proto import config_to_proto
 from gridserve.common.errors import InvalidRequest, NotFound, Unavailable
 from gridserve.common.eventlog import event
 from gridserve.head.assignment_index import AssignmentIndex
+from gridserve.head.autoscaler import autoscaling_settings, route_config, scaling_start
 from gridserve.head.log_relay import LogRelay
 from gridserve.head.node_registry import Node, Session
 from gridserve.head.pull_relay import PullRelay
@@ -73,6 +74,7 @@ class Controller:
         self._endpoint_keys: dict[str, EndpointKey] = {}  # reused pass after pass: 10,000 tuples not rebuilt
         self._heard_from = 0.0  # monotonic end of this head's last stall: silence before it is not the nodes'
         self._status_cache: tuple[float, int, head_pb2.ClusterStatus] | None = None  # see status()
+        self.autoscaler = None  # the head's Autoscaler: it calls autoscale_to and annotates status()
 
     # startup and the loop
 
@@ -138,31 +140,37 @@ class Controller:
 
     # admin
 
-    def deploy(self, model: str, replicas: int, node: str = "") -> str:
-        """Creates or replaces a deployment: model, replica count and node pin (empty: any node)."""
+    def deploy(self, model: str, replicas: int, node: str = "", autoscaling_json: str = "") -> str:
+        """Creates or replaces a deployment: model, replica count and node pin (empty: any node); autoscaled
+        (replicas from its settings) when the catalog entry has an autoscaling block or fields are given."""
         config = self.catalog.get(model)
         if config is None:
             raise NotFound(f"model {model!r} is not in the catalog "
                            f"(known models: {', '.join(sorted(self.catalog.models))})")
-        self._check_replicas(replicas)
+        scaling = autoscaling_settings(config, autoscaling_json, self.deployments.get(model))
+        if scaling is not None:
+            replicas = scaling_start(scaling, self.deployments.get(model))
+        else:
+            self._check_replicas(replicas)
         if node and node not in self.nodes:
             raise NotFound(f"node {node!r} is not known to the head "
                            f"(nodes: {', '.join(sorted(self.nodes)) or 'none'})")
         old = self.deployments.get(model)
         retried = self._drop_failed(model) if old else []
-        dep = Deployment(model, replicas, config, node=node)
+        dep = Deployment(model, replicas, config, node=node, autoscaling=scaling)
         self.store.put_deployment(dep)
         self.deployments[model] = dep
         event(log, "deploy", model=model, replicas=replicas, node=node, previous=old.replicas if old else 0,
               retried_failed=len(retried))
         self.wake()
         pin = f" on node {node}" if node else ""
+        pin += f" (autoscaled: {scaling.min_replicas}..{scaling.max_replicas})" if scaling else ""
         if old is None:
             return f"deployed {model} with {replicas} replica(s){pin}"
         note = f"; retrying {len(retried)} failed replica(s)" if retried else ""
         moved = f"; pinned to node {node}" if node and node != old.node else ""
         moved = moved or ("; unpinned" if old.node and not node else "")
-        return f"{model}: replicas {old.replicas} -> {replicas}{moved}{note}"
+        return f"{model}: replicas {old.replicas} -> {replicas}{pin if scaling else ''}{moved}{note}"
 
     def scale(self, model: str, replicas: int) -> str:
         """Changes the replica count of a deployed model; the rest of its spec stays."""
@@ -171,12 +179,23 @@ class Controller:
             known = ", ".join(sorted(self.deployments)) or "none"
             raise NotFound(f"model {model!r} is not deployed (deployed: {known}); use deploy first")
         self._check_replicas(replicas)
+        if dep.autoscaling is not None:
+            a = dep.autoscaling
+            raise InvalidRequest(f"{model} is autoscaled ({a.min_replicas}..{a.max_replicas} replicas); change "
+                                 f"its range with `gridserve deploy {model} --min-replicas N --max-replicas M`")
         old = dep.replicas
         dep.replicas = replicas
         self.store.put_deployment(dep)
         event(log, "scale", model=model, replicas=replicas, previous=old)
         self.wake()
         return f"{model}: replicas {old} -> {replicas}"
+
+    def autoscale_to(self, model: str, replicas: int) -> None:
+        """The autoscaler's new replica count for a deployment: stored, then the reconcile loop fits it."""
+        dep = self.deployments[model]
+        dep.replicas = replicas
+        self.store.put_deployment(dep)
+        self.wake()
 
     def _check_replicas(self, replicas: int) -> None:
         if not 1 <= replicas <= self.max_replicas:
@@ -340,7 +359,8 @@ class Controller:
     def _routes_stale(self) -> bool:
         """Whether the routes may have changed since they were last computed: a wake (a report that changed
         something, a session, an admin call) or a change of placements. A quiet periodic pass skips them."""
-        basis = (self.assignments.generation_now(), tuple(sorted(self.deployments)))
+        basis = (self.assignments.generation_now(),
+                 tuple((m, route_config(d)) for m, d in sorted(self.deployments.items())))
         stale, self._routes_basis = basis != self._routes_basis, basis
         return stale
 
@@ -459,7 +479,7 @@ class Controller:
                     if key is None or key.address != st.address or key.node_id != a.node_id:
                         key = self._endpoint_keys[a.replica_id] = EndpointKey(a.replica_id, st.address, a.node_id)
                     endpoints.append(key)
-            routes.append(RouteKey(dep.model, dep.config, tuple(endpoints)))
+            routes.append(RouteKey(dep.model, route_config(dep), tuple(endpoints)))
         return routes
 
     # status
@@ -517,6 +537,8 @@ class Controller:
             out.deployments.append(head_pb2.DeploymentStatus(
                 model=dep.model, replicas=dep.replicas, ready=ready, message=self.messages.get(dep.model, ""),
                 node=dep.node))
+        if self.autoscaler is not None:
+            self.autoscaler.annotate(out)
         for a in sorted(self.assignments.values(), key=lambda a: (a.model, a.created, a.replica_id)):
             out.replicas.append(self.replica_status(a))
         return out

@@ -9,6 +9,7 @@ import grpc
 from gridserve.common.errors import InvalidRequest
 from gridserve.common.eventlog import event
 from gridserve.common.service import cancel_and_wait
+from gridserve.head.key_usage import KeyUsageBook
 from gridserve.head.controller import Controller
 from gridserve.head.node_registry import Session
 from gridserve.head.pull_relay import pull_sessions, pull_source
@@ -71,10 +72,20 @@ class NodeServicer(head_pb2_grpc.NodeServiceServicer):
 
 
 class RouteServicer(head_pb2_grpc.RouteServiceServicer):
-    """Watch: the current RoutingTable at once, then each new version."""
+    """Watch: the current RoutingTable at once, then each new version. ReportLoad: a proxy's load, for
+    the autoscaler."""
 
-    def __init__(self, routes: RouteTable):
+    def __init__(self, routes: RouteTable, controller: Controller | None = None):
         self.routes = routes
+        self.ctl = controller
+        self.key_usage = KeyUsageBook()
+
+    async def ReportLoad(self, request: head_pb2.LoadReport, context) -> head_pb2.LoadReportAck:
+        if not request.proxy_id:
+            raise InvalidRequest("proxy_id must not be empty")
+        if self.ctl is not None and self.ctl.autoscaler is not None:
+            self.ctl.autoscaler.on_report(request)
+        return head_pb2.LoadReportAck(others=self.key_usage.report(request.proxy_id, request.key_usage))
 
     async def Watch(self, request, context):
         event(log, "route_watch_started", peer=context.peer(), known_version=request.known_version)
@@ -94,7 +105,8 @@ class AdminServicer(head_pb2_grpc.AdminServiceServicer):
         self.ctl = controller
 
     async def Deploy(self, request: head_pb2.DeployRequest, context) -> head_pb2.DeployResponse:
-        return head_pb2.DeployResponse(message=self.ctl.deploy(request.model, request.replicas, request.node))
+        return head_pb2.DeployResponse(message=self.ctl.deploy(request.model, request.replicas, request.node,
+                                                                      request.autoscaling_json))
 
     async def Scale(self, request: head_pb2.ScaleRequest, context) -> head_pb2.DeployResponse:
         return head_pb2.DeployResponse(message=self.ctl.scale(request.model, request.replicas))
@@ -126,5 +138,5 @@ class AdminServicer(head_pb2_grpc.AdminServiceServicer):
 
 def add_services(server: grpc.aio.Server, controller: Controller, routes: RouteTable) -> None:
     head_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(controller), server)
-    head_pb2_grpc.add_RouteServiceServicer_to_server(RouteServicer(routes), server)
+    head_pb2_grpc.add_RouteServiceServicer_to_server(RouteServicer(routes, controller), server)
     head_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(controller), server)

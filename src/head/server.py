@@ -17,6 +17,7 @@ from gridserve.common.eventlog import event
 from gridserve.common.paths import StateDir
 from gridserve.common.service import cancel_and_wait, Stop, run_service, stop_or_task_exit
 from gridserve.common.api_key_files import admin_key_args, write_key_file
+from gridserve.head.autoscaler import Autoscaler
 from gridserve.head.settings import HeadConfig, parse_config
 from gridserve.head.controller import Controller
 from gridserve.head.route_table import RouteTable
@@ -68,6 +69,7 @@ async def serve(cfg: HeadConfig, stop: Stop) -> int:
     routes = RouteTable()
     ctl = Controller(catalog, store, routes, cfg.node_timeout, cfg.reconcile_interval,
                      max_replicas=cfg.max_replicas)
+    ctl.autoscaler = Autoscaler(ctl)
     server = make_server(cfg.security)
     add_services(server, ctl, routes)
     health = add_health(server)
@@ -93,6 +95,7 @@ async def serve(cfg: HeadConfig, stop: Stop) -> int:
         print(f"cluster token: {cfg.security.token_file or '(from --cluster-token)'}; give it to every scheduler "
               f"with --cluster-token-file (copy the file to each machine)", file=sys.stderr, flush=True)
         tasks.append(asyncio.create_task(ctl.run(), name="reconcile"))
+        tasks.append(asyncio.create_task(ctl.autoscaler.run(), name="autoscaler"))
         if cfg.proxy:
             tasks.append(asyncio.create_task(_proxy(cfg, state_dir, port, ctl, info).run(adopt_pid=previous_proxy),
                                              name="proxy"))
@@ -115,7 +118,7 @@ def _proxy(cfg: HeadConfig, state_dir: StateDir, grpc_port: int, ctl: Controller
         ctl.proxy_address, ctl.proxy_pid, ctl.proxy_restarts = address, pid, restarts
         info.set_proxy(address, pid)
 
-    write_key_file(state_dir.api_keys, cfg.api_keys)  # 0600; removed when the head has no keys
+    write_key_file(state_dir.api_keys, cfg.api_keys, cfg.api_key_limits)  # 0600; removed when the head has no keys
     return ProxySupervisor(f"{cfg.local_host}:{grpc_port}", cfg.http_host, cfg.http_port, state_dir.proxy_port,
                            on_change, state_dir.api_keys if cfg.api_keys else None,
                            cfg.security.child_args() + admin_key_args(cfg.state_dir, cfg.admin_keys))

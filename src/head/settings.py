@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gridserve.common.model_config import DEFAULT_MODEL_CONFIGS
 from gridserve.common.errors import ConfigError
-from gridserve.common.api_key_files import add_admin_key_args, add_api_key_args, admin_keys_from_args, keys_from_args
+from gridserve.common.api_key_files import (KeyLimits, add_admin_key_args, add_api_key_args, admin_keys_from_args,
+                                               keys_from_args, limits_from_args)
 from gridserve.common.security import Security, add_security_args, security_from_args
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
@@ -28,6 +29,7 @@ class HeadConfig:
     max_replicas: int = 64  # the most replicas one deployment may ask for
     log_level: str = "INFO"
     api_keys: tuple[str, ...] = ()  # handed to the proxy in a 0600 file under state_dir, never on argv
+    api_key_limits: dict[str, KeyLimits] = field(default_factory=dict)  # key -> rate limits, in that file too
     admin_keys: tuple[str, ...] = ()  # the dashboard's admin credential, handed over the same way
     security: Security = Security()  # always has a token: the head makes one in state_dir if none is given
 
@@ -86,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None = None) -> HeadConfig:
     """Flags -> HeadConfig; argparse errors exit 2, a bad value raises ConfigError naming the flag."""
     args = build_parser().parse_args(argv)
-    keys, admin_keys = keys_from_args(args), admin_keys_from_args(args)
+    keys, limits, admin_keys = keys_from_args(args), limits_from_args(args), admin_keys_from_args(args)
     security = security_from_args(args, state_dir=args.state_dir, create=True)
     for name in ("api_key", "api_key_file", "cluster_token", "cluster_token_file", "tls_cert", "tls_key", "tls_ca",
                  "admin_key_file"):
         delattr(args, name)
-    return HeadConfig(**vars(args), api_keys=keys, admin_keys=admin_keys, security=security)
+    return HeadConfig(**vars(args), api_keys=keys, api_key_limits=limits, admin_keys=admin_keys, security=security)

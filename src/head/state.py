@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gridserve.common.autoscaling_config import AutoscalingConfig
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import ConfigError, GridserveError
 from gridserve.common.eventlog import event
@@ -30,7 +31,9 @@ CREATE TABLE IF NOT EXISTS assignments (
 );
 """
 # Columns added after the first release; ALTER TABLE brings older state.db files up to date.
-MIGRATIONS = (("deployments", "node", "ALTER TABLE deployments ADD COLUMN node TEXT NOT NULL DEFAULT ''"),)
+MIGRATIONS = (("deployments", "node", "ALTER TABLE deployments ADD COLUMN node TEXT NOT NULL DEFAULT ''"),
+              ("deployments", "autoscaling_json",
+               "ALTER TABLE deployments ADD COLUMN autoscaling_json TEXT NOT NULL DEFAULT ''"))
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Deployment:
     config: ModelConfig
     updated: float = 0.0
     node: str = ""                # pinned: replicas go only to this node
+    autoscaling: AutoscalingConfig | None = None  # set: `replicas` is the autoscaler's current target
 
 
 @dataclass(frozen=True)
@@ -82,10 +86,12 @@ class StateStore:
     def load_deployments(self) -> dict[str, Deployment]:
         """Every stored deployment; a row whose config no longer validates is logged and skipped."""
         out: dict[str, Deployment] = {}
-        rows = self._db.execute("SELECT model, replicas, config_json, updated, node FROM deployments ORDER BY model")
-        for model, replicas, config_json, updated, node in rows:
+        rows = self._db.execute("SELECT model, replicas, config_json, updated, node, autoscaling_json FROM deployments "
+                                "ORDER BY model")
+        for model, replicas, config_json, updated, node, autoscaling_json in rows:
             try:
-                out[model] = Deployment(model, int(replicas), ModelConfig.from_json(config_json), updated, node)
+                out[model] = Deployment(model, int(replicas), ModelConfig.from_json(config_json), updated, node,
+                                        AutoscalingConfig.from_json(autoscaling_json))
             except GridserveError as e:
                 event(log, "state_row_skipped", logging.ERROR, model=model, error=e.message)
         return out
@@ -93,10 +99,12 @@ class StateStore:
     def put_deployment(self, dep: Deployment) -> None:
         dep.updated = time.time()
         self._db.execute(
-            "INSERT INTO deployments (model, replicas, config_json, updated, node) VALUES (?, ?, ?, ?, ?) "
+            "INSERT INTO deployments (model, replicas, config_json, updated, node, autoscaling_json) "
+            "VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(model) DO UPDATE SET replicas=excluded.replicas, config_json=excluded.config_json, "
-            "updated=excluded.updated, node=excluded.node",
-            (dep.model, dep.replicas, dep.config.to_json(), dep.updated, dep.node))
+            "updated=excluded.updated, node=excluded.node, autoscaling_json=excluded.autoscaling_json",
+            (dep.model, dep.replicas, dep.config.to_json(), dep.updated, dep.node,
+             dep.autoscaling.to_json() if dep.autoscaling else ""))
 
     def delete_deployment(self, model: str) -> None:
         with self._tx():

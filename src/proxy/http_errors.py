@@ -86,7 +86,7 @@ def error_response(err: HttpError, body: ErrorBody, headers: dict | None = None)
     """The JSON answer for `err` in the shape `body` gives, with Retry-After on 429 and 503."""
     headers = {**(headers or {}), **err.headers}
     if err.status in (429, 503):
-        headers["Retry-After"] = str(RETRY_AFTER_S)
+        headers.setdefault("Retry-After", str(RETRY_AFTER_S))
     return web.json_response(body(err), status=err.status, headers=headers)
 
 

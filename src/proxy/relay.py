@@ -18,10 +18,13 @@ from gridserve.common.request_contract import FinishReason
 from gridserve.proxy.stream_resume import Upstreams
 from gridserve.proxy.http_errors import ErrorBody, HttpError, error_response
 from gridserve.proxy.request_metrics import UNKNOWN_MODEL, ProxyMetrics
+from gridserve.proxy.load_report import LoadTracker
+from gridserve.proxy.rate_limits import TOKENS_USED
 from gridserve.proxy.request_body import read_body, request_id_from, safe_json_loads
 from gridserve.proxy.model_tasks import check_task
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy, UpstreamStream
+from gridserve.proxy.zero_hold import ZeroHold
 from gridserve.v1 import replica_pb2
 
 log = logging.getLogger("gridserve.proxy")
@@ -34,6 +37,8 @@ class ProxyState:
     watcher: RouteWatcher | None = None
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
     routes_wait_s: float = 5.0  # a request before the first routing table waits this long for it
+    load: LoadTracker = field(default_factory=LoadTracker)  # requests per model, reported to the head
+    zero_hold: ZeroHold = field(default_factory=ZeroHold)  # requests wait here while a model is at zero
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -156,8 +161,11 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
                         model=request.match_info.get("model", ""))
     event(log, "request_start", request_id=rec.request_id, api=wire.api, model=rec.model)
     upstreams: Upstreams | None = None
+    counted = ""
     try:
         job = await _parse(request, wire, state, rec)
+        state.load.begin(counted := job.model)
+        await state.zero_hold.wait(state.table, job.model)
         failovers = state.metrics.failovers
         upstreams = Upstreams(state.table, job.model, job.generate, state.policy,
                               on_retry=state.metrics.retries.labels(job.model).inc,
@@ -178,6 +186,9 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
         if upstreams is not None:
             upstreams.close()
             rec.final_replica, rec.failovers = upstreams.replica_id, upstreams.failovers
+        if counted:
+            state.load.end(counted)
+        request[TOKENS_USED] = rec.result.prompt_tokens + (rec.result.completion_tokens or rec.tokens)
         rec.done()
 
 

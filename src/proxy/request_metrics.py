@@ -38,6 +38,10 @@ class ProxyMetrics:
                                      ["model"], registry=r)
         self.auth_failures = Counter("gridserve_auth_failures", "Requests refused for a missing or wrong API "
                                      "key", registry=r)
+        self.rate_limited = Counter("gridserve_rate_limited", "Requests refused (429) by an API key's rate limit, "
+                                    "by the limit reached (requests or tokens per minute)", ["limit"], registry=r)
+        for kind in ("requests", "tokens"):
+            self.rate_limited.labels(kind)
 
     def known_models(self, models) -> None:
         """Creates every per-model series at 0, so rates work before the first event (failovers included)."""

@@ -13,6 +13,7 @@ from tenacity import (AsyncRetrying, retry_if_exception, stop_after_attempt, sto
                       wait_exponential, wait_random)
 
 from gridserve.common.eventlog import event
+from gridserve.proxy.prefix_affinity import affinity_of
 from gridserve.proxy.http_errors import HttpError
 from gridserve.proxy.route_cache import Endpoint, Lease, RouteCache
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
@@ -97,16 +98,22 @@ async def open_stream(table: RouteCache, model: str, request: replica_pb2.Genera
     tried here is added to it. Raises HttpError (no replica, all failed, bad request)."""
     async def attempt(endpoint: Endpoint) -> UpstreamStream:
         return await _open_on(table, endpoint, request, policy.accept_timeout_s)
-    return await on_some_replica(table, model, request.request_id, policy, attempt, on_retry, tried)
+
+    def pick(exclude: set[str]) -> Endpoint | None:  # the replica holding the prompt's prefix, within bounds
+        return affinity_of(table).pick(table, model, request, exclude=exclude)
+    return await on_some_replica(table, model, request.request_id, policy, attempt, on_retry, tried, pick)
 
 
 async def on_some_replica(table: RouteCache, model: str, request_id: str, policy: RetryPolicy,
                           attempt_on: Callable[[Endpoint], Awaitable[T]], on_retry: Callable[[], None] = lambda: None,
-                          tried: set[str] | None = None) -> T:
-    """Runs `attempt_on(endpoint)` on a replica picked by power of two choices; when it raises a retryable
+                          tried: set[str] | None = None,
+                          pick: Callable[[set[str]], Endpoint | None] | None = None) -> T:
+    """Runs `attempt_on(endpoint)` on a replica `pick` chooses (default: power of two choices among those
+    not in the excluded set); when it raises a retryable
     HttpError, backs off (exponential with jitter, tenacity) and tries a replica not tried yet, until
     policy's attempts or deadline run out. Raises the last HttpError, or 503 when no replica is left."""
     tried = set() if tried is None else tried
+    pick = pick or (lambda exclude: table.pick(model, exclude=exclude))
     last: list[HttpError] = []
     retrying = AsyncRetrying(
         stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline_s),
@@ -117,7 +124,7 @@ async def on_some_replica(table: RouteCache, model: str, request_id: str, policy
         retry=retry_if_exception(_retryable), reraise=True)
     async for attempt in retrying:
         with attempt:
-            endpoint = table.pick(model, exclude=tried)
+            endpoint = pick(tried)
             if endpoint is None:
                 raise no_endpoint(model, last, others=bool(tried))
             if attempt.retry_state.attempt_number > 1:

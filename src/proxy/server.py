@@ -26,6 +26,9 @@ from gridserve.proxy.openai_parse import ModelNotFound
 from gridserve.proxy.relay import STATE, ProxyState, Wire, handle
 from gridserve.common.request_contract import lookup_model
 from gridserve.proxy.request_body import request_id_from
+from gridserve.proxy.load_report import LoadReporter
+from gridserve.proxy.zero_hold import ZeroHold, scales_to_zero
+from gridserve.proxy.rate_limits import RateLimiter, add_ratelimit_headers, rate_limit_middleware
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy
 
@@ -46,11 +49,14 @@ async def _request_id(request: web.Request, response: web.StreamResponse) -> Non
         response.headers["X-Request-Id"] = request_id_from(request.headers.get("X-Request-Id"))
 
 
-def make_app(state: ProxyState, keys: ApiKeys = ApiKeys()) -> web.Application:
+def make_app(state: ProxyState, keys: ApiKeys = ApiKeys(), limiter: RateLimiter | None = None) -> web.Application:
     middlewares = [error_middleware(error_body_for)]
     if keys:
         middlewares.append(auth_middleware(keys, state.metrics.auth_failures.inc))
+    if keys and limiter:
+        middlewares.append(rate_limit_middleware(limiter, lambda kind: state.metrics.rate_limited.labels(kind).inc()))
     app = web.Application(middlewares=middlewares, client_max_size=state.max_body_bytes)
+    app.on_response_prepare.append(add_ratelimit_headers)
     app[STATE] = state
     app.on_response_prepare.extend([escaped_errors_in_json(error_body_for), _request_id])
     app.router.add_post("/v1/chat/completions", _generate(openai_api.CHAT))
@@ -104,17 +110,20 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """GET /ready: 200 when every deployed model has a READY replica, else 503 naming those that lack one."""
+    """GET /ready: 200 when every deployed model has a READY replica (or is scaled to zero: it starts on
+    demand), else 503 naming those that lack one."""
     table = request.app[STATE].table
     if not table.received:
         raise HttpError(503, "service_unavailable", "not ready: no routing table from the head yet")
     if not table.routes:
         raise HttpError(503, "service_unavailable", "not ready: no model is deployed")
-    lacking = sorted(name for name, route in table.routes.items() if not route.endpoints)
+    lacking = sorted(name for name, route in table.routes.items()
+                     if not route.endpoints and not scales_to_zero(route))  # at zero: starts on demand
     if lacking:
         raise HttpError(503, "service_unavailable", f"not ready: no ready replica for {', '.join(lacking)}")
     counts = {name: len(route.endpoints) for name, route in sorted(table.routes.items())}
-    return web.json_response({"status": "ready", "models": counts})
+    zero = [name for name, route in sorted(table.routes.items()) if not route.endpoints]
+    return web.json_response({"status": "ready", "models": counts, **({"scaled_to_zero": zero} if zero else {})})
 
 
 async def _listen(runner: web.AppRunner, cfg: ProxyConfig) -> int:
@@ -138,13 +147,15 @@ async def serve(cfg: ProxyConfig, stop: Stop) -> int:
     state.metrics.registry.register(collector)
     poller = ClusterPoller(cfg.head, table, collector, cfg.metrics_interval_s,
                            on_poll=lambda: state.metrics.known_models(table.routes))
-    app = make_app(state, ApiKeys(cfg.api_keys))
+    limiter = RateLimiter(cfg.api_key_limits)
+    app = make_app(state, ApiKeys(cfg.api_keys), limiter)
     dashboard = add_dashboard_routes(app, state, cfg)
     runner = JsonErrorsRunner(app, handler_cancellation=True, access_log=None,
                               shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()
-    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(poller.run()),
-             asyncio.create_task(dashboard.run())]
+    reporter = LoadReporter(cfg.head, table, state.load, limiter=limiter)
+    state.zero_hold = ZeroHold(cfg.zero_hold_timeout_s, cfg.zero_hold_max, on_hold=reporter.nudge)
+    tasks = [asyncio.create_task(t.run()) for t in (watcher, poller, reporter, dashboard)]
     try:
         port = await _listen(runner, cfg)
         if cfg.port_file:

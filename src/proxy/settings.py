@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from gridserve.common.model_config import parse_hostport
 from gridserve.common.errors import ConfigError
-from gridserve.common.api_key_files import add_admin_key_args, add_api_key_args, admin_keys_from_args, keys_from_args
+from gridserve.common.api_key_files import (KeyLimits, add_admin_key_args, add_api_key_args, admin_keys_from_args,
+                                               keys_from_args, limits_from_args)
 from gridserve.common.security import Security, add_security_args, security_from_args
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -27,6 +28,9 @@ class ProxyConfig:
     shutdown_grace_s: float = 5.0    # how long open streams may finish on SIGTERM
     metrics_interval_s: float = 5.0  # how often /metrics' cluster gauges are refreshed from the head
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: /v1/* is open
+    api_key_limits: dict[str, KeyLimits] = field(default_factory=dict, repr=False)  # key -> its rate limits
+    zero_hold_timeout_s: float = 60.0  # how long a request for a model at zero replicas waits for one
+    zero_hold_max: int = 100           # requests per model held at once; more get 503 at once
     admin_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: dashboard actions are refused
     security: Security = field(default=Security(), repr=False)  # cluster token and TLS for gRPC calls
 
@@ -48,6 +52,8 @@ class ProxyConfig:
             raise ConfigError(f"--accept-timeout: must be > 0 seconds, got {self.accept_timeout_s:g}")
         if self.max_failovers < 0:
             raise ConfigError(f"--max-failovers: must be >= 0, got {self.max_failovers}")
+        if not self.zero_hold_timeout_s > 0 or self.zero_hold_max < 1:
+            raise ConfigError("--zero-hold-timeout must be > 0 seconds and --zero-hold-max >= 1")
         if not 0.5 <= self.metrics_interval_s <= 300:
             raise ConfigError(f"--metrics-interval: must be between 0.5 and 300 seconds, "
                               f"got {self.metrics_interval_s:g}")
@@ -68,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a replica may take to admit a request before the next one is tried (default 5)")
     p.add_argument("--max-failovers", type=int, default=3,
                    help="times a stream may move to another replica after its first token (default 3, 0: never)")
+    p.add_argument("--zero-hold-timeout", type=float, default=60.0,
+                   help="seconds a request for a model scaled to zero waits for its first replica before 503 "
+                        "(default 60)")
+    p.add_argument("--zero-hold-max", type=int, default=100,
+                   help="requests per model held at once while it starts from zero; more get 503 (default 100)")
     p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds open streams get on SIGTERM")
     p.add_argument("--metrics-interval", type=float, default=5.0,
                    help="seconds between polls of the head and replicas for /metrics' cluster gauges")
@@ -87,7 +98,9 @@ def parse_config(argv: list[str] | None = None) -> ProxyConfig:
                            retry_attempts=args.retry_attempts, retry_deadline_s=args.retry_deadline,
                            accept_timeout_s=args.accept_timeout, max_failovers=args.max_failovers,
                            shutdown_grace_s=args.shutdown_grace, metrics_interval_s=args.metrics_interval,
-                           api_keys=keys_from_args(args), admin_keys=admin_keys_from_args(args),
+                           zero_hold_timeout_s=args.zero_hold_timeout, zero_hold_max=args.zero_hold_max,
+                           api_keys=keys_from_args(args), api_key_limits=limits_from_args(args),
+                           admin_keys=admin_keys_from_args(args),
                            security=security_from_args(args))
     except ConfigError as e:
         parser.error(e.message)

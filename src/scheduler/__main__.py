@@ -9,6 +9,7 @@ from gridserve.common.eventlog import event
 from gridserve.common.paths import WorkDir
 from gridserve.common.service import cancel_and_wait, Stop, run_service, stop_or_task_exit
 from gridserve.scheduler.head_link import NodeAgent
+from gridserve.scheduler.node_proxy import NodeProxy
 from gridserve.scheduler.settings import SchedulerConfig, parse_config
 
 log = logging.getLogger("gridserve.scheduler")
@@ -21,8 +22,13 @@ async def serve(cfg: SchedulerConfig, stop: Stop) -> int:
     event(log, "scheduler_started", node=cfg.node_id, head=cfg.head, cpus=f"{cfg.num_cpus:g}",
           gpus=f"{cfg.num_gpus:g}", host=cfg.host, advertise=cfg.advertise_host, work_dir=cfg.work_dir)
     session = asyncio.create_task(agent.run(), name="session")
+    tasks = [session]
+    if cfg.proxy_port >= 0:
+        proxy = NodeProxy(cfg.head, cfg.proxy_host, cfg.proxy_port, WorkDir(cfg.work_dir).run, cfg.security,
+                          cfg.proxy_api_key_files)
+        tasks.append(asyncio.create_task(proxy.run(), name="proxy"))
     try:
-        code = await stop_or_task_exit(stop, [session])
+        code = await stop_or_task_exit(stop, tasks)
         event(log, "scheduler_stopping", signal=stop.signal, replicas=len(agent.replicas))
         return code
     finally:
@@ -30,7 +36,8 @@ async def serve(cfg: SchedulerConfig, stop: Stop) -> int:
         try:
             await agent.stop_all()
         finally:
-            await cancel_and_wait(session)
+            for task in tasks:  # the session, then the node's proxy (its supervisor stops it)
+                await cancel_and_wait(task)
             event(log, "scheduler_stopped")
 
 

@@ -39,9 +39,14 @@ class SchedulerConfig:
     log_level: str = "INFO"
     port_range: tuple[int, int] = (0, 0)  # replica ports; (0, 0): any free port
     security: Security = field(default=Security(), repr=False)
+    proxy_port: int = -1               # >= 0: run an HTTP proxy beside the scheduler on this port (0: any)
+    proxy_host: str = ""               # where that proxy listens (default: --host)
+    proxy_api_key_files: tuple[str, ...] = ()  # its API keys (give every proxy the head's keys file)
 
     def __post_init__(self) -> None:
         parse_hostport(self.head)
+        if not -1 <= self.proxy_port <= 65535:
+            raise ConfigError(f"--proxy-port: must be a port in 0..65535 (0 picks a free one), got {self.proxy_port}")
         if not self.node_id or any(c.isspace() for c in self.node_id):
             raise ConfigError(f"--node-id: must be a non-empty name without spaces, got {self.node_id!r}")
         if not 0 < self.num_cpus <= 4096:
@@ -116,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a replica may stay UNHEALTHY (or NOT_SERVING after it was READY) before it is "
                         "killed and restarted as hung (default 10)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    g = p.add_argument_group("a proxy on this node (clients can then use this node's address)")
+    g.add_argument("--proxy-port", type=int, default=-1,
+                   help="run an HTTP proxy beside the scheduler on this port, supervised by it (0: any free port; "
+                        "default: no proxy)")
+    g.add_argument("--proxy-host", default="", help="where that proxy listens (default: --host)")
+    g.add_argument("--proxy-api-key-file", action="append", default=[], metavar="PATH",
+                   help="API keys of that proxy (the head's keys file, copied to this machine); repeatable")
     add_security_args(p)
     return p
 
@@ -144,4 +156,5 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         work_dir=a.work_dir, cache_dir=a.cache_dir, report_interval=a.report_interval,
         probe_interval=a.probe_interval, probe_timeout=a.probe_timeout, stop_grace=a.stop_grace,
         drain_grace=a.drain_grace, unhealthy_grace=a.unhealthy_grace, log_level=a.log_level,
-        port_range=parse_port_range(a.port_range), security=security_from_args(a), **extra)
+        port_range=parse_port_range(a.port_range), security=security_from_args(a), proxy_port=a.proxy_port,
+        proxy_host=a.proxy_host or host, proxy_api_key_files=tuple(a.proxy_api_key_file), **extra)

@@ -1,0 +1,83 @@
+"""Cache-aware routing: a request whose prompt shares a long prefix with one a replica served recently goes
+back to that replica (its prefix cache likely holds it), unless that replica is much busier than the
+least busy one (bounded load); otherwise the power of two choices."""
+from __future__ import annotations
+
+import hashlib
+import weakref
+from collections import OrderedDict
+
+from gridserve.proxy.route_cache import Endpoint, RouteCache
+from gridserve.v1 import replica_pb2
+
+BLOCK_CHARS = 128        # prefixes are compared in blocks of this many characters of the prompt
+MIN_BLOCKS = 2           # a shorter shared prefix (256 characters) is not worth a busier replica
+MAX_ENTRIES = 50_000     # prefix blocks remembered per proxy (least recently used first out)
+SLACK_ABS, SLACK_REL = 2, 0.5  # the prefix's replica may have min + max(2, 50% of min) streams in flight
+
+
+def prompt_text(request: replica_pb2.GenerateRequest) -> str:
+    """The text a replica's prefix cache sees first: the chat messages in order, or the raw prompt."""
+    if request.HasField("chat"):
+        return "".join(f"\x00{m.role}\x01{m.content}" for m in request.chat.messages)
+    return request.prompt
+
+
+def block_hashes(model: str, text: str) -> list[bytes]:
+    """A hash of each whole-block prefix of `text`, shortest first (a rolling SHA-1 over the blocks)."""
+    h = hashlib.sha1(model.encode())
+    out = []
+    for end in range(BLOCK_CHARS, len(text) + 1, BLOCK_CHARS):
+        h.update(text[end - BLOCK_CHARS:end].encode())
+        out.append(h.copy().digest())
+    return out
+
+
+class PrefixAffinity:
+    """Which replica (address) last served each prefix block, for every model this proxy serves."""
+
+    def __init__(self, max_entries: int = MAX_ENTRIES):
+        self.max_entries = max_entries
+        self._owner: OrderedDict[bytes, str] = OrderedDict()
+        self.routed = self.matched = 0  # requests routed here, and those sent to their prefix's replica
+
+    def pick(self, table: RouteCache, model: str, request: replica_pb2.GenerateRequest,
+             exclude: set[str] | frozenset = frozenset()) -> Endpoint | None:
+        """The replica holding the longest remembered prefix of the request, within the load bound; else
+        the power of two choices. Remembers the request's prefix blocks on the chosen replica."""
+        hashes = block_hashes(model, prompt_text(request))
+        chosen = self._affine(table, model, hashes, exclude) or table.pick(model, exclude)
+        if chosen is not None:
+            self.routed += 1
+            for h in hashes:
+                self._owner[h] = chosen.address
+                self._owner.move_to_end(h)
+            while len(self._owner) > self.max_entries:
+                self._owner.popitem(last=False)
+        return chosen
+
+    def _affine(self, table: RouteCache, model: str, hashes: list[bytes], exclude) -> Endpoint | None:
+        route = table.routes.get(model)
+        candidates = {e.address: e for e in (route.endpoints if route else ()) if e.address not in exclude}
+        if len(candidates) < 2:
+            return None
+        for n in range(len(hashes), MIN_BLOCKS - 1, -1):  # the longest match first
+            owner = self._owner.get(hashes[n - 1])
+            if owner in candidates:
+                least = min(table.inflight(a) for a in candidates)
+                if table.inflight(owner) <= least + max(SLACK_ABS, SLACK_REL * least):
+                    self.matched += 1
+                    return candidates[owner]
+                return None  # its replica is too busy: balance instead
+        return None
+
+
+_BY_TABLE: "weakref.WeakKeyDictionary[RouteCache, PrefixAffinity]" = weakref.WeakKeyDictionary()
+
+
+def affinity_of(table: RouteCache) -> PrefixAffinity:
+    """The prefix memory that goes with a proxy's routing table (one per proxy)."""
+    affinity = _BY_TABLE.get(table)
+    if affinity is None:
+        affinity = _BY_TABLE[table] = PrefixAffinity()
+    return affinity

@@ -1,0 +1,68 @@
+"""Cache-aware routing: a conversation goes back to the replica that served its prefix, within a load bound."""
+import random
+
+from gridserve.proxy.prefix_affinity import PrefixAffinity, block_hashes
+from gridserve.proxy.route_cache import RouteCache
+from gridserve.v1 import head_pb2, replica_pb2
+from support.fakes import model_config
+
+SYSTEM = "You are a helpful assistant who answers questions about the history of computing. " * 4  # ~340 chars
+ADDRESSES = [f"10.0.0.{i}:1" for i in range(1, 5)]
+
+
+def table_of(addresses=ADDRESSES, seed=0) -> RouteCache:
+    table = RouteCache(rng=random.Random(seed))
+    snapshot = head_pb2.RoutingTable(version=1)
+    route = snapshot.routes.add(model="tiny", model_config=model_config("tiny"))
+    for i, a in enumerate(addresses):
+        route.endpoints.add(replica_id=f"tiny-{i}", address=a)
+    table.apply(snapshot)
+    return table
+
+
+def chat(*turns: str) -> replica_pb2.GenerateRequest:
+    r = replica_pb2.GenerateRequest()
+    r.chat.messages.add(role="system", content=SYSTEM)
+    for i, t in enumerate(turns):
+        r.chat.messages.add(role="user" if i % 2 == 0 else "assistant", content=t)
+    return r
+
+
+def test_each_turn_of_a_conversation_goes_back_to_the_replica_that_served_the_last():
+    table, affinity = table_of(), PrefixAffinity()
+    for conversation in range(8):
+        turns = [f"question {conversation}: tell me about the ENIAC and its programmers, in detail please"]
+        first = affinity.pick(table, "tiny", chat(*turns)).address
+        for turn in range(4):
+            turns += [f"an answer of some length about turn {turn} " * 3, f"follow-up {turn}?"]
+            assert affinity.pick(table, "tiny", chat(*turns)).address == first
+    # a first turn matches the shared system prompt too (and nothing is in flight here to spread them)
+    assert (affinity.routed, affinity.matched) == (40, 39)
+
+
+def test_a_much_busier_replica_loses_its_conversation_to_the_least_busy():
+    table, affinity = table_of(), PrefixAffinity()
+    first = affinity.pick(table, "tiny", chat("hello")).address
+    table._inflight.update({a: 1 for a in ADDRESSES})
+    table._inflight[first] = 3  # min 1 + 2: still within the bound
+    assert affinity.pick(table, "tiny", chat("hello", "hi", "more")).address == first
+    table._inflight[first] = 4
+    assert affinity.pick(table, "tiny", chat("hello", "hi", "more", "x", "y")).address != first
+
+
+def test_short_prompts_and_excluded_replicas_use_the_power_of_two_choices():
+    table, affinity = table_of(), PrefixAffinity()
+    short = replica_pb2.GenerateRequest(prompt="x" * 200)
+    assert block_hashes("tiny", short.prompt) and len(block_hashes("tiny", short.prompt)) < 2
+    picks = {affinity.pick(table, "tiny", short).address for _ in range(40)}
+    assert len(picks) > 1 and affinity.matched == 0
+    first = affinity.pick(table, "tiny", chat("hello")).address
+    again = affinity.pick(table, "tiny", chat("hello", "hi", "more"), exclude={first})
+    assert again.address != first
+
+
+def test_the_memory_is_bounded_and_forgets_the_oldest_prefixes_first():
+    table, affinity = table_of(), PrefixAffinity(max_entries=10)
+    for i in range(20):
+        affinity.pick(table, "tiny", replica_pb2.GenerateRequest(prompt=f"{i:04d}" + "y" * 400))
+    assert len(affinity._owner) == 10
