@@ -13,7 +13,7 @@ from tenacity import (AsyncRetrying, retry_if_exception, stop_after_attempt, sto
                       wait_exponential, wait_random)
 
 from gridserve.common.eventlog import event
-from gridserve.proxy.prefix_affinity import affinity_of
+from gridserve.proxy.replica_picker import affinity_of, power_of_two_choices
 from gridserve.proxy.http_errors import HttpError
 from gridserve.proxy.route_cache import Endpoint, Lease, RouteCache
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
@@ -113,7 +113,7 @@ async def on_some_replica(table: RouteCache, model: str, request_id: str, policy
     HttpError, backs off (exponential with jitter, tenacity) and tries a replica not tried yet, until
     policy's attempts or deadline run out. Raises the last HttpError, or 503 when no replica is left."""
     tried = set() if tried is None else tried
-    pick = pick or (lambda exclude: table.pick(model, exclude=exclude))
+    pick = pick or (lambda exclude: power_of_two_choices(table, model, exclude))
     last: list[HttpError] = []
     retrying = AsyncRetrying(
         stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline_s),

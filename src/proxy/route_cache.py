@@ -60,7 +60,8 @@ class Lease:
 
 
 class RouteCache:
-    """What the head last said is deployed and READY, plus per-endpoint in-flight counts and channels."""
+    """What the head last said is deployed and READY, plus per-endpoint in-flight counts and channels
+    (which replica gets a request is `replica_picker.py`'s choice)."""
 
     def __init__(self, rng: random.Random | None = None, security: Security | None = None):
         self.security = security  # what every channel to the head and the replicas carries
@@ -70,7 +71,7 @@ class RouteCache:
         self._inflight: dict[str, int] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task] = set()
-        self._rng = rng or random.Random()
+        self.rng = rng or random.Random()  # the replica picker's
 
     @property
     def models(self) -> dict[str, ModelConfig]:
@@ -133,15 +134,6 @@ class RouteCache:
             return self.routes.get(route.model)
         endpoints = tuple(Endpoint(e.replica_id, e.address, e.node_id) for e in route.endpoints if e.address)
         return ModelRoute(config, endpoints)
-
-    def pick(self, model: str, exclude: set[str] | frozenset = frozenset()) -> Endpoint | None:
-        """Power of two choices on in-flight counts among the model's endpoints not in `exclude`."""
-        route = self.routes.get(model)
-        candidates = [e for e in route.endpoints if e.address not in exclude] if route else []
-        if len(candidates) <= 1:
-            return candidates[0] if candidates else None
-        a, b = self._rng.sample(candidates, 2)
-        return a if self.inflight(a.address) <= self.inflight(b.address) else b
 
     def acquire(self, endpoint: Endpoint) -> Lease:
         """Counts a stream as in flight on `endpoint` and hands it the endpoint's (cached) channel."""

@@ -76,7 +76,7 @@ async def serve():
 @pytest.mark.parametrize("bad", ["full", "gone", "mute"])
 async def test_a_full_gone_or_mute_replica_is_passed_over_for_another(serve, bad):
     table, (first, second) = await serve(bad, "ok")
-    table._rng.seed(0)
+    table.rng.seed(0)
     for _ in range(4):  # whichever the pick tries first, the answer comes from the good one
         reply, endpoint = await call_embed(table, "emb", replica_pb2.EmbedRequest(inputs=["a", "b"]), POLICY)
         assert endpoint.replica_id == second.replica_id and len(reply.embeddings) == 2 and reply.prompt_tokens == 6

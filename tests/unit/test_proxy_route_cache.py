@@ -7,6 +7,7 @@ from gridserve.common.model_config import ModelConfig
 import pytest
 
 from gridserve.common.model_config_proto import config_to_proto
+from gridserve.proxy.replica_picker import power_of_two_choices
 from gridserve.proxy.route_cache import RouteCache, RouteDeltaError, RouteWatcher
 from gridserve.v1 import head_pb2, head_pb2_grpc
 from support.waiting import wait_until as wait_for
@@ -34,7 +35,7 @@ def addresses(table: RouteCache, model: str) -> list[str]:
 
 def test_snapshot_is_applied_with_configs_and_endpoints():
     table = RouteCache()
-    assert not table.received and table.pick("m") is None
+    assert not table.received and power_of_two_choices(table, "m") is None
     assert table.apply(snapshot(3, m=["h:1", "h:2"], empty=[]))
     assert table.received and table.version == 3
     assert addresses(table, "m") == ["h:1", "h:2"] and addresses(table, "empty") == []
@@ -91,14 +92,14 @@ def test_p2c_with_two_endpoints_always_picks_the_less_loaded():
     table.apply(snapshot(1, m=["h:1", "h:2"]))
     busy = table.routes["m"].endpoints[0]
     table._inflight[busy.address] = 3
-    assert {table.pick("m").address for _ in range(50)} == {"h:2"}
+    assert {power_of_two_choices(table, "m").address for _ in range(50)} == {"h:2"}
 
 
 def test_p2c_never_picks_the_most_loaded_of_three_and_spreads_the_rest():
     table = RouteCache(rng=random.Random(2))
     table.apply(snapshot(1, m=["h:1", "h:2", "h:3"]))
     table._inflight.update({"h:1": 0, "h:2": 1, "h:3": 5})
-    picks = [table.pick("m").address for _ in range(300)]
+    picks = [power_of_two_choices(table, "m").address for _ in range(300)]
     assert "h:3" not in picks
     assert picks.count("h:1") > picks.count("h:2") > 0  # h:2 wins only against h:3
 
@@ -107,9 +108,9 @@ def test_pick_excludes_endpoints_already_tried():
     table = RouteCache()
     table.apply(snapshot(1, m=["h:1", "h:2", "h:3"]))
     for _ in range(30):
-        assert table.pick("m", exclude={"h:1", "h:3"}).address == "h:2"
-    assert table.pick("m", exclude={"h:1", "h:2", "h:3"}) is None
-    assert table.pick("unknown") is None
+        assert power_of_two_choices(table, "m", exclude={"h:1", "h:3"}).address == "h:2"
+    assert power_of_two_choices(table, "m", exclude={"h:1", "h:2", "h:3"}) is None
+    assert power_of_two_choices(table, "unknown") is None
 
 
 async def test_leases_count_in_flight_and_release_once():

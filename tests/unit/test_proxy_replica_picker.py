@@ -1,7 +1,7 @@
 """Cache-aware routing: a conversation goes back to the replica that served its prefix, within a load bound."""
 import random
 
-from gridserve.proxy.prefix_affinity import PrefixAffinity, block_hashes
+from gridserve.proxy.replica_picker import PrefixAffinity, block_hashes
 from gridserve.proxy.route_cache import RouteCache
 from gridserve.v1 import head_pb2, replica_pb2
 from support.fakes import model_config

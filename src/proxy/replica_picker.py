@@ -1,6 +1,6 @@
-"""Cache-aware routing: a request whose prompt shares a long prefix with one a replica served recently goes
-back to that replica (its prefix cache likely holds it), unless that replica is much busier than the
-least busy one (bounded load); otherwise the power of two choices."""
+"""Which replica gets a request: the power of two choices on in-flight counts, and cache-aware routing on
+top of it (a prompt sharing a long prefix with one a replica served recently goes back to that replica,
+whose prefix cache likely holds it, unless that replica is much busier than the least busy one)."""
 from __future__ import annotations
 
 import hashlib
@@ -33,6 +33,17 @@ def block_hashes(model: str, text: str) -> list[bytes]:
     return out
 
 
+def power_of_two_choices(table: RouteCache, model: str,
+                         exclude: set[str] | frozenset = frozenset()) -> Endpoint | None:
+    """Of two random endpoints of the model not in `exclude`, the one with fewer streams in flight."""
+    route = table.routes.get(model)
+    candidates = [e for e in route.endpoints if e.address not in exclude] if route else []
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    a, b = table.rng.sample(candidates, 2)
+    return a if table.inflight(a.address) <= table.inflight(b.address) else b
+
+
 class PrefixAffinity:
     """Which replica (address) last served each prefix block, for every model this proxy serves."""
 
@@ -46,7 +57,7 @@ class PrefixAffinity:
         """The replica holding the longest remembered prefix of the request, within the load bound; else
         the power of two choices. Remembers the request's prefix blocks on the chosen replica."""
         hashes = block_hashes(model, prompt_text(request))
-        chosen = self._affine(table, model, hashes, exclude) or table.pick(model, exclude)
+        chosen = self._affine(table, model, hashes, exclude) or power_of_two_choices(table, model, exclude)
         if chosen is not None:
             self.routed += 1
             for h in hashes:
