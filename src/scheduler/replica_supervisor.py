@@ -82,10 +82,20 @@ def backoff_delay(attempt: int, first: float = FIRST_BACKOFF, cap: float = MAX_B
     return min(first * (2 ** min(attempt, 30)), cap)
 
 
+def replica_threads(model_cpus: float, node_cpus: float, node_replicas: int) -> int:
+    """Torch threads for a replica: the CPUs its model reserves, or its even share of the node's CPUs
+    when that is more, so a lone replica on a 2-core node runs 2 threads and no core sits idle, while
+    replicas sharing a node do not oversubscribe it (each takes its share when it starts)."""
+    share = int(node_cpus // max(1, node_replicas))
+    return max(1, math.ceil(model_cpus), share)
+
+
 class ReplicaRunner:
     """Keeps one replica (spec from the head) running on this node and tracks its state."""
 
-    def __init__(self, spec: head_pb2.ReplicaSpec, cfg: SchedulerConfig, on_change: Callable[[], None]):
+    def __init__(self, spec: head_pb2.ReplicaSpec, cfg: SchedulerConfig, on_change: Callable[[], None],
+                 node_replicas: Callable[[], int] = lambda: 1):
+        self.node_replicas = node_replicas  # how many replicas this node runs now (for the thread share)
         self.spec = spec
         self.replica_id = spec.replica_id
         self.cfg = cfg
@@ -168,7 +178,8 @@ class ReplicaRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await after
         try:
-            num_threads = max(1, math.ceil(ModelConfig.from_json(self.spec.model_config_json).resources.num_cpus))
+            model_cpus = ModelConfig.from_json(self.spec.model_config_json).resources.num_cpus
+            num_threads = replica_threads(model_cpus, self.cfg.num_cpus, self.node_replicas())
         except GridserveError as e:
             self._set(S.REPLICA_STATE_FAILED, f"bad model config from the head: {e.message}")
             return
