@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +187,19 @@ class LlamaRunner:
             return [], []
         logits = self.model.lm_head(self.inner.norm(hidden))
         return done, sample_rows(logits, [s.opts for s in done], [s.generator for s in done])
+
+    @torch.inference_mode()
+    def score(self, ids: list[int]) -> float:
+        """Mean negative log-likelihood of each token of `ids` after those before it, computed the way
+        prompts are served (chunked, in slot 0). For quality checks; not while an engine runs it."""
+        row, total = SimpleNamespace(slot=0), 0.0
+        for a in range(0, len(ids) - 1, self.prefill_chunk):
+            b = min(len(ids) - 1, a + self.prefill_chunk)
+            hidden = self._forward([(row, a, b)], ids[a:b], list(range(a, b)), [0] * (b - a), list(range(b - a)))
+            logp = torch.log_softmax(self.model.lm_head(self.inner.norm(hidden)).float(), dim=-1)
+            total -= float(logp.gather(1, torch.tensor(ids[a + 1:b + 1], device=self.device)[:, None]).sum())
+        self.cache.tokens[0] = []
+        return total / (len(ids) - 1)
 
     def _plan(self) -> list[tuple[Sequence, int, int]]:
         """(row, first, end) of the tokens each row is fed this step: decoding rows first."""
