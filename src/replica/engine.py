@@ -16,7 +16,7 @@ from gridserve.common.errors import InvalidRequest
 from gridserve.common.eventlog import event
 from gridserve.replica.batch_scheduler import BatchScheduler
 from gridserve.replica.outputs import EngineError, OutputProcessor, RequestHandle, RequestOutput
-from gridserve.replica.request_params import SamplingOptions
+from gridserve.common.request_contract import SamplingOptions
 from gridserve.replica.sequence import Sequence
 
 __all__ = ["Engine", "EngineError", "EngineStats", "RequestHandle", "RequestOutput"]
@@ -68,6 +68,8 @@ class Engine:
         self.num_threads = num_threads
         self.runner = runner or loaded.make_runner(self.max_batch_size)
         self.vocab_size = self.runner.vocab_size
+        if getattr(self.runner, "prefill_chunk", 0):  # the runner chunks long prompts itself: admit into any free row
+            prefill_tokens = 1 << 30
         self.scheduler = BatchScheduler(self.max_batch_size, self.max_waiting, prefill_tokens)
         self.outputs = OutputProcessor(loaded.eos_token_ids, self.context_length, loaded.tokenizer_lock,
                                        self.scheduler.release)
@@ -214,7 +216,8 @@ class Engine:
         if newcomers:
             self._prefill(newcomers)
         if self.runner.rows:
-            self._emit(*self.runner.decode())
+            forward_rows = len(self.runner.rows)
+            self._emit(*self.runner.decode(), forward_rows=forward_rows)
             self.runner.drop_finished()
 
     def _replay(self, seq: Sequence) -> bool:
@@ -240,20 +243,21 @@ class Engine:
             event(log, "request_step_failed", logging.ERROR, request_id=group[0].request_id, error=repr(e)[:300])
             self.outputs.finish(group[0], error=EngineError(f"generation failed: {type(e).__name__}: {e}"))
             return
-        self._emit(rows, tokens)
-        self.runner.drop_finished()
+        if rows:  # a runner that prefills in its decode steps returns none here
+            self._emit(rows, tokens, forward_rows=len(rows))
+            self.runner.drop_finished()
 
     # ---- engine thread: tokens to outputs -----------------------------------------------
 
-    def _emit(self, rows: list[Sequence], tokens: list[int]) -> None:
-        """Each row's token to its output; count one forward pass of `rows` rows."""
+    def _emit(self, rows: list[Sequence], tokens: list[int], forward_rows: int) -> None:
+        """Each row's token to its output; count one forward pass over `forward_rows` rows."""
         self.outputs.append_all(rows, tokens)
         tokens_made = self.outputs.take_tokens()
         self.tokens_generated_total += tokens_made
         self.steps_total += 1
         now = time.monotonic()
         with self._recent_lock:
-            self._recent.append((now, tokens_made, len(rows)))
+            self._recent.append((now, tokens_made, forward_rows))
             while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
                 self._recent.popleft()
 

@@ -77,7 +77,10 @@ class LoadedModel:
 
     def make_runner(self, max_rows: int):
         """The model runner the engine drives (see gridserve.replica.model_runner)."""
+        from gridserve.replica.llama_runner import LlamaRunner, supports
         from gridserve.replica.model_runner import HFRunner
+        if supports(self.model):
+            return LlamaRunner(self.model, self.device, max_rows, self.config.context_length)
         return HFRunner(self.model, self.device)
 
 

@@ -88,6 +88,11 @@ class RequestHandle:
                 raise out.error
             yield out
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from the prefix cache (known once admitted)."""
+        return self._seq.cached_tokens
+
     def cancel(self) -> None:
         if not self.done:
             self.done = True

@@ -5,7 +5,6 @@ from __future__ import annotations
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.request_contract import GenerationRequest, SamplingOptions
 
-__all__ = ["SamplingOptions", "resolve_request"]
 
 
 def resolve_request(request, model: ModelConfig) -> tuple[str, str | list[tuple[str, str]], SamplingOptions]:

@@ -5,7 +5,7 @@ import asyncio
 
 from gridserve.replica.detok import IncrementalDetokenizer, StopMatcher
 from gridserve.replica.outputs import RequestOutput, RequestOutputCollector, deliver
-from gridserve.replica.request_params import SamplingOptions
+from gridserve.common.request_contract import SamplingOptions
 
 
 class Sequence:

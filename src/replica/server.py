@@ -68,6 +68,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
         finally:
             handle.cancel()  # no-op when finished; frees the engine slot when the client went away
             fields = {"error": error} if error else {}
+            if handle.cached_tokens:
+                fields["cached_tokens"] = handle.cached_tokens
             event(log, "generate_done", request_id=request_id, finish=finish, prompt_tokens=len(prompt_ids),
                   completion_tokens=completion, seconds=f"{time.monotonic() - start:.3f}", **fields)
 
@@ -106,6 +108,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
             info.steps_total, info.mean_batch_size = s.steps_total, s.mean_batch_size
             info.num_threads = s.num_threads or cfg.num_threads
             info.seconds_since_step = s.seconds_since_step
+            info.prompt_tokens_cached_total = s.prompt_tokens_cached_total
+            info.prompt_tokens_prefilled_total = s.prompt_tokens_prefilled_total
         else:
             import psutil
             info.rss_bytes = psutil.Process().memory_info().rss

@@ -83,7 +83,7 @@ class NodeAgent:
                 self._retire(runner, "not desired" if spec is None else "config changed")
         for rid, spec in want.items():
             if rid not in self.replicas:
-                runner = ReplicaRunner(spec, self.cfg, self.changed)
+                runner = ReplicaRunner(spec, self.cfg, self.changed, node_replicas=lambda: len(self.replicas))
                 self.replicas[rid] = runner
                 runner.start(after=self._stops.get(rid))
                 event(log, "replica_added", replica=rid, model=spec.model, version=desired.version)

@@ -87,10 +87,20 @@ def restart_backoff() -> Backoff:
     return Backoff(FIRST_BACKOFF, MAX_BACKOFF, stable_s=CRASH_WINDOW)
 
 
+def replica_threads(model_cpus: float, node_cpus: float, node_replicas: int) -> int:
+    """Torch threads for a replica: the CPUs its model reserves, or its even share of the node's CPUs
+    when that is more, so a lone replica on a 2-core node runs 2 threads and no core sits idle, while
+    replicas sharing a node do not oversubscribe it (each takes its share when it starts)."""
+    share = int(node_cpus // max(1, node_replicas))
+    return max(1, math.ceil(model_cpus), share)
+
+
 class ReplicaRunner:
     """Keeps one replica (spec from the head) running on this node and tracks its state."""
 
-    def __init__(self, spec: head_pb2.ReplicaSpec, cfg: SchedulerConfig, on_change: Callable[[], None]):
+    def __init__(self, spec: head_pb2.ReplicaSpec, cfg: SchedulerConfig, on_change: Callable[[], None],
+                 node_replicas: Callable[[], int] = lambda: 1):
+        self.node_replicas = node_replicas  # how many replicas this node runs now (for the thread share)
         self.spec = spec
         self.replica_id = spec.replica_id
         self.cfg = cfg
@@ -182,7 +192,7 @@ class ReplicaRunner:
         except GridserveError as e:
             self._set(S.REPLICA_STATE_FAILED, f"bad model config from the head: {e.message}")
             return
-        num_threads = max(1, math.ceil(config.resources.num_cpus))
+        num_threads = replica_threads(config.resources.num_cpus, self.cfg.num_cpus, self.node_replicas())
         self.memory_limit = config.resources.memory_mb * 2**20
         self.hub_source = (config.source.repo, config.source.revision) if config.source.type == "hub" else None
         crashes, backoff = CrashWindow(), restart_backoff()

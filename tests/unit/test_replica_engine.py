@@ -9,7 +9,7 @@ import torch
 
 from gridserve.common.errors import InvalidRequest, Overloaded
 from gridserve.replica.engine import Engine, EngineError
-from gridserve.replica.request_params import SamplingOptions
+from gridserve.common.request_contract import SamplingOptions
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 

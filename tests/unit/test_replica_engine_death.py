@@ -11,7 +11,7 @@ from gridserve.common.grpcutil import NOT_SERVING
 from gridserve.common.model_config import ModelConfig
 from gridserve.replica.engine import Engine, EngineError
 from gridserve.replica.fake_model import load_fake
-from gridserve.replica.request_params import SamplingOptions
+from gridserve.common.request_contract import SamplingOptions
 from gridserve.replica.stall_watchdog import StallWatch
 
 

@@ -10,7 +10,7 @@ from grpc_health.v1 import health, health_pb2
 
 from gridserve.common.grpcutil import NOT_SERVING, SERVING
 from gridserve.replica.engine import Engine
-from gridserve.replica.request_params import SamplingOptions
+from gridserve.common.request_contract import SamplingOptions
 from gridserve.replica.stall_watchdog import StallWatch
 
 PROMPT = "The quick brown fox jumps over the lazy dog."

@@ -7,7 +7,7 @@ import pytest
 
 from gridserve.common.errors import InvalidRequest
 from gridserve.replica.engine import Engine
-from gridserve.replica.request_params import SamplingOptions
+from gridserve.common.request_contract import SamplingOptions
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 # With the tiny model's seed, greedy output for this prompt has a byte token (the start of a character)
@@ -75,7 +75,7 @@ async def check_every_split(engines, prompt_ids, **opts) -> tuple[str, list[int]
         assert ids + rest_ids == whole_ids
         assert (resumed[-1].finish_reason, resumed[-1].completion_tokens) == (finish, len(whole_ids))
         splits.append((len(ids), text))
-    assert len(splits) == len(whole_ids) - 2  # after every token but the first: prefill and decode share a step
+    assert len(splits) == len(whole_ids) - 1  # after every token: each step (the prefill too) is its own output
     return whole_text, whole_ids, splits
 
 

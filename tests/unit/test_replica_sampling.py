@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gridserve.replica import sampling
-from gridserve.replica.request_params import SamplingOptions
+from gridserve.common.request_contract import SamplingOptions
 from gridserve.replica.sampling import row_generator, sample_rows
 
 CPU = torch.device("cpu")

@@ -1,5 +1,6 @@
 """The scheduler's replica bookkeeping: failure messages from logs, crash-loop window, restart backoff, hangs."""
-from gridserve.scheduler.replica_supervisor import CRASH_WINDOW, S, CrashWindow, HangWatch, describe_exit, restart_backoff, tail_message
+from gridserve.scheduler.replica_supervisor import (CRASH_WINDOW, S, CrashWindow, HangWatch, describe_exit,
+                                                    replica_threads, restart_backoff, tail_message)
 
 
 def test_the_fatal_line_is_the_message_of_a_fatal_exit(tmp_path):
@@ -65,3 +66,11 @@ def test_not_serving_is_a_hang_only_after_the_replica_was_ready():
     served.check(S.REPLICA_STATE_READY, 0)
     assert served.check(S.REPLICA_STATE_STARTING, 1) == ""
     assert "not serving after it was ready" in served.check(S.REPLICA_STATE_STARTING, 6)
+
+
+def test_a_lone_replica_uses_every_cpu_of_its_node_and_sharing_replicas_split_them():
+    assert replica_threads(1, 2, 1) == 2    # make up on a 2-core machine: no idle core
+    assert replica_threads(1, 2, 2) == 1    # two replicas: one core each
+    assert replica_threads(2, 2, 2) == 2    # a model that reserves more keeps what it reserves
+    assert replica_threads(0.1, 2, 500) == 1
+    assert replica_threads(1, 16, 3) == 5

@@ -1,0 +1,290 @@
+"""The fast model runner for Llama-family models: an in-place slot KV cache, chunked prefill, prefix reuse."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from gridserve.replica.model_runner import set_torch_threads
+from gridserve.replica.sampling import row_generator, sample_rows
+from gridserve.replica.sequence import Sequence
+
+MODEL_TYPES = ("llama",)
+# Prompt tokens one step prefills, over all rows still prefilling: running rows wait at most one
+# such chunk (plus their own decode) for a long prompt to arrive.
+PREFILL_CHUNK = 256
+
+
+def supports(model) -> bool:
+    """Plain Llama decoder layers (SmolLM2, TinyLlama, the tiny test model): full attention, RoPE."""
+    cfg = model.config
+    return (getattr(cfg, "model_type", "") in MODEL_TYPES and not getattr(cfg, "sliding_window", None)
+            and hasattr(getattr(model, "model", None), "rotary_emb"))
+
+
+@dataclass
+class PromptTokens:
+    cached: int = 0     # prompt tokens whose keys and values were reused from the prefix cache
+    prefilled: int = 0  # prompt tokens the model computed
+
+
+class SlotCache:
+    """Keys and values of every layer, `[slots, kv_heads, max_len, head_dim]`, allocated once.
+
+    A row owns a slot while it runs; a position is written once, in place, so a step costs the same
+    at token 10 and token 1,000 and a join or leave copies nothing. A free slot keeps its contents:
+    `tokens[slot]` are the ids whose keys and values it holds, the prefix cache that newcomers sharing
+    a prefix (a chat template's system prompt, a conversation's earlier turns) start from. Memory
+    is reserved, not touched, until positions are written.
+    """
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.k = [_lazy_zeros(shape, dtype, device) for _ in range(layers)]
+        self.v = [_lazy_zeros(shape, dtype, device) for _ in range(layers)]
+        self.tokens: list[list[int]] = [[] for _ in range(slots)]
+        self.owner: list[Sequence | None] = [None] * slots
+
+    def best_prefix(self, ids: list[int]) -> tuple[int, int]:
+        """(slot, length) of the longest prefix of `ids` some slot holds; (-1, 0) if none."""
+        best, best_len = -1, 0
+        for slot, held in enumerate(self.tokens):
+            n = _common_prefix(held, ids)
+            if n > best_len or (n == best_len and n and self.owner[slot] is None and self.owner[best] is not None):
+                best, best_len = slot, n
+        return best, best_len
+
+    def take(self, seq: Sequence) -> int:
+        """A free slot for `seq`, starting from the longest cached prefix of its context (never all of it:
+        the last token is computed, for its logits). Sets seq.slot and seq.computed; the cached length."""
+        ids = seq.context_ids
+        src, n = self.best_prefix(ids[:-1])
+        free = [s for s, o in enumerate(self.owner) if o is None]
+        slot = src if src in free else min(free, key=lambda s: (_common_prefix(self.tokens[s], ids) > 0, s))
+        if src >= 0 and src != slot and n:
+            for layer in range(len(self.k)):
+                self.k[layer][slot, :, :n] = self.k[layer][src, :, :n]
+                self.v[layer][slot, :, :n] = self.v[layer][src, :, :n]
+        self.tokens[slot] = ids[:n]
+        self.owner[slot] = seq
+        seq.slot, seq.computed = slot, n
+        return n
+
+    def release(self, seq: Sequence) -> None:
+        if seq.slot is not None and self.owner[seq.slot] is seq:
+            self.owner[seq.slot] = None
+        seq.slot = None
+
+    def clear(self) -> None:
+        self.tokens = [[] for _ in self.tokens]
+        self.owner = [None] * len(self.owner)
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros that take memory only where written. Positions a row masks out must still be finite
+    (0 x NaN is NaN in attention), so the cache cannot be `torch.empty`; on CPU `numpy.zeros` gets
+    fresh zero pages from the kernel (calloc) instead of writing zeros over all of them."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy
+    count = 1
+    for n in shape:
+        count *= n
+    raw = numpy.zeros(count * torch.finfo(dtype).bits // 8, dtype=numpy.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class LlamaRunner:
+    """Runs the model's own modules (embedding, norms, projections, MLP, head) with its own attention
+    over a `SlotCache`, every row's tokens flattened into one forward per step.
+
+    Each step feeds every row the tokens it has not computed yet: one token for a decoding row, up
+    to `prefill_chunk` prompt tokens (shared by the rows still prefilling, oldest first) for the
+    others. A row whose context is then complete gets its next token. Positions and attention are
+    per row, so each row computes what it would alone.
+    """
+
+    def __init__(self, model, device: torch.device, max_rows: int, max_len: int, prefill_chunk: int = PREFILL_CHUNK):
+        cfg = model.config
+        self.model, self.inner, self.device = model, model.model, device
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.group = self.heads // self.kv_heads
+        self.scaling = self.inner.layers[0].self_attn.scaling
+        self.max_len = max_len
+        self.prefill_chunk = prefill_chunk
+        dtype = self.inner.embed_tokens.weight.dtype
+        with torch.inference_mode():
+            dummy = torch.zeros(1, dtype=dtype, device=device)
+            cos, sin = self.inner.rotary_emb(dummy, torch.arange(max_len, device=device)[None])
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        self.cache = SlotCache(len(self.inner.layers), max_rows, self.kv_heads, max_len, self.head_dim, dtype, device)
+        self.rows: list[Sequence] = []
+        self.prompt_tokens = PromptTokens()
+
+    def thread_setup(self, num_threads: int) -> int:
+        return set_torch_threads(num_threads)
+
+    def add(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """Give each newcomer a slot (from the prefix cache where it can); they are fed by `decode`.
+        Nothing is added when one of them cannot run (the engine then retries each alone)."""
+        for seq in seqs:
+            bad = next((t for t in seq.context_ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"token id {bad} is outside the vocabulary of {self.vocab_size} ids")
+        for seq in seqs:
+            if seq.generator is None:
+                seq.generator = row_generator(seq.opts, self.device)
+            cached = min(self.cache.take(seq), len(seq.prompt_ids))
+            seq.cached_tokens = cached
+            self.prompt_tokens.cached += cached
+            self.prompt_tokens.prefilled += max(0, len(seq.prompt_ids) - cached)
+            self.rows.append(seq)
+        return [], []
+
+    def drop_finished(self) -> None:
+        for seq in self.rows:
+            if seq.finished:
+                self.cache.release(seq)
+        self.rows = [s for s in self.rows if not s.finished]
+
+    def reset(self) -> None:
+        for seq in self.rows:
+            seq.slot = None
+        self.rows = []
+        self.cache.clear()
+
+    @torch.inference_mode()
+    def decode(self) -> tuple[list[Sequence], list[int]]:
+        """One forward for every row's next tokens; the rows that completed their context and their tokens."""
+        spans = self._plan()
+        ids, positions, slots, done, last = [], [], [], [], []
+        for seq, start, end in spans:
+            ctx = seq.context_ids
+            ids.extend(ctx[start:end])
+            positions.extend(range(start, end))
+            slots.extend([seq.slot] * (end - start))
+            if end == len(ctx):
+                done.append(seq)
+                last.append(len(ids) - 1)
+        hidden = self._forward(spans, ids, positions, slots, last)
+        for seq, start, end in spans:
+            self.cache.tokens[seq.slot].extend(seq.context_ids[start:end])
+            seq.computed = end
+        if not done:
+            return [], []
+        logits = self.model.lm_head(self.inner.norm(hidden))
+        return done, sample_rows(logits, [s.opts for s in done], [s.generator for s in done])
+
+    @torch.inference_mode()
+    def score(self, ids: list[int]) -> float:
+        """Mean negative log-likelihood of each token of `ids` after those before it, computed the way
+        prompts are served (chunked, in slot 0). For quality checks; not while an engine runs it."""
+        row, total = SimpleNamespace(slot=0), 0.0
+        for a in range(0, len(ids) - 1, self.prefill_chunk):
+            b = min(len(ids) - 1, a + self.prefill_chunk)
+            hidden = self._forward([(row, a, b)], ids[a:b], list(range(a, b)), [0] * (b - a), list(range(b - a)))
+            logp = torch.log_softmax(self.model.lm_head(self.inner.norm(hidden)).float(), dim=-1)
+            total -= float(logp.gather(1, torch.tensor(ids[a + 1:b + 1], device=self.device)[:, None]).sum())
+        self.cache.tokens[0] = []
+        return total / (len(ids) - 1)
+
+    def _plan(self) -> list[tuple[Sequence, int, int]]:
+        """(row, first, end) of the tokens each row is fed this step: decoding rows first."""
+        decoding = [s for s in self.rows if len(s.context_ids) - s.computed == 1]
+        spans = [(s, s.computed, s.computed + 1) for s in decoding]
+        budget = self.prefill_chunk
+        for seq in self.rows:
+            todo = len(seq.context_ids) - seq.computed
+            if todo > 1 and budget > 0:
+                n = min(todo, budget)
+                spans.append((seq, seq.computed, seq.computed + n))
+                budget -= n
+        return spans
+
+    def _forward(self, spans, ids, positions, slots, last) -> torch.Tensor:
+        """The layers over the flattened tokens; the hidden states at `last` (before the final norm)."""
+        dev = self.device
+        x = self.inner.embed_tokens(torch.tensor(ids, dtype=torch.long, device=dev))
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [T, 1, head_dim]
+        plan = self._attention_plan(spans)
+        for i, layer in enumerate(self.inner.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(-1, self.heads, self.head_dim)
+            k = attn.k_proj(h).view(-1, self.kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(-1, self.kv_heads, self.head_dim)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            self.cache.k[i][slot_t, :, pos] = k
+            self.cache.v[i][slot_t, :, pos] = v
+            out = self._attend(i, q, plan)
+            x = x + attn.o_proj(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x[last]
+
+    def _attention_plan(self, spans) -> list[tuple]:
+        """Per group of rows, what `_attend` needs; built once per step, used by every layer."""
+        plan, decoding = [], [(s, a) for s, a, b in spans if b - a == 1]
+        if decoding:
+            slots = [s.slot for s, _ in decoding]
+            lo, hi = min(slots), max(slots) + 1
+            length = max(a for _, a in decoding) + 1
+            mask = torch.zeros(hi - lo, 1, 1, length, dtype=torch.bool, device=self.device)
+            mask[:, :, :, 0] = True  # rows of free slots in the range attend to something; their output is unused
+            for (s, a) in decoding:
+                mask[s.slot - lo, :, :, :a + 1] = True
+            index = torch.tensor([s - lo for s in slots], dtype=torch.long, device=self.device)
+            plan.append(("decode", len(decoding), lo, hi, length, mask, index))
+        for seq, a, b in spans:
+            if b - a > 1:
+                n = b - a
+                rows = torch.arange(a, b, device=self.device)[:, None]
+                mask = torch.arange(b, device=self.device)[None, :] <= rows  # causal, after the cached prefix
+                plan.append(("prefill", n, seq.slot, mask.repeat(self.group, 1)))
+        return plan
+
+    def _attend(self, layer: int, q: torch.Tensor, plan: list[tuple]) -> torch.Tensor:
+        """Attention of the flattened queries [T, heads, dim] over each row's cached keys; [T, heads*dim].
+
+        Grouped-query heads are folded into the query length: head h uses kv head h // group, so
+        [heads, n, dim] is viewed as [kv_heads, group*n, dim] and no key or value is copied."""
+        K, V = self.cache.k[layer], self.cache.v[layer]
+        outs, at = [], 0
+        for item in plan:
+            if item[0] == "decode":
+                _, n, lo, hi, length, mask, index = item
+                qd = q.new_zeros(hi - lo, self.kv_heads, self.group, self.head_dim)
+                qd[index] = q[at:at + n].view(n, self.kv_heads, self.group, self.head_dim)
+                o = F.scaled_dot_product_attention(qd, K[lo:hi, :, :length], V[lo:hi, :, :length],
+                                                   attn_mask=mask, scale=self.scaling)
+                outs.append(o[index].reshape(n, -1))
+            else:
+                _, n, slot, mask = item
+                end = mask.shape[1]
+                qp = q[at:at + n].transpose(0, 1).reshape(1, self.kv_heads, self.group * n, self.head_dim)
+                o = F.scaled_dot_product_attention(qp, K[slot:slot + 1, :, :end], V[slot:slot + 1, :, :end],
+                                                   attn_mask=mask, scale=self.scaling)
+                outs.append(o.view(self.heads, n, self.head_dim).transpose(0, 1).reshape(n, -1))
+            at += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, as transformers' Llama applies it (rotate_half)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
