@@ -6,7 +6,6 @@ from gridserve.common.model_config import ModelConfig
 from gridserve.common.request_contract import GenerationRequest, SamplingOptions
 
 
-
 def resolve_request(request, model: ModelConfig) -> tuple[str, str | list[tuple[str, str]], SamplingOptions]:
     """("prompt", text) or ("chat", [(role, content), ...]) and the resolved sampling options of a
     GenerateRequest; FieldError (INVALID_ARGUMENT naming the field) when it is malformed."""
