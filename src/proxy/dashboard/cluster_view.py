@@ -21,7 +21,14 @@ def node_json(n: head_pb2.NodeStatus) -> dict:
 
 
 def deployment_json(d: head_pb2.DeploymentStatus) -> dict:
-    return {"model": d.model, "replicas": d.replicas, "ready": d.ready, "message": d.message, "node": d.node}
+    """A deployment, with its autoscaling state (range, target, load, last decision) or null for a fixed count."""
+    scaling = None
+    if d.HasField("autoscaling"):
+        a = d.autoscaling
+        scaling = {"min": a.min_replicas, "max": a.max_replicas, "target": a.target_ongoing_requests,
+                   "load": a.load, "last_decision": a.last_decision, "last_decision_at": a.last_decision_at}
+    return {"model": d.model, "replicas": d.replicas, "ready": d.ready, "message": d.message, "node": d.node,
+            "autoscaling": scaling}
 
 
 def replica_json(r: head_pb2.ReplicaStatus, info: replica_pb2.InfoResponse | None) -> dict:

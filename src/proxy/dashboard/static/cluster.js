@@ -74,6 +74,7 @@ export class ClusterPanel {
       className: d.ready < d.replicas ? "short" : "",
       cells: [
         d.model, { text: `${d.ready}/${d.replicas}`, className: "ready-count" }, d.node || "any node",
+        { text: scalingText(d.autoscaling), className: "wrap" },
         { text: d.message, className: "wrap" },
         { make: (td) => {
             const input = el("input", { type: "number", min: 0, max: 64, value: d.replicas, className: "scale-input",
@@ -125,4 +126,11 @@ export class ClusterPanel {
       this.status(`cannot list the catalog: ${e.message}`, false);
     }
   }
+}
+
+// An autoscaled deployment's range, target, load and last decision; "fixed" for a fixed count.
+function scalingText(a) {
+  if (!a) return "fixed";
+  const last = a.last_decision ? `; last: ${a.last_decision}` : "";
+  return `${a.min}–${a.max}, target ${a.target} per replica, load ${a.load.toFixed(1)}${last}`;
 }
