@@ -192,7 +192,8 @@ class ReplicaRunner:
         except GridserveError as e:
             self._set(S.REPLICA_STATE_FAILED, f"bad model config from the head: {e.message}")
             return
-        num_threads = replica_threads(config.resources.num_cpus, self.cfg.num_cpus, self.node_replicas())
+        num_threads = self.cfg.threads_per_replica or replica_threads(config.resources.num_cpus, self.cfg.num_cpus,
+                                                                      self.node_replicas())
         self.memory_limit = config.resources.memory_mb * 2**20
         self.hub_source = (config.source.repo, config.source.revision) if config.source.type == "hub" else None
         crashes, backoff = CrashWindow(), restart_backoff()

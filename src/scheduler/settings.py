@@ -42,6 +42,7 @@ class SchedulerConfig:
     proxy_port: int = -1               # >= 0: run an HTTP proxy beside the scheduler on this port (0: any)
     proxy_host: str = ""               # where that proxy listens (default: --host)
     proxy_api_key_files: tuple[str, ...] = ()  # its API keys (give every proxy the head's keys file)
+    threads_per_replica: int = 0       # torch threads of each replica; 0: its share of the node (see replica_threads)
 
     def __post_init__(self) -> None:
         parse_hostport(self.head)
@@ -55,6 +56,8 @@ class SchedulerConfig:
             raise ConfigError(f"--num-gpus: must be a number in [0, 256], got {self.num_gpus:g}")
         if not self.replica_command:
             raise ConfigError("--replica-command: must not be empty")
+        if not 0 <= self.threads_per_replica <= 4096:
+            raise ConfigError(f"--threads-per-replica: must be 0 (automatic) to 4096, got {self.threads_per_replica}")
         for name, value, lo, hi in (("--report-interval", self.report_interval, 0.05, 60),
                                     ("--probe-interval", self.probe_interval, 0.05, 60),
                                     ("--probe-timeout", self.probe_timeout, 0.05, 60),
@@ -94,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", default="", help="this node's name (default: the hostname)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs the head may place (default: all logical CPUs)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs the head may place (default 0)")
+    p.add_argument("--threads-per-replica", type=int, default=0,
+                   help="torch threads of each replica (default 0: the CPUs its model reserves, or its even share "
+                        "of --num-cpus when more; set 1 when several schedulers share one machine's cores)")
     p.add_argument("--host", default="",
                    help="bind address of the replicas (default: the advertised address)")
     p.add_argument("--advertise-host", default="",
@@ -157,4 +163,5 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         probe_interval=a.probe_interval, probe_timeout=a.probe_timeout, stop_grace=a.stop_grace,
         drain_grace=a.drain_grace, unhealthy_grace=a.unhealthy_grace, log_level=a.log_level,
         port_range=parse_port_range(a.port_range), security=security_from_args(a), proxy_port=a.proxy_port,
-        proxy_host=a.proxy_host or host, proxy_api_key_files=tuple(a.proxy_api_key_file), **extra)
+        proxy_host=a.proxy_host or host, proxy_api_key_files=tuple(a.proxy_api_key_file),
+        threads_per_replica=a.threads_per_replica, **extra)

@@ -23,8 +23,10 @@ MODEL = "smollm2"
 MAX_TOKENS = 40
 STALL_TIMEOUT_S = 3.0
 # fast detection for a test: probes every 0.5 s, 1 s to answer, 2 s of bad health before the kill
+# Two schedulers share this machine's two cores: one torch thread per replica, or 2 x 2 threads on 2 cores
+# stall each other far past the stall timeout.
 SCHEDULER_FLAGS = ["--probe-interval", "0.5", "--probe-timeout", "1", "--unhealthy-grace", "2",
-                   "--drain-grace", "60"]
+                   "--drain-grace", "60", "--threads-per-replica", "1"]
 HEAD_FLAGS = ["--node-timeout", "4"]
 
 

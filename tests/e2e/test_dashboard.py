@@ -42,7 +42,7 @@ def cluster(tmp_path_factory):
     (root / "admin").write_text(f"{ADMIN}\n")
     with Cluster(root, DEFAULT_MODEL_CONFIGS) as c:
         c.start_head(["--api-key-file", str(root / "keys"), "--admin-key-file", str(root / "admin")])
-        c.start_scheduler("n1", num_cpus=2)
+        c.start_scheduler("n1", num_cpus=2, extra=["--threads-per-replica", "1"])  # it scales to 2 replicas
         c.cli("deploy", MODEL)
         c.wait_ready(MODEL, 1, timeout=240)
         yield c

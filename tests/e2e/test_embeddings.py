@@ -42,7 +42,7 @@ def cluster(tmp_path_factory, tiny_model_dir):
     c = Cluster(root, configs)
     with c:
         c.start_head()
-        c.start_scheduler("n1", num_cpus=3)
+        c.start_scheduler("n1", num_cpus=3, extra=["--threads-per-replica", "1"])  # 3 replicas, 2 cores
         for model in (MODEL, "tiny", "minilm-tight"):
             c.cli("deploy", model)
         for model in (MODEL, "tiny", "minilm-tight"):

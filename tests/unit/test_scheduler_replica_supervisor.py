@@ -74,3 +74,13 @@ def test_a_lone_replica_uses_every_cpu_of_its_node_and_sharing_replicas_split_th
     assert replica_threads(2, 2, 2) == 2    # a model that reserves more keeps what it reserves
     assert replica_threads(0.1, 2, 500) == 1
     assert replica_threads(1, 16, 3) == 5
+
+
+def test_threads_per_replica_is_validated_and_parsed_from_its_flag():
+    import pytest
+    from gridserve.common.errors import ConfigError
+    from gridserve.scheduler.settings import parse_config
+    assert parse_config(["--head", "127.0.0.1:1"]).threads_per_replica == 0  # automatic
+    assert parse_config(["--head", "127.0.0.1:1", "--threads-per-replica", "1"]).threads_per_replica == 1
+    with pytest.raises(ConfigError, match="--threads-per-replica"):
+        parse_config(["--head", "127.0.0.1:1", "--threads-per-replica", "-1"])
