@@ -42,6 +42,8 @@ class EmbeddingStats:
     num_threads: int = 0
     seconds_since_step: float = 0.0  # with work: since the last finished pass (or the work's arrival); 0 idle
     input_tokens_total: int = 0
+    prompt_tokens_cached_total: int = 0    # always 0: no prefix cache (Info reports it for every engine)
+    prompt_tokens_prefilled_total: int = 0
 
 
 @dataclass

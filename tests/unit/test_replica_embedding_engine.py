@@ -130,3 +130,12 @@ async def test_a_cancelled_request_leaves_the_queue_and_stop_fails_the_rest_as_u
         await kept.result()
     with pytest.raises(asyncio.CancelledError):
         await gone.result()
+
+
+def test_embedding_stats_carry_every_field_info_reads_from_a_generation_engine():
+    """Info reads the same fields from either engine: an embedding replica's Info must not fail."""
+    import dataclasses
+    from gridserve.replica.embedding_engine import EmbeddingStats
+    from gridserve.replica.engine import EngineStats
+    missing = {f.name for f in dataclasses.fields(EngineStats)} - {f.name for f in dataclasses.fields(EmbeddingStats)}
+    assert not missing, missing
