@@ -155,7 +155,7 @@ def test_deployed_replica_becomes_ready_with_an_address_and_its_own_log(node):
     r = ready[0]
     assert r.node_id == "n1" and r.address.startswith("127.0.0.1:") and alive(r.pid)
     log = node.root / "node" / "logs" / f"{r.replica_id}.log"
-    assert f"fake replica {r.replica_id} threads=2" in log.read_text()  # ceil(1.5 CPUs)
+    assert f"fake replica {r.replica_id} threads=4" in log.read_text()  # alone on a 4-CPU node: all 4
     assert r.replica_id in node.cli("status")
 
 
