@@ -134,7 +134,8 @@ def test_models_shows_the_node_that_holds_a_pulled_model(cluster):
     def listed():
         data = json.loads(cluster.cli("models", "--output", "json").stdout)
         hub_model = next(m for m in data["models"] if m["name"] == "tiny-hub")
-        return data if hub_model["cached_on"] == ["n1"] else None
+        cached = any(c["repo"] == REPO for c in data["node_caches"])  # from Status: up to 1 s behind Models
+        return data if hub_model["cached_on"] == ["n1"] and cached else None
     data = wait_for(listed, 20, "tiny-hub cached on n1")
     cache = next(c for c in data["node_caches"] if c["repo"] == REPO)
     assert cache["node"] == "n1" and cache["refs"] == ["main"] and cache["size_bytes"] > 12 << 20
