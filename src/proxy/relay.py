@@ -163,7 +163,7 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
     upstreams: Upstreams | None = None
     counted = ""
     try:
-        job = await _parse(request, wire, state, rec)
+        job = await parse_request(request, wire, state, rec)
         state.load.begin(counted := job.model)
         await state.zero_hold.wait(state.table, job.model)
         failovers = state.metrics.failovers
@@ -192,7 +192,7 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
         rec.done()
 
 
-async def _parse(request: web.Request, wire: Wire, state: ProxyState, rec: RequestRecord) -> Job:
+async def parse_request(request: web.Request, wire: Wire, state: ProxyState, rec: RequestRecord) -> Job:
     if not await state.table.wait_received(state.routes_wait_s):  # a proxy just (re)started
         raise HttpError(503, "service_unavailable", "the proxy has no routing table from the head yet")
     body = await read_body(request, state.max_body_bytes)
