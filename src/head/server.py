@@ -23,7 +23,7 @@ from gridserve.head.controller import Controller
 from gridserve.head.route_table import RouteTable
 from gridserve.head.grpc_services import SERVICE_NAMES, add_services
 from gridserve.head.state import StateStore
-from gridserve.head.proxy_supervisor import ProxySupervisor, display_host
+from gridserve.common.proxy_supervisor import ProxySupervisor, display_host
 
 log = logging.getLogger("gridserve.head")
 

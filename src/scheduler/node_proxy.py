@@ -8,7 +8,7 @@ from pathlib import Path
 from gridserve.common.eventlog import event
 from gridserve.common.files import write_atomic
 from gridserve.common.security import Security
-from gridserve.head.proxy_supervisor import ProxySupervisor, proxy_cmdline
+from gridserve.common.proxy_supervisor import ProxySupervisor, proxy_cmdline
 
 log = logging.getLogger("gridserve.scheduler.proxy")
 

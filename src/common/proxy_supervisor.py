@@ -1,5 +1,5 @@
-"""Runs the HTTP proxy as the head's child (or adopts one a previous head left running), restarts it when it
-exits, and keeps head.json current."""
+"""Runs an HTTP proxy as a child of the head or of a node's scheduler (or adopts one its previous owner left
+running), restarts it when it exits, and reports its port and pid to the owner."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +15,7 @@ from gridserve.common.eventlog import event
 from gridserve.common.files import read_port_file
 from gridserve.common.procs import python_module_cmd, stop_async
 
-log = logging.getLogger("gridserve.head.proxy")
+log = logging.getLogger("gridserve.proxy_supervisor")
 
 FIRST_BACKOFF = 0.25
 MAX_BACKOFF = 5.0

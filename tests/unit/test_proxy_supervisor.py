@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from gridserve.head.proxy_supervisor import proxy_cmdline
+from gridserve.common.proxy_supervisor import proxy_cmdline
 
 
 def test_a_live_process_running_the_proxy_module_is_recognised_with_its_argv():
