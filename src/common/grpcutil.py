@@ -1,6 +1,7 @@
 """gRPC helpers shared by every server and client: the error interceptor, channel options, health, reflection."""
 from __future__ import annotations
 
+import inspect
 import logging
 
 import grpc
@@ -81,14 +82,29 @@ def _wrap_unary(fn, method: str):
 
 
 def _wrap_stream(fn, method: str):
+    """A streaming handler as a coroutine that writes what `fn` yields and closes `fn` in its finally.
+    As an async generator grpc would leave `fn` suspended at its `yield` when the call is cancelled during
+    a write; asyncio then closes it later, after grpc has released the call, and a `finally` that touches
+    the context (context.peer()) crashes the process (SIGSEGV in grpc_call_get_peer on a NULL call).
+    Closed here, the handler's cleanup runs while the call is still alive."""
+    if not inspect.isasyncgenfunction(fn):  # a reader/writer handler (grpc.health's Watch): nothing to close
+        return _wrap_unary(fn, method)
+
     async def handler(request_or_iterator, context):
+        responses = fn(request_or_iterator, context)
         try:
-            async for item in fn(request_or_iterator, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            await _abort_for(e, method, request_or_iterator, context)
+            while True:
+                try:
+                    item = await anext(responses)
+                except StopAsyncIteration:
+                    return
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    await _abort_for(e, method, request_or_iterator, context)
+                await context.write(item)
+        finally:
+            await responses.aclose()
 
     return handler
 

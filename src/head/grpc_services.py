@@ -88,14 +88,15 @@ class RouteServicer(head_pb2_grpc.RouteServiceServicer):
         return head_pb2.LoadReportAck(others=self.key_usage.report(request.proxy_id, request.key_usage))
 
     async def Watch(self, request, context):
-        event(log, "route_watch_started", peer=context.peer(), known_version=request.known_version)
+        peer = context.peer()  # read while the call is alive: grpc releases it when the call ends
+        event(log, "route_watch_started", peer=peer, known_version=request.known_version)
         try:
             async for table in self.routes.watch():
                 if context.done():  # the proxy went away (a cancelled or timed-out call): write nothing to it
                     return
                 yield table
         finally:
-            event(log, "route_watch_ended", peer=context.peer())
+            event(log, "route_watch_ended", peer=peer)
 
 
 class AdminServicer(head_pb2_grpc.AdminServiceServicer):
