@@ -1,5 +1,5 @@
-"""Cluster gauges for /metrics: nodes and replicas from the head's Status, queue depth and batch size from
-each READY replica's Info, polled every few seconds and served from the last poll."""
+"""Cluster gauges for /metrics: nodes and replicas from the head's Status, queue depth, batch size and prefix
+cache counts from each READY replica's Info, polled every few seconds and served from the last poll."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +8,7 @@ import time
 from typing import Callable
 
 import grpc
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gridserve.common.eventlog import event
@@ -115,6 +115,21 @@ class ClusterCollector(Collector):
                 mean.add_metric([info.model, rid], value)
             stall.add_metric([info.model, rid], info.seconds_since_step)
         yield from (queue, batch, mean, stall)
+        yield from self._prefix_cache(labels)
+
+    def _prefix_cache(self, labels: list[str]):
+        """The engines' prompt tokens served from the prefix cache and computed, since each replica started
+        (its id is new after a restart): the hit rate is cached / (cached + prefilled)."""
+        cached = CounterMetricFamily("gridserve_replica_prompt_tokens_cached", "Prompt tokens whose keys and values "
+                                     "the replica's prefix cache held (Info.prompt_tokens_cached_total)", labels=labels)
+        prefilled = CounterMetricFamily("gridserve_replica_prompt_tokens_prefilled", "Prompt tokens the replica's "
+                                        "model computed (Info.prompt_tokens_prefilled_total)", labels=labels)
+        for rid, info in sorted(self.infos.items()):
+            hits, computed = _field(info, "prompt_tokens_cached_total"), _field(info, "prompt_tokens_prefilled_total")
+            if hits is not None and computed is not None:
+                cached.add_metric([info.model, rid], hits)
+                prefilled.add_metric([info.model, rid], computed)
+        yield from (cached, prefilled)
 
 
 class ClusterPoller:

@@ -14,6 +14,7 @@ BLOCK_CHARS = 128        # prefixes are compared in blocks of this many characte
 MIN_BLOCKS = 2           # a shorter shared prefix (256 characters) is not worth a busier replica
 MAX_ENTRIES = 50_000     # prefix blocks remembered per proxy (least recently used first out)
 SLACK_ABS, SLACK_REL = 2, 0.5  # the prefix's replica may have min + max(2, 50% of min) streams in flight
+ROUTINGS = ("prefix", "p2c")  # the proxy's --routing: cache-aware over p2c, or the power of two choices alone
 
 
 def prompt_text(request: replica_pb2.GenerateRequest) -> str:
@@ -45,10 +46,13 @@ def power_of_two_choices(table: RouteCache, model: str,
 
 
 class PrefixAffinity:
-    """Which replica (address) last served each prefix block, for every model this proxy serves."""
+    """Which replica (address) last served each prefix block, for every model this proxy serves. With
+    routing "p2c" it remembers nothing and every pick is the power of two choices."""
 
-    def __init__(self, max_entries: int = MAX_ENTRIES):
-        self.max_entries = max_entries
+    def __init__(self, max_entries: int = MAX_ENTRIES, routing: str = "prefix"):
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+        self.max_entries, self.routing = max_entries, routing
         self._owner: OrderedDict[bytes, str] = OrderedDict()
         self.routed = self.matched = 0  # requests routed here, and those sent to their prefix's replica
 
@@ -56,6 +60,10 @@ class PrefixAffinity:
              exclude: set[str] | frozenset = frozenset()) -> Endpoint | None:
         """The replica holding the longest remembered prefix of the request, within the load bound; else
         the power of two choices. Remembers the request's prefix blocks on the chosen replica."""
+        if self.routing == "p2c":
+            chosen = power_of_two_choices(table, model, exclude)
+            self.routed += chosen is not None
+            return chosen
         hashes = block_hashes(model, prompt_text(request))
         chosen = self._affine(table, model, hashes, exclude) or power_of_two_choices(table, model, exclude)
         if chosen is not None:
@@ -87,8 +95,15 @@ _BY_TABLE: "weakref.WeakKeyDictionary[RouteCache, PrefixAffinity]" = weakref.Wea
 
 
 def affinity_of(table: RouteCache) -> PrefixAffinity:
-    """The prefix memory that goes with a proxy's routing table (one per proxy)."""
+    """The prefix memory that goes with a proxy's routing table (one per proxy; "prefix" routing unless
+    `use_routing` said otherwise)."""
     affinity = _BY_TABLE.get(table)
     if affinity is None:
         affinity = _BY_TABLE[table] = PrefixAffinity()
+    return affinity
+
+
+def use_routing(table: RouteCache, routing: str) -> PrefixAffinity:
+    """Sets how the proxy owning `table` picks replicas: "prefix" (cache-aware) or "p2c" (its --routing)."""
+    affinity = _BY_TABLE[table] = PrefixAffinity(routing=routing)
     return affinity

@@ -1,7 +1,9 @@
 """Cache-aware routing: a conversation goes back to the replica that served its prefix, within a load bound."""
 import random
 
-from gridserve.proxy.replica_picker import PrefixAffinity, block_hashes
+import pytest
+
+from gridserve.proxy.replica_picker import PrefixAffinity, affinity_of, block_hashes, use_routing
 from gridserve.proxy.route_cache import RouteCache
 from gridserve.v1 import head_pb2, replica_pb2
 from support.fakes import model_config
@@ -66,3 +68,17 @@ def test_the_memory_is_bounded_and_forgets_the_oldest_prefixes_first():
     for i in range(20):
         affinity.pick(table, "tiny", replica_pb2.GenerateRequest(prompt=f"{i:04d}" + "y" * 400))
     assert len(affinity._owner) == 10
+
+
+def test_p2c_routing_spreads_a_conversation_and_remembers_no_prefix():
+    table = table_of()
+    affinity = use_routing(table, "p2c")
+    assert affinity_of(table) is affinity
+    turns, served = ["tell me about the ENIAC and its programmers, in detail please"], set()
+    for turn in range(10):
+        served.add(affinity.pick(table, "tiny", chat(*turns)).address)
+        turns += [f"an answer of some length about turn {turn} " * 3, f"follow-up {turn}?"]
+    assert len(served) > 1 and (affinity.routed, affinity.matched) == (10, 0) and not affinity._owner
+    assert use_routing(table, "prefix").routing == "prefix" and affinity_of(table).routing == "prefix"
+    with pytest.raises(ValueError, match="routing must be one of prefix, p2c"):
+        PrefixAffinity(routing="random")
