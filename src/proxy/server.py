@@ -151,7 +151,7 @@ async def serve(cfg: ProxyConfig, stop: Stop) -> int:
                            on_poll=lambda: state.metrics.known_models(table.routes))
     limiter = RateLimiter(cfg.api_key_limits)
     app = make_app(state, ApiKeys(cfg.api_keys), limiter)
-    dashboard = add_dashboard_routes(app, state, cfg)
+    dashboard = add_dashboard_routes(app, state, cfg, poller)
     runner = JsonErrorsRunner(app, handler_cancellation=True, access_log=None,
                               shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()

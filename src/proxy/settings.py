@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "streams alone) (default prefix)")
     p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds open streams get on SIGTERM")
     p.add_argument("--metrics-interval", type=float, default=5.0,
-                   help="seconds between polls of the head and replicas for /metrics' cluster gauges")
+                   help="seconds between polls of the head and replicas for /metrics' cluster gauges and the "
+                        "dashboard (every second while a dashboard page is open)")
     add_api_key_args(p)
     add_admin_key_args(p)
     add_security_args(p)
