@@ -1,5 +1,6 @@
-"""Cluster gauges for /metrics: nodes and replicas from the head's Status, queue depth and batch size from
-each READY replica's Info, polled every few seconds and served from the last poll."""
+"""Cluster gauges for /metrics: nodes and replicas from the head's Status, queue depth, batch size and prefix
+cache counts from each READY replica's Info, polled every few seconds (every second while the dashboard
+watches) and served from the last poll, to /metrics and the dashboard alike."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +9,7 @@ import time
 from typing import Callable
 
 import grpc
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gridserve.common.eventlog import event
@@ -18,6 +19,7 @@ from gridserve.v1 import head_pb2, head_pb2_grpc, replica_pb2, replica_pb2_grpc
 log = logging.getLogger("gridserve.proxy.request_metrics")
 
 RPC_TIMEOUT_S = 2.0
+WATCHED_FOR_S = 10.0  # after the dashboard asked for fresh data, polls come every fast_interval this long
 MAX_INFOS_PER_POLL = 256
 STATES = [name.removeprefix("REPLICA_STATE_") for name in head_pb2.ReplicaState.keys()
           if name != "REPLICA_STATE_UNSPECIFIED"]
@@ -115,28 +117,67 @@ class ClusterCollector(Collector):
                 mean.add_metric([info.model, rid], value)
             stall.add_metric([info.model, rid], info.seconds_since_step)
         yield from (queue, batch, mean, stall)
+        yield from self._prefix_cache(labels)
+
+    def _prefix_cache(self, labels: list[str]):
+        """The engines' prompt tokens served from the prefix cache and computed, since each replica started
+        (its id is new after a restart): the hit rate is cached / (cached + prefilled)."""
+        cached = CounterMetricFamily("gridserve_replica_prompt_tokens_cached", "Prompt tokens whose keys and values "
+                                     "the replica's prefix cache held (Info.prompt_tokens_cached_total)", labels=labels)
+        prefilled = CounterMetricFamily("gridserve_replica_prompt_tokens_prefilled", "Prompt tokens the replica's "
+                                        "model computed (Info.prompt_tokens_prefilled_total)", labels=labels)
+        for rid, info in sorted(self.infos.items()):
+            hits, computed = _field(info, "prompt_tokens_cached_total"), _field(info, "prompt_tokens_prefilled_total")
+            if hits is not None and computed is not None:
+                cached.add_metric([info.model, rid], hits)
+                prefilled.add_metric([info.model, rid], computed)
+        yield from (cached, prefilled)
 
 
 class ClusterPoller:
-    """Every `interval` seconds: the head's Status and the Info of every READY replica in the route table."""
+    """Every `interval` seconds (--metrics-interval), and every `fast_interval` while someone watches (the
+    dashboard calls `fresh`): the head's Status and the Info of every READY replica in the route table."""
 
     def __init__(self, head_address: str, table: RouteCache, collector: ClusterCollector, interval: float,
-                 on_poll: Callable[[], None] = lambda: None):
+                 on_poll: Callable[[], None] = lambda: None, fast_interval: float = 1.0):
         self.head_address = head_address
         self.table = table
         self.collector = collector
-        self.interval = interval
+        self.interval, self.fast_interval = interval, min(interval, fast_interval)
         self.on_poll = on_poll
         self._cursor = 0
+        self._watched_until = 0.0   # monotonic time until which polls come every fast_interval
+        self._wake = asyncio.Event()  # poll now, without waiting out the interval
+        self._next = asyncio.Event()  # set when the next poll is done
 
     async def run(self) -> None:
         channel = open_channel(self.head_address, self.table.security)
         try:
             while True:
+                self._wake.clear()
                 await self.poll_once(head_pb2_grpc.AdminServiceStub(channel))
-                await asyncio.sleep(self.interval)
+                watched = time.monotonic() < self._watched_until
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.fast_interval if watched else self.interval)
+                except TimeoutError:
+                    pass
         finally:
             await channel.close()
+
+    async def fresh(self, max_age_s: float) -> None:
+        """Polls every fast_interval for the next WATCHED_FOR_S seconds; when the last poll is older than
+        `max_age_s`, waits for a new one (a few seconds at most: a slow head must not hang the caller)."""
+        watched, self._watched_until = time.monotonic() < self._watched_until, time.monotonic() + WATCHED_FOR_S
+        if not watched:
+            self._wake.set()  # out of the long wait: the next poll now, then every fast_interval
+        if time.time() - self.collector.polled_at <= max_age_s:
+            return
+        done = self._next
+        self._wake.set()
+        try:
+            await asyncio.wait_for(done.wait(), 2 * RPC_TIMEOUT_S + 1)
+        except TimeoutError:
+            pass
 
     async def poll_once(self, head: head_pb2_grpc.AdminServiceStub) -> None:
         c = self.collector
@@ -150,9 +191,11 @@ class ClusterPoller:
         asked = self._next_batch(endpoints)
         infos = await asyncio.gather(*(self._info(e.address) for e in asked))
         live = {e.replica_id for e in endpoints}
-        fresh = {e.replica_id: info for e, info in zip(asked, infos)}
-        c.infos = {rid: info for rid, info in {**c.infos, **fresh}.items() if rid in live and info is not None}
+        answered = {e.replica_id: info for e, info in zip(asked, infos)}
+        c.infos = {rid: info for rid, info in {**c.infos, **answered}.items() if rid in live and info is not None}
         c.polled_at = time.time()
+        done, self._next = self._next, asyncio.Event()
+        done.set()
         self.on_poll()
 
     def _next_batch(self, endpoints: list) -> list:

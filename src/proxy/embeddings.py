@@ -16,7 +16,7 @@ from gridserve.proxy.embedding_requests import EmbeddingsJob, parse_embeddings
 from gridserve.proxy.http_errors import HttpError, error_response
 from gridserve.proxy.request_body import request_id_from
 from gridserve.proxy.openai_wire import error_body
-from gridserve.proxy.relay import STATE, RequestRecord, Wire, parse_request
+from gridserve.proxy.relay import STATE, RequestRecord, Wire, demand, parse_request
 from gridserve.proxy.retry import RetryPolicy, accepted, on_some_replica
 from gridserve.proxy.route_cache import Endpoint, RouteCache
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
@@ -35,8 +35,9 @@ async def embeddings(request: web.Request) -> web.Response:
     headers = {"X-Request-Id": rec.request_id}
     try:
         job: EmbeddingsJob = await parse_request(request, WIRE, state, rec)
-        reply, endpoint = await call_embed(state.table, job.model, job.embed, state.policy,
-                                           on_retry=state.metrics.retries.labels(job.model).inc)
+        async with demand(state, job.model):  # counted for the autoscaler; held while the model is at zero
+            reply, endpoint = await call_embed(state.table, job.model, job.embed, state.policy,
+                                               on_retry=state.metrics.retries.labels(job.model).inc)
         rec.replica = endpoint.replica_id
         rec.result.prompt_tokens = reply.prompt_tokens
         state.metrics.prompt_tokens.labels(job.model).inc(reply.prompt_tokens)

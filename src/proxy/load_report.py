@@ -19,8 +19,8 @@ REPORT_INTERVAL_S = 1.0
 
 
 class LoadTracker:
-    """Generation requests in this proxy per model, from a parsed body to the answer's end (waiting for a
-    replica, streaming, or held while the model has no replica)."""
+    """Requests (generation and embeddings) in this proxy per model, from a parsed body to the answer's end
+    (waiting for a replica, streaming, or held while the model has no replica)."""
 
     def __init__(self):
         self.requests: Counter[str] = Counter()

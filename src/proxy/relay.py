@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Mapping, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Mapping, Protocol
 
 from aiohttp import web
 
@@ -161,20 +161,18 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
                         model=request.match_info.get("model", ""))
     event(log, "request_start", request_id=rec.request_id, api=wire.api, model=rec.model)
     upstreams: Upstreams | None = None
-    counted = ""
     try:
         job = await parse_request(request, wire, state, rec)
-        state.load.begin(counted := job.model)
-        await state.zero_hold.wait(state.table, job.model)
-        failovers = state.metrics.failovers
-        upstreams = Upstreams(state.table, job.model, job.generate, state.policy,
-                              on_retry=state.metrics.retries.labels(job.model).inc,
-                              on_failover=lambda outcome: failovers.labels(job.model, outcome).inc())
-        rec.opened(await upstreams.open())
-        answer = wire.answer(job, rec.request_id)
-        if job.stream:
-            return await _stream(request, upstreams, answer, rec)
-        return await _collect(upstreams, answer, rec)
+        async with demand(state, job.model):
+            failovers = state.metrics.failovers
+            upstreams = Upstreams(state.table, job.model, job.generate, state.policy,
+                                  on_retry=state.metrics.retries.labels(job.model).inc,
+                                  on_failover=lambda outcome: failovers.labels(job.model, outcome).inc())
+            rec.opened(await upstreams.open())
+            answer = wire.answer(job, rec.request_id)
+            if job.stream:
+                return await _stream(request, upstreams, answer, rec)
+            return await _collect(upstreams, answer, rec)
     except HttpError as e:  # before the first byte: a proper HTTP status
         rec.status, rec.error = e.status, e.message
         return error_response(e, wire.error_body, headers={"X-Request-Id": rec.request_id})
@@ -186,10 +184,20 @@ async def handle(request: web.Request, wire: Wire) -> web.StreamResponse:
         if upstreams is not None:
             upstreams.close()
             rec.final_replica, rec.failovers = upstreams.replica_id, upstreams.failovers
-        if counted:
-            state.load.end(counted)
         request[TOKENS_USED] = rec.result.prompt_tokens + (rec.result.completion_tokens or rec.tokens)
         rec.done()
+
+
+@asynccontextmanager
+async def demand(state: ProxyState, model: str) -> AsyncIterator[None]:
+    """A parsed request for `model`, for every endpoint: counted in the load the autoscaler sees until it ends,
+    and held first while the model is scaled to zero (503 with Retry-After when the hold gives up)."""
+    state.load.begin(model)
+    try:
+        await state.zero_hold.wait(state.table, model)
+        yield
+    finally:
+        state.load.end(model)
 
 
 async def parse_request(request: web.Request, wire: Wire, state: ProxyState, rec: RequestRecord) -> Job:

@@ -14,6 +14,8 @@ BLOCK_CHARS = 128        # prefixes are compared in blocks of this many characte
 MIN_BLOCKS = 2           # a shorter shared prefix (256 characters) is not worth a busier replica
 MAX_ENTRIES = 50_000     # prefix blocks remembered per proxy (least recently used first out)
 SLACK_ABS, SLACK_REL = 2, 0.5  # the prefix's replica may have min + max(2, 50% of min) streams in flight
+MAX_HOLDERS = 4          # replicas remembered per prefix block (a system prompt every replica has served)
+ROUTINGS = ("prefix", "p2c")  # the proxy's --routing: cache-aware over p2c, or the power of two choices alone
 
 
 def prompt_text(request: replica_pb2.GenerateRequest) -> str:
@@ -45,27 +47,42 @@ def power_of_two_choices(table: RouteCache, model: str,
 
 
 class PrefixAffinity:
-    """Which replica (address) last served each prefix block, for every model this proxy serves."""
+    """Which replicas (addresses) last served each prefix block, for every model this proxy serves. With
+    routing "p2c" it remembers nothing and every pick is the power of two choices."""
 
-    def __init__(self, max_entries: int = MAX_ENTRIES):
-        self.max_entries = max_entries
-        self._owner: OrderedDict[bytes, str] = OrderedDict()
+    def __init__(self, max_entries: int = MAX_ENTRIES, routing: str = "prefix"):
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+        self.max_entries, self.routing = max_entries, routing
+        self._holders: OrderedDict[bytes, dict[str, None]] = OrderedDict()  # block -> replicas, latest last
         self.routed = self.matched = 0  # requests routed here, and those sent to their prefix's replica
 
     def pick(self, table: RouteCache, model: str, request: replica_pb2.GenerateRequest,
              exclude: set[str] | frozenset = frozenset()) -> Endpoint | None:
-        """The replica holding the longest remembered prefix of the request, within the load bound; else
-        the power of two choices. Remembers the request's prefix blocks on the chosen replica."""
+        """The replica holding the longest remembered prefix of the request (of several, the least busy),
+        within the load bound; else the power of two choices. Remembers the request's prefix blocks on the
+        chosen replica."""
+        if self.routing == "p2c":
+            chosen = power_of_two_choices(table, model, exclude)
+            self.routed += chosen is not None
+            return chosen
         hashes = block_hashes(model, prompt_text(request))
         chosen = self._affine(table, model, hashes, exclude) or power_of_two_choices(table, model, exclude)
         if chosen is not None:
             self.routed += 1
-            for h in hashes:
-                self._owner[h] = chosen.address
-                self._owner.move_to_end(h)
-            while len(self._owner) > self.max_entries:
-                self._owner.popitem(last=False)
+            self._remember(hashes, chosen.address)
         return chosen
+
+    def _remember(self, hashes: list[bytes], address: str) -> None:
+        for h in hashes:
+            holders = self._holders.pop(h, None) or {}
+            holders.pop(address, None)
+            holders[address] = None
+            if len(holders) > MAX_HOLDERS:
+                del holders[next(iter(holders))]
+            self._holders[h] = holders  # to the end: the least recently used block goes first
+        while len(self._holders) > self.max_entries:
+            self._holders.popitem(last=False)
 
     def _affine(self, table: RouteCache, model: str, hashes: list[bytes], exclude) -> Endpoint | None:
         route = table.routes.get(model)
@@ -73,13 +90,14 @@ class PrefixAffinity:
         if len(candidates) < 2:
             return None
         for n in range(len(hashes), MIN_BLOCKS - 1, -1):  # the longest match first
-            owner = self._owner.get(hashes[n - 1])
-            if owner in candidates:
+            holders = [a for a in reversed(self._holders.get(hashes[n - 1], {})) if a in candidates]
+            if holders:  # a prefix several replicas hold (a shared system prompt) spreads like p2c
+                best = min(holders, key=table.inflight)  # the latest holder on a tie
                 least = min(table.inflight(a) for a in candidates)
-                if table.inflight(owner) <= least + max(SLACK_ABS, SLACK_REL * least):
+                if table.inflight(best) <= least + max(SLACK_ABS, SLACK_REL * least):
                     self.matched += 1
-                    return candidates[owner]
-                return None  # its replica is too busy: balance instead
+                    return candidates[best]
+                return None  # its replicas are too busy: balance instead
         return None
 
 
@@ -87,8 +105,15 @@ _BY_TABLE: "weakref.WeakKeyDictionary[RouteCache, PrefixAffinity]" = weakref.Wea
 
 
 def affinity_of(table: RouteCache) -> PrefixAffinity:
-    """The prefix memory that goes with a proxy's routing table (one per proxy)."""
+    """The prefix memory that goes with a proxy's routing table (one per proxy; "prefix" routing unless
+    `use_routing` said otherwise)."""
     affinity = _BY_TABLE.get(table)
     if affinity is None:
         affinity = _BY_TABLE[table] = PrefixAffinity()
+    return affinity
+
+
+def use_routing(table: RouteCache, routing: str) -> PrefixAffinity:
+    """Sets how the proxy owning `table` picks replicas: "prefix" (cache-aware) or "p2c" (its --routing)."""
+    affinity = _BY_TABLE[table] = PrefixAffinity(routing=routing)
     return affinity

@@ -28,6 +28,7 @@ from gridserve.common.request_contract import lookup_model
 from gridserve.proxy.request_body import request_id_from
 from gridserve.proxy.load_report import LoadReporter
 from gridserve.proxy.zero_hold import ZeroHold, scales_to_zero
+from gridserve.proxy.replica_picker import use_routing
 from gridserve.proxy.rate_limits import RateLimiter, add_ratelimit_headers, rate_limit_middleware
 from gridserve.proxy.route_cache import RouteCache, RouteWatcher
 from gridserve.proxy.retry import RetryPolicy
@@ -139,6 +140,7 @@ async def serve(cfg: ProxyConfig, stop: Stop) -> int:
     """Runs the proxy until `stop` (SIGTERM/SIGINT); open streams get cfg.shutdown_grace_s to finish."""
     disable_created_metrics()  # no *_created series: they double the exposition for little use
     table = RouteCache(security=cfg.security)
+    use_routing(table, cfg.routing)
     watcher = RouteWatcher(cfg.head, table)
     policy = RetryPolicy(attempts=cfg.retry_attempts, deadline_s=cfg.retry_deadline_s,
                          accept_timeout_s=cfg.accept_timeout_s, max_failovers=cfg.max_failovers)
@@ -149,7 +151,7 @@ async def serve(cfg: ProxyConfig, stop: Stop) -> int:
                            on_poll=lambda: state.metrics.known_models(table.routes))
     limiter = RateLimiter(cfg.api_key_limits)
     app = make_app(state, ApiKeys(cfg.api_keys), limiter)
-    dashboard = add_dashboard_routes(app, state, cfg)
+    dashboard = add_dashboard_routes(app, state, cfg, poller)
     runner = JsonErrorsRunner(app, handler_cancellation=True, access_log=None,
                               shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()
@@ -161,7 +163,7 @@ async def serve(cfg: ProxyConfig, stop: Stop) -> int:
         if cfg.port_file:
             write_port_file(cfg.port_file, port)
         event(log, "proxy_listening", host=cfg.host, port=port, head=cfg.head, pid=os.getpid(),
-              api_keys=len(cfg.api_keys))
+              api_keys=len(cfg.api_keys), routing=cfg.routing)
         await stop.wait()
         event(log, "proxy_stopping", signal=stop.signal)
     finally:

@@ -9,6 +9,7 @@ from gridserve.common.errors import ConfigError
 from gridserve.common.api_key_files import (KeyLimits, add_admin_key_args, add_api_key_args, admin_keys_from_args,
                                                keys_from_args, limits_from_args)
 from gridserve.common.security import Security, add_security_args, security_from_args
+from gridserve.proxy.replica_picker import ROUTINGS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -31,6 +32,7 @@ class ProxyConfig:
     api_key_limits: dict[str, KeyLimits] = field(default_factory=dict, repr=False)  # key -> its rate limits
     zero_hold_timeout_s: float = 60.0  # how long a request for a model at zero replicas waits for one
     zero_hold_max: int = 100           # requests per model held at once; more get 503 at once
+    routing: str = "prefix"            # "prefix": cache-aware over p2c; "p2c": the power of two choices alone
     admin_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: dashboard actions are refused
     security: Security = field(default=Security(), repr=False)  # cluster token and TLS for gRPC calls
 
@@ -54,6 +56,8 @@ class ProxyConfig:
             raise ConfigError(f"--max-failovers: must be >= 0, got {self.max_failovers}")
         if not self.zero_hold_timeout_s > 0 or self.zero_hold_max < 1:
             raise ConfigError("--zero-hold-timeout must be > 0 seconds and --zero-hold-max >= 1")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"--routing: must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
         if not 0.5 <= self.metrics_interval_s <= 300:
             raise ConfigError(f"--metrics-interval: must be between 0.5 and 300 seconds, "
                               f"got {self.metrics_interval_s:g}")
@@ -79,9 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 60)")
     p.add_argument("--zero-hold-max", type=int, default=100,
                    help="requests per model held at once while it starts from zero; more get 503 (default 100)")
+    p.add_argument("--routing", default="prefix", type=str.lower,
+                   help="how a replica is picked: prefix (a prompt goes back to the replica that served its "
+                        "prefix, within a load bound, else p2c) or p2c (the power of two choices on in-flight "
+                        "streams alone) (default prefix)")
     p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds open streams get on SIGTERM")
     p.add_argument("--metrics-interval", type=float, default=5.0,
-                   help="seconds between polls of the head and replicas for /metrics' cluster gauges")
+                   help="seconds between polls of the head and replicas for /metrics' cluster gauges and the "
+                        "dashboard (every second while a dashboard page is open)")
     add_api_key_args(p)
     add_admin_key_args(p)
     add_security_args(p)
@@ -99,6 +108,7 @@ def parse_config(argv: list[str] | None = None) -> ProxyConfig:
                            accept_timeout_s=args.accept_timeout, max_failovers=args.max_failovers,
                            shutdown_grace_s=args.shutdown_grace, metrics_interval_s=args.metrics_interval,
                            zero_hold_timeout_s=args.zero_hold_timeout, zero_hold_max=args.zero_hold_max,
+                           routing=args.routing,
                            api_keys=keys_from_args(args), api_key_limits=limits_from_args(args),
                            admin_keys=admin_keys_from_args(args),
                            security=security_from_args(args))

@@ -1,5 +1,6 @@
-"""Autoscaling on a real cluster with the fake engine: a step load scales 0 -> 3 -> 0 with no failed request;
-deploy flags set the range, `scale` is refused, and the settings survive a head restart."""
+"""Autoscaling on a real cluster with the fake engine: a step load scales 0 -> 3 -> 0 with no failed request,
+a steady load keeps a steady count for two minutes; deploy flags set the range, `scale` is refused, and the
+settings survive a head restart."""
 from __future__ import annotations
 
 import json
@@ -93,6 +94,29 @@ def test_a_step_load_scales_from_zero_to_max_and_back_to_zero_without_failures(c
     assert " -> 0: load 0.0 needs only 0 x 1 ongoing requests for 4s" in scaling["last_decision"]
     text = c.cli("status").stdout
     assert "AUTOSCALING" in text and "LAST DECISION" in text
+
+
+def test_a_steady_load_keeps_a_steady_count_for_two_minutes_with_no_scale_decision(cluster):
+    c = cluster
+    c.cli("deploy", "fast", "--min-replicas", "1", "--max-replicas", "4", "--target-ongoing-requests", "2",
+          "--upscale-delay", "2", "--downscale-delay", "10", "--look-back-period", "5")
+    c.wait_ready("fast", 1)
+    with StepLoad(c, streams=3) as load:  # 3 requests open at all times, 2 per replica: 2 replicas wanted
+        wait_for(lambda: (lambda d: d.replicas == 2 and d.ready == 2)(deployment(c)), 90, "2 READY replicas")
+        time.sleep(6)  # a look-back period: from here the averaged load is the steady one alone
+        decided = deployment(c).autoscaling.last_decision_at
+        ids = {r.replica_id for r in c.replicas("fast")}
+        served, samples, end = len(load.results), [], time.monotonic() + 120
+        while time.monotonic() < end:
+            d = deployment(c)
+            samples.append((d.replicas, d.ready, d.autoscaling.last_decision_at,
+                            frozenset(r.replica_id for r in c.replicas("fast")), d.autoscaling.load))
+            time.sleep(1)
+    assert [r for r in load.results if r[0] != 200] == [] and len(load.results) - served >= 60
+    assert {s[:2] for s in samples} == {(2, 2)} and len(samples) >= 100  # target and READY count never moved
+    assert {s[2] for s in samples} == {decided}  # no scale decision at all, not even one undone at once
+    assert {s[3] for s in samples} == {frozenset(ids)}  # the same two replicas throughout
+    assert 2 < sum(s[4] for s in samples) / len(samples) <= 3  # the load the head saw: steady near 3
 
 
 def test_deploy_flags_set_the_range_scale_is_refused_and_settings_survive_a_head_restart(cluster):

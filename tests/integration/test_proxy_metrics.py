@@ -60,6 +60,7 @@ async def test_counters_move_by_the_requests_made_and_cluster_gauges_come_from_s
     good = await FakeReplica("tiny-m00001").start()
     down = await FakeReplica("tiny-m00002", mode="unavailable").start()
     good.running, good.waiting, good.seconds_since_step = 2, 3, 1.5
+    good.prompt_tokens_cached, good.prompt_tokens_prefilled = 1200, 345
     async with aiohttp.ClientSession() as http:
         try:
             await publish(http, proxy, head, tiny=[good])
@@ -124,3 +125,7 @@ async def test_counters_move_by_the_requests_made_and_cluster_gauges_come_from_s
     assert value(after, "gridserve_replica_batch_size", model="tiny", replica="tiny-m00001") == 2
     assert value(after, "gridserve_replica_batch_size", model="tiny", replica="tiny-m00002") == 0
     assert value(after, "gridserve_replica_seconds_since_step", model="tiny", replica="tiny-m00001") == 1.5
+    assert value(after, "gridserve_replica_prompt_tokens_cached_total", model="tiny", replica="tiny-m00001") == 1200
+    assert value(after, "gridserve_replica_prompt_tokens_prefilled_total", model="tiny", replica="tiny-m00001") == 345
+    assert ("gridserve_replica_prompt_tokens_cached_total",  # a replica that has served nothing says 0
+            frozenset({("model", "tiny"), ("replica", "tiny-m00002")})) in after

@@ -46,7 +46,8 @@ class FakeReplica(replica_pb2_grpc.ReplicaServicer):
     after the request's resume_token_ids; with `die_after` k: k chunks, then, once `gate` is set if given,
     the whole server stops, or the call fails with `die_with` if given; with `abort_after` k: k chunks, then
     (gate too) a FINISH_REASON_ABORT chunk as a draining replica sends it), anything else: CHUNKS at once,
-    finish STOP. Info reports `running`, `waiting` and `seconds_since_step` as set on the instance."""
+    finish STOP. Info reports `running`, `waiting`, `seconds_since_step` and the prompt token counts as set on
+    the instance."""
 
     def __init__(self, replica_id: str, mode: str = "ok", die_after: int | None = None,
                  abort_after: int | None = None, gate: asyncio.Event | None = None,
@@ -54,6 +55,7 @@ class FakeReplica(replica_pb2_grpc.ReplicaServicer):
         self.replica_id, self.mode = replica_id, mode
         self.die_after, self.abort_after, self.gate, self.die_with = die_after, abort_after, gate, die_with
         self.running, self.waiting, self.seconds_since_step = 0, 0, 0.0
+        self.prompt_tokens_cached, self.prompt_tokens_prefilled = 0, 0
         self.requests: list[replica_pb2.GenerateRequest] = []
         self.cancelled: dict[str, asyncio.Event] = {}
         self.server = None
@@ -135,7 +137,9 @@ class FakeReplica(replica_pb2_grpc.ReplicaServicer):
     async def Info(self, request, context):
         return replica_pb2.InfoResponse(replica_id=self.replica_id, model=self.replica_id.rsplit("-", 1)[0],
                                         loaded=True, running=self.running, waiting=self.waiting,
-                                        seconds_since_step=self.seconds_since_step)
+                                        seconds_since_step=self.seconds_since_step,
+                                        prompt_tokens_cached_total=self.prompt_tokens_cached,
+                                        prompt_tokens_prefilled_total=self.prompt_tokens_prefilled)
 
 
 class FakeHead(head_pb2_grpc.RouteServiceServicer, head_pb2_grpc.AdminServiceServicer):

@@ -17,6 +17,11 @@ def test_accept_timeout_and_max_failovers_reach_the_config():
     assert cfg.accept_timeout_s == 0.5 and cfg.max_failovers == 0
 
 
+def test_routing_is_prefix_by_default_and_p2c_turns_affinity_off():
+    assert parse_config(["--head", "h:1"]).routing == "prefix"
+    assert parse_config(["--head", "h:1", "--routing", "P2C"]).routing == "p2c"
+
+
 @pytest.mark.parametrize("argv,needle", [
     ([], "--head"),
     (["--head", "nocolon"], "expected HOST:PORT"),
@@ -27,6 +32,7 @@ def test_accept_timeout_and_max_failovers_reach_the_config():
     (["--head", "h:1", "--accept-timeout", "0"], "--accept-timeout: must be > 0"),
     (["--head", "h:1", "--accept-timeout", "nan"], "--accept-timeout: must be > 0"),
     (["--head", "h:1", "--max-failovers", "-1"], "--max-failovers: must be >= 0"),
+    (["--head", "h:1", "--routing", "random"], "--routing: must be one of prefix, p2c, got 'random'"),
 ])
 def test_bad_flags_exit_2_with_a_message_naming_the_problem(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -26,7 +26,6 @@ from gridserve.v1 import head_pb2, head_pb2_grpc
 log = logging.getLogger("gridserve.proxy.dashboard")
 
 STATIC_DIR = Path(__file__).parent / "static"
-POLL_S = 1.0            # the cluster view is at most this old (plus one Status and Info round trip)
 HEAD_TIMEOUT_S = 10.0
 MAX_TAIL_LINES = 5000
 MAX_REPLICAS = 64       # what one action may ask for
@@ -40,21 +39,20 @@ DASHBOARD = web.AppKey("dashboard", object)
 
 
 class Dashboard:
-    """Polls the head's Status and the replicas' Info every POLL_S for the cluster view, samples the history,
-    and holds the channel the dashboard's admin calls and log streams go to the head on."""
+    """Reads the cluster view from the proxy's one ClusterPoller (the /metrics gauges' poll, every second while
+    the page asks for the view), samples the history, and holds the channel the dashboard's admin calls and
+    log streams go to the head on."""
 
-    def __init__(self, state: ProxyState, cfg: ProxyConfig):
-        self.state, self.cfg = state, cfg
+    def __init__(self, state: ProxyState, cfg: ProxyConfig, poller: ClusterPoller):
+        self.state, self.cfg, self.poller = state, cfg, poller
         self.access = Access(ApiKeys(cfg.api_keys), ApiKeys(cfg.admin_keys))
-        self.collector = ClusterCollector()
         self.history = History(state.metrics)
-        self.poller = ClusterPoller(cfg.head, state.table, self.collector, POLL_S, on_poll=self._polled)
         self.started = time.time()
         self.channel: grpc.aio.Channel | None = None
 
-    def _polled(self) -> None:
-        if self.history.due():
-            self.history.sample(self.collector.infos)
+    @property
+    def collector(self) -> ClusterCollector:
+        return self.poller.collector
 
     def head(self) -> head_pb2_grpc.AdminServiceStub:
         if self.channel is None:
@@ -62,19 +60,23 @@ class Dashboard:
         return head_pb2_grpc.AdminServiceStub(self.channel)
 
     async def run(self) -> None:
-        """Until cancelled; closes the head channel in finally."""
+        """Samples the history every history.every_s (the replicas' Info as last polled) until cancelled;
+        closes the head channel in finally."""
         try:
             while True:
-                await self.poller.poll_once(self.head())
-                await asyncio.sleep(POLL_S)
+                if self.history.due():
+                    self.history.sample(self.collector.infos)
+                await asyncio.sleep(self.history.every_s / 4)
         finally:
             if self.channel is not None:
                 await self.channel.close()
 
 
-def add_dashboard_routes(app: web.Application, state: ProxyState, cfg: ProxyConfig) -> Dashboard:
-    """Adds /dashboard and /dashboard/api/*; the caller runs the returned Dashboard's run() as a task."""
-    dash = Dashboard(state, cfg)
+def add_dashboard_routes(app: web.Application, state: ProxyState, cfg: ProxyConfig,
+                         poller: ClusterPoller) -> Dashboard:
+    """Adds /dashboard and /dashboard/api/*; the caller runs the returned Dashboard's run() as a task (and the
+    poller's run(), which feeds /metrics too)."""
+    dash = Dashboard(state, cfg, poller)
     app[DASHBOARD] = dash
     app.router.add_get("/dashboard", page)
     app.router.add_get("/dashboard/", to_page)
@@ -113,6 +115,7 @@ async def cluster(request: web.Request) -> web.Response:
     """GET /dashboard/api/cluster: nodes, deployments, replicas (with their Info) and proxies."""
     dash = _dash(request)
     dash.access.check_read(request)
+    await dash.poller.fresh(2 * dash.poller.fast_interval)  # the page asks every second; the poller keeps up
     return web.json_response(cluster_json(dash.collector, dash.state, dash.started))
 
 
