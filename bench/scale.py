@@ -54,13 +54,14 @@ def start_sims(procs: Procs, head: str, token: Path, nodes: int, cpus: float, si
                                       "--node-prefix", f"sim{i}", "--cluster-token-file", str(token), *extra])
 
 
-def start_proxies(procs: Procs, root: Path, head: str, token: Path, count: int) -> list[int]:
+def start_proxies(procs: Procs, root: Path, head: str, token: Path, count: int,
+                  extra: list[str] = ()) -> list[int]:
     ports = []
     for i in range(count):
         port_file = root / f"proxy-{i}.port"
         port_file.unlink(missing_ok=True)
         procs.spawn(f"proxy-{i}", ["proxy", "--head", head, "--port", "0", "--port-file", str(port_file),
-                                   "--cluster-token-file", str(token)])
+                                   "--cluster-token-file", str(token), *extra])
         ports.append(port_file)
     return [int(wait_for(lambda p=p: p.exists() and p.read_text().strip(), 60, f"{p.name}")) for p in ports]
 
@@ -103,7 +104,8 @@ def route_propagation(root: Path, client: HeadClient, replicas: int, proxies: in
     # With --trace-routes the head logs each Watch send: change -> write done on the head's side, the rest of
     # a delay is the proxy's (its event loop getting to the message) and the socket between them.
     sent = [(int(f["after_change_ms"]) + int(f["write_ms"])) / 1000
-            for _, f in log_events(root / "head.log", "route_sent") if int(f["version"]) > before]
+            for _, f in log_events(root / "head.log", "route_sent")
+            if int(f["version"]) > before and f["delta"] == "True"]  # a stream's first, whole table is no change
     return {"changes": len(changed), "samples": len(delays), "p50_s": percentile(delays, 50),
             "p99_s": percentile(delays, 99), "max_s": max(delays) if delays else None, "delays": delays,
             **({"head_sent_samples": len(sent), "head_sent_p50_s": percentile(sent, 50),
@@ -171,7 +173,9 @@ def head_bench(a) -> dict:
         start_sims(procs, head, token, a.nodes, a.cpus_per_node, a.sim_procs,
                    ["--report-interval", str(a.report_interval), *(["--no-serve"] if a.no_serve else [])])
         wait_for(lambda: sum(n.alive for n in client.status().nodes) == a.nodes, 300, f"{a.nodes} nodes", 1.0)
-        start_proxies(procs, root, head, token, a.proxies)
+        interval = a.proxy_metrics_interval if a.proxy_metrics_interval is not None else 300 if a.no_serve else 0
+        result["proxy_metrics_interval"] = interval or "default"
+        start_proxies(procs, root, head, token, a.proxies, ["--metrics-interval", str(interval)] if interval else [])
         result["idle_head_cpu_cores"] = sample_cpu(head_pid, 2 if a.routes_only else 10)
         t0, deployed_at = time.monotonic(), time.time()
         client.deploy("fake", a.replicas)
@@ -190,7 +194,7 @@ def head_bench(a) -> dict:
         result["ready"] = ready
         ramp = sorted(t - deployed_at for t, f in log_events(root / "head.log", "replica_state")
                       if f.get("state") == "READY" and t >= deployed_at)
-        time.sleep(5)
+        time.sleep(a.settle)
         if a.routes_only:
             result["routes"] = route_propagation(root, client, a.replicas, a.proxies, a.changes, a.change_gap)
             result["load_routes"] = load_average()
@@ -248,6 +252,12 @@ def main() -> int:
     h.add_argument("--change-gap", type=float, default=2.0, help="seconds between timed route changes")
     h.add_argument("--routes-only", action="store_true",
                    help="after the deploy, time only the route changes (no steady-state CPU, status or restart)")
+    h.add_argument("--settle", type=float, default=5.0, help="seconds from all READY to the steady-state figures")
+    h.add_argument("--proxy-metrics-interval", type=float, default=None,
+                   help="the proxies' --metrics-interval (0: their default; with --no-serve 300 unless given). Each "
+                        "poll asks up to 256 replicas for Info over a channel the proxy then keeps; with --no-serve no "
+                        "replica answers, and each such channel retries its DNS and connect in grpc's threads for as "
+                        "long as the replica is routed: thousands of them starve the machine (docs/scale.md)")
     h.add_argument("--trace-routes", action="store_true",
                    help="the head logs each Watch send (route_sent, DEBUG): change -> send -> proxy, decomposed")
     h.add_argument("--root", default="", help="scratch folder (default: a new temp dir)")
