@@ -5,7 +5,9 @@ replicas are fake-engine replicas on real ports) and P real proxies watching its
   - deploy of R replicas of the `fake` model: seconds until all are READY (and the ramp, plotted);
   - steady state: the head's CPU (cores) and RSS;
   - route changes (one replica removed / added, in turn): head `routes_changed` -> each proxy's
-    `routes_applied` of that version or a newer one, p50/p99 over every (change, proxy);
+    `routes_applied` of that version or a newer one, p50/p99 over every (change, proxy); with --trace-routes
+    also the head's share (change -> its write to each Watch stream, from the head's DEBUG `route_sent`);
+    --routes-only skips the steady-state, status and restart figures;
   - `gridserve status --output json` and the table view: seconds and lines;
   - kill -9 of the head and a restart: seconds until every node is back, every replica READY, none
     duplicated or lost (the same replica ids as before the kill).
