@@ -5,7 +5,9 @@ replicas are fake-engine replicas on real ports) and P real proxies watching its
   - deploy of R replicas of the `fake` model: seconds until all are READY (and the ramp, plotted);
   - steady state: the head's CPU (cores) and RSS;
   - route changes (one replica removed / added, in turn): head `routes_changed` -> each proxy's
-    `routes_applied` of that version or a newer one, p50/p99 over every (change, proxy);
+    `routes_applied` of that version or a newer one, p50/p99 over every (change, proxy); with --trace-routes
+    also the head's share (change -> its write to each Watch stream, from the head's DEBUG `route_sent`);
+    --routes-only skips the steady-state, status and restart figures;
   - `gridserve status --output json` and the table view: seconds and lines;
   - kill -9 of the head and a restart: seconds until every node is back, every replica READY, none
     duplicated or lost (the same replica ids as before the kill).
@@ -54,13 +56,14 @@ def start_sims(procs: Procs, head: str, token: Path, nodes: int, cpus: float, si
                                       "--node-prefix", f"sim{i}", "--cluster-token-file", str(token), *extra])
 
 
-def start_proxies(procs: Procs, root: Path, head: str, token: Path, count: int) -> list[int]:
+def start_proxies(procs: Procs, root: Path, head: str, token: Path, count: int,
+                  extra: list[str] = ()) -> list[int]:
     ports = []
     for i in range(count):
         port_file = root / f"proxy-{i}.port"
         port_file.unlink(missing_ok=True)
         procs.spawn(f"proxy-{i}", ["proxy", "--head", head, "--port", "0", "--port-file", str(port_file),
-                                   "--cluster-token-file", str(token)])
+                                   "--cluster-token-file", str(token), *extra])
         ports.append(port_file)
     return [int(wait_for(lambda p=p: p.exists() and p.read_text().strip(), 60, f"{p.name}")) for p in ports]
 
@@ -82,13 +85,14 @@ def ready_ids(st: head_pb2.ClusterStatus) -> list[str]:
     return [r.replica_id for r in st.replicas if r.state == READY]
 
 
-def route_propagation(root: Path, client: HeadClient, replicas: int, proxies: int, changes: int) -> dict:
+def route_propagation(root: Path, client: HeadClient, replicas: int, proxies: int, changes: int,
+                      gap_s: float = 2.0) -> dict:
     """Alternately removes and adds one replica; each head routes_changed -> each proxy's first
-    routes_applied with that version or newer."""
+    routes_applied with that version or newer (and, traced, -> the head's write of it to each proxy)."""
     before = max([int(f["version"]) for _, f in log_events(root / "head.log", "routes_changed")] or [0])
     for i in range(changes):
         client.scale("fake", replicas - 1 if i % 2 == 0 else replicas)
-        time.sleep(2.0)
+        time.sleep(gap_s)
     time.sleep(2.0)
     changed = [(t, int(f["version"])) for t, f in log_events(root / "head.log", "routes_changed")
                if int(f["version"]) > before]
@@ -99,8 +103,15 @@ def route_propagation(root: Path, client: HeadClient, replicas: int, proxies: in
             later = [t for t, v in applied if v >= version and t >= t_head - 0.01]
             if later:
                 delays.append(min(later) - t_head)
+    # With --trace-routes the head logs each Watch send: change -> write done on the head's side, the rest of
+    # a delay is the proxy's (its event loop getting to the message) and the socket between them.
+    sent = [(int(f["after_change_ms"]) + int(f["write_ms"])) / 1000
+            for _, f in log_events(root / "head.log", "route_sent")
+            if int(f["version"]) > before and f["delta"] == "True"]  # a stream's first, whole table is no change
     return {"changes": len(changed), "samples": len(delays), "p50_s": percentile(delays, 50),
-            "p99_s": percentile(delays, 99), "max_s": max(delays) if delays else None, "delays": delays}
+            "p99_s": percentile(delays, 99), "max_s": max(delays) if delays else None, "delays": delays,
+            **({"head_sent_samples": len(sent), "head_sent_p50_s": percentile(sent, 50),
+                "head_sent_p99_s": percentile(sent, 99), "head_sent_max_s": max(sent)} if sent else {})}
 
 
 def restart_head(procs: Procs, root: Path, state: Path, port: int, max_replicas: int, nodes: int,
@@ -127,6 +138,26 @@ def restart_head(procs: Procs, root: Path, state: Path, port: int, max_replicas:
     return {"ok": ok, "seconds": time.monotonic() - t0, **seen}
 
 
+def steady_and_restart(a, result: dict, procs: Procs, root: Path, state: Path, client: HeadClient, head: str,
+                       head_pid: int, extra: list[str]) -> None:
+    """Steady-state CPU and RSS, status timings, route propagation, then a kill -9 of the head and a restart."""
+    result["steady_head_cpu_cores"] = sample_cpu(head_pid, 30)
+    result["head_rss_mb"] = rss_bytes(head_pid) / 2**20
+    result["load_steady"] = load_average()
+    json_s = [timed_cli(head, state, "status", "--output", "json")[0] for _ in range(5)]
+    table_s, table = timed_cli(head, state, "status")
+    result["status_json_s"] = {"p50": percentile(json_s, 50), "max": max(json_s)}
+    result["status_table"] = {"seconds": table_s, "lines": len(table.splitlines()),
+                              **({"error": table} if table.startswith("FAILED") else {})}
+    result["routes"] = route_propagation(root, client, a.replicas, a.proxies, a.changes, a.change_gap)
+    result["load_routes"] = load_average()
+    before = {r.replica_id for r in client.status().replicas}
+    client.close()
+    result["restart"] = restart_head(procs, root, state, a.grpc_port, a.replicas, a.nodes, a.replicas, before,
+                                     extra)
+    result["load_end"] = load_average()
+
+
 def head_bench(a) -> dict:
     root = Path(a.root or tempfile.mkdtemp(prefix="gridserve-scale-"))
     state = root / "state"
@@ -137,15 +168,17 @@ def head_bench(a) -> dict:
     timeline: list[tuple[float, float, int, int]] = []  # (t, head cpu cores, rss, ready)
     ramp: list[float] = []  # seconds after the deploy of each replica's READY
     try:
-        extra = ["--node-timeout", str(a.node_timeout)]
+        extra = ["--node-timeout", str(a.node_timeout), *(["--log-level", "DEBUG"] if a.trace_routes else [])]
         info = start_head(procs, state, a.grpc_port, a.replicas, extra=extra)
         head, token, head_pid = info["grpc_address"], state / "cluster-token", info["pid"]
         client = HeadClient(head, token)
         start_sims(procs, head, token, a.nodes, a.cpus_per_node, a.sim_procs,
                    ["--report-interval", str(a.report_interval), *(["--no-serve"] if a.no_serve else [])])
         wait_for(lambda: sum(n.alive for n in client.status().nodes) == a.nodes, 300, f"{a.nodes} nodes", 1.0)
-        start_proxies(procs, root, head, token, a.proxies)
-        result["idle_head_cpu_cores"] = sample_cpu(head_pid, 10)
+        interval = a.proxy_metrics_interval if a.proxy_metrics_interval is not None else 300 if a.no_serve else 0
+        result["proxy_metrics_interval"] = interval or "default"
+        start_proxies(procs, root, head, token, a.proxies, ["--metrics-interval", str(interval)] if interval else [])
+        result["idle_head_cpu_cores"] = sample_cpu(head_pid, 2 if a.routes_only else 10)
         t0, deployed_at = time.monotonic(), time.time()
         client.deploy("fake", a.replicas)
         cpu0, last = cpu_seconds(head_pid), time.monotonic()
@@ -163,22 +196,12 @@ def head_bench(a) -> dict:
         result["ready"] = ready
         ramp = sorted(t - deployed_at for t, f in log_events(root / "head.log", "replica_state")
                       if f.get("state") == "READY" and t >= deployed_at)
-        time.sleep(5)
-        result["steady_head_cpu_cores"] = sample_cpu(head_pid, 30)
-        result["head_rss_mb"] = rss_bytes(head_pid) / 2**20
-        result["load_steady"] = load_average()
-        json_s = [timed_cli(head, state, "status", "--output", "json")[0] for _ in range(5)]
-        table_s, table = timed_cli(head, state, "status")
-        result["status_json_s"] = {"p50": percentile(json_s, 50), "max": max(json_s)}
-        result["status_table"] = {"seconds": table_s, "lines": len(table.splitlines()),
-                                  **({"error": table} if table.startswith("FAILED") else {})}
-        result["routes"] = route_propagation(root, client, a.replicas, a.proxies, a.changes)
-        result["load_routes"] = load_average()
-        before = {r.replica_id for r in client.status().replicas}
-        client.close()
-        result["restart"] = restart_head(procs, root, state, a.grpc_port, a.replicas, a.nodes, a.replicas, before,
-                                         extra)
-        result["load_end"] = load_average()
+        time.sleep(a.settle)
+        if a.routes_only:
+            result["routes"] = route_propagation(root, client, a.replicas, a.proxies, a.changes, a.change_gap)
+            result["load_routes"] = load_average()
+        else:
+            steady_and_restart(a, result, procs, root, state, client, head, head_pid, extra)
     finally:
         procs.stop()
     out = Path(a.out)
@@ -228,6 +251,17 @@ def main() -> int:
     h.add_argument("--no-serve", action="store_true",
                    help="simulated replicas bind no port (the simulation's own cost out of the head's figures)")
     h.add_argument("--report-interval", type=float, default=1.0, help="each simulated node's heartbeat")
+    h.add_argument("--change-gap", type=float, default=2.0, help="seconds between timed route changes")
+    h.add_argument("--routes-only", action="store_true",
+                   help="after the deploy, time only the route changes (no steady-state CPU, status or restart)")
+    h.add_argument("--settle", type=float, default=5.0, help="seconds from all READY to the steady-state figures")
+    h.add_argument("--proxy-metrics-interval", type=float, default=None,
+                   help="the proxies' --metrics-interval (0: their default; with --no-serve 300 unless given). Each "
+                        "poll asks up to 256 replicas for Info over a channel the proxy then keeps; with --no-serve no "
+                        "replica answers, and each such channel retries its DNS and connect in grpc's threads for as "
+                        "long as the replica is routed: thousands of them starve the machine (docs/scale.md)")
+    h.add_argument("--trace-routes", action="store_true",
+                   help="the head logs each Watch send (route_sent, DEBUG): change -> send -> proxy, decomposed")
     h.add_argument("--root", default="", help="scratch folder (default: a new temp dir)")
     h.add_argument("--out", default=str(REPO / "docs" / "scale"))
     x = sub.add_parser("proxy", help="one proxy's data plane against fake engines")

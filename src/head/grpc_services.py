@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
@@ -94,7 +95,12 @@ class RouteServicer(head_pb2_grpc.RouteServiceServicer):
             async for table in self.routes.watch():
                 if context.done():  # the proxy went away (a cancelled or timed-out call): write nothing to it
                     return
+                woke = time.monotonic()
                 yield table
+                if log.isEnabledFor(logging.DEBUG):  # where a change's propagation time goes (bench/scale.py)
+                    event(log, "route_sent", logging.DEBUG, peer=peer, version=table.version, delta=table.delta,
+                          after_change_ms=round((woke - self.routes.changed_at) * 1000),
+                          write_ms=round((time.monotonic() - woke) * 1000))
         finally:
             event(log, "route_watch_ended", peer=peer)
 

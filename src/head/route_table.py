@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import AsyncIterator, NamedTuple
 
 from gridserve.common.model_config import ModelConfig
@@ -29,6 +30,7 @@ class RouteTable:
 
     def __init__(self) -> None:
         self.version = 0
+        self.changed_at = time.monotonic()  # when the version last changed
         self._routes: tuple[RouteKey, ...] = ()
         self._changed = asyncio.Event()
         self._snapshot: head_pb2.RoutingTable | None = None
@@ -42,6 +44,7 @@ class RouteTable:
             return False
         self._routes = canonical
         self.version += 1
+        self.changed_at = time.monotonic()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         return True

@@ -113,3 +113,33 @@ async def test_watch_over_grpc_streams_a_new_version_after_a_deploy(tmp_path):
             call.cancel()
     finally:
         await server.stop(0)
+
+
+async def test_at_debug_the_head_logs_each_watch_send_with_its_time_since_the_change(tmp_path, caplog):
+    routes = RouteTable()
+    routes.update([RouteKey("m", cfg(), (E1,))])
+    server = make_server()
+    catalog = ModelCatalog.from_dict({"default_model": "m", "models": {"m": {
+        "source": {"type": "local", "path": "/x"}, "context_length": 64,
+        "max_tokens_limit": 16, "sampling": {"max_new_tokens": 8}}}})
+    add_services(server, Controller(catalog, StateStore(tmp_path), routes), routes)
+    port = bind(server, "127.0.0.1", 0)
+    await server.start()
+    caplog.set_level("DEBUG", logger="gridserve.head")
+    try:
+        async with channel(f"127.0.0.1:{port}") as ch:
+            call = head_pb2_grpc.RouteServiceStub(ch).Watch(head_pb2.WatchRoutesRequest())
+            await asyncio.wait_for(call.read(), 5)
+            routes.update([RouteKey("m", cfg(), (E1, E2))])
+            delta = await asyncio.wait_for(call.read(), 5)
+            for _ in range(100):  # logged once the write is done, as the stream goes back to waiting
+                sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("route_sent ")]
+                if len(sent) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert "delta=False" in sent[0] and f"version={delta.version} delta=True" in sent[1]
+            fields = dict(kv.split("=", 1) for kv in sent[1].split()[1:])
+            assert 0 <= int(fields["after_change_ms"]) < 5000 and 0 <= int(fields["write_ms"]) < 5000
+            call.cancel()
+    finally:
+        await server.stop(0)
