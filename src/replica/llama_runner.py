@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from gridserve.replica.llama_layers import EagerLayers
 from gridserve.replica.model_runner import set_torch_threads
 from gridserve.replica.sampling import row_generator, sample_rows
 from gridserve.replica.sequence import Sequence
@@ -133,6 +134,7 @@ class LlamaRunner:
         self.cache = SlotCache(len(self.inner.layers), max_rows, self.kv_heads, max_len, self.head_dim, dtype, device)
         self.rows: list[Sequence] = []
         self.prompt_tokens = PromptTokens()
+        self.dense = EagerLayers(model, self.heads, self.kv_heads, self.head_dim)
 
     def thread_setup(self, num_threads: int) -> int:
         return set_torch_threads(num_threads)
@@ -222,18 +224,11 @@ class LlamaRunner:
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [T, 1, head_dim]
         plan = self._attention_plan(spans)
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(-1, self.heads, self.head_dim)
-            k = attn.k_proj(h).view(-1, self.kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(-1, self.kv_heads, self.head_dim)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        for i in range(len(self.inner.layers)):
+            q, k, v = self.dense.qkv(i, x, cos, sin)
             self.cache.k[i][slot_t, :, pos] = k
             self.cache.v[i][slot_t, :, pos] = v
-            out = self._attend(i, q, plan)
-            x = x + attn.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = self.dense.finish(i, x, self._attend(i, q, plan))
         return x[last]
 
     def _attention_plan(self, spans) -> list[tuple]:
@@ -282,9 +277,3 @@ class LlamaRunner:
             at += n
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, as transformers' Llama applies it (rotate_half)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
