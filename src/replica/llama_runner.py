@@ -1,6 +1,7 @@
 """The fast model runner for Llama-family models: an in-place slot KV cache, chunked prefill, prefix reuse."""
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -85,16 +86,20 @@ class SlotCache:
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros that take memory only where written. Positions a row masks out must still be finite
-    (0 x NaN is NaN in attention), so the cache cannot be `torch.empty`; on CPU `numpy.zeros` gets
-    fresh zero pages from the kernel (calloc) instead of writing zeros over all of them."""
+    (0 x NaN is NaN in attention), so the cache cannot be `torch.empty`; on CPU an anonymous mapping
+    gives fresh zero pages from the kernel instead of writing zeros over all of them. Huge pages are
+    refused for it: one row's write would take 2 MiB instead of 4 KiB (numpy, which this used, asks
+    for huge pages, and a 16-row cache then took ~1.4 GiB at short contexts)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy
     count = 1
     for n in shape:
         count *= n
-    raw = numpy.zeros(count * torch.finfo(dtype).bits // 8, dtype=numpy.uint8)
-    return torch.from_numpy(raw).view(dtype).view(shape)
+    size = max(1, count * torch.finfo(dtype).bits // 8)
+    raw = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        raw.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(raw, dtype=dtype, count=count).view(shape)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
