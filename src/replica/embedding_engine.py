@@ -203,13 +203,13 @@ class EmbeddingEngine:
                               num_threads=self.torch_threads, seconds_since_step=since,
                               input_tokens_total=self.input_tokens_total)
 
-    # ---- engine thread ------------------------------------------------------------------
-
     def set_threads(self, num_threads: int) -> None:
         """Run `num_threads` torch threads from the next batch on; the engine thread applies it."""
         with self._cv:
             self.num_threads = num_threads
             self._cv.notify_all()
+
+    # ---- engine thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         applied = 0
