@@ -32,7 +32,7 @@ MAX_THREADS = 4096
 
 
 class ReplicaService(replica_pb2_grpc.ReplicaServicer):
-    """Generate and Info; `engine` is set once the model has loaded (Unavailable before that)."""
+    """Generate, Info and SetThreads; `engine` is set once the model has loaded (Unavailable before that)."""
 
     def __init__(self, cfg: ReplicaConfig):
         self.cfg = cfg
