@@ -29,6 +29,7 @@ class BatchScheduler:
         self.stopping = False
         self.dead = ""       # why the engine thread died; set once, then every submit is refused
         self.wedged = False  # fault injection: while set, the engine thread makes no steps
+        self.poked = False   # wake the engine thread once without work (to apply a new thread count)
         self.progress_at = time.monotonic()  # last finished step, or work arriving at an idle engine
         self.requests_total = 0
 
@@ -72,6 +73,11 @@ class BatchScheduler:
             self.stopping = True
             self.cv.notify_all()
 
+    def poke(self) -> None:
+        with self.cv:
+            self.poked = True
+            self.cv.notify_all()
+
     def wedge(self, on: bool) -> None:
         with self.cv:
             self.wedged = on
@@ -82,8 +88,9 @@ class BatchScheduler:
     def wait_for_work(self) -> bool:
         """Block until there is something to do; False once stopping."""
         with self.cv:
-            while not self.stopping and (self.wedged or not (self.waiting or self.running)):
+            while not self.stopping and (self.wedged or not (self.waiting or self.running or self.poked)):
                 self.cv.wait()
+            self.poked = False
             return not self.stopping
 
     def admit(self, free_rows: int | None = None) -> list[Sequence]:

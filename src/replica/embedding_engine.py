@@ -203,17 +203,29 @@ class EmbeddingEngine:
                               num_threads=self.torch_threads, seconds_since_step=since,
                               input_tokens_total=self.input_tokens_total)
 
+    def set_threads(self, num_threads: int) -> None:
+        """Run `num_threads` torch threads from the next batch on; the engine thread applies it."""
+        with self._cv:
+            self.num_threads = num_threads
+            self._cv.notify_all()
+
     # ---- engine thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        torch.set_num_threads(self.num_threads)
-        self.torch_threads = torch.get_num_threads()
+        applied = 0
         while True:
             with self._cv:
-                while not self._stopping and (self.wedged or not self._queue):
+                while not self._stopping and (self.wedged or not self._queue) and self.num_threads == applied:
                     self._cv.wait()
                 if self._stopping:
                     break
+                wanted = self.num_threads
+            if wanted != applied:
+                torch.set_num_threads(wanted)
+                applied, self.torch_threads = wanted, torch.get_num_threads()
+            with self._cv:
+                if self.wedged or not self._queue:
+                    continue
                 batch = self._take()
             try:
                 self._pass(batch)

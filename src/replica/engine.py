@@ -95,6 +95,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def set_threads(self, num_threads: int) -> None:
+        """Run `num_threads` torch threads from the next step on (call from any thread). The engine
+        thread applies it: torch's intra-op thread count belongs to the thread that runs the model."""
+        self.num_threads = num_threads
+        self.scheduler.poke()
+
     @property
     def dead(self) -> str:
         """Why the engine thread died ("" while it lives)."""
@@ -175,8 +181,13 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            self.torch_threads = self.runner.thread_setup(self.num_threads)
+            applied = self.num_threads
+            self.torch_threads = self.runner.thread_setup(applied)
             while self.scheduler.wait_for_work():
+                if self.num_threads != applied:
+                    applied = self.num_threads
+                    self.torch_threads = self.runner.thread_setup(applied)
+                    event(log, "engine_threads", num_threads=self.torch_threads)
                 self._guarded_step(self.scheduler.admit())
                 self.scheduler.stepped()
                 self._flush()

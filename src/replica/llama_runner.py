@@ -1,12 +1,14 @@
 """The fast model runner for Llama-family models: an in-place slot KV cache, chunked prefill, prefix reuse."""
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+from gridserve.replica.llama_layers import EagerLayers
 from gridserve.replica.model_runner import set_torch_threads
 from gridserve.replica.sampling import row_generator, sample_rows
 from gridserve.replica.sequence import Sequence
@@ -84,16 +86,20 @@ class SlotCache:
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros that take memory only where written. Positions a row masks out must still be finite
-    (0 x NaN is NaN in attention), so the cache cannot be `torch.empty`; on CPU `numpy.zeros` gets
-    fresh zero pages from the kernel (calloc) instead of writing zeros over all of them."""
+    (0 x NaN is NaN in attention), so the cache cannot be `torch.empty`; on CPU an anonymous mapping
+    gives fresh zero pages from the kernel instead of writing zeros over all of them. Huge pages are
+    refused for it: one row's write would take 2 MiB instead of 4 KiB (numpy, which this used, asks
+    for huge pages, and a 16-row cache then took ~1.4 GiB at short contexts)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy
     count = 1
     for n in shape:
         count *= n
-    raw = numpy.zeros(count * torch.finfo(dtype).bits // 8, dtype=numpy.uint8)
-    return torch.from_numpy(raw).view(dtype).view(shape)
+    size = max(1, count * torch.finfo(dtype).bits // 8)
+    raw = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        raw.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(raw, dtype=dtype, count=count).view(shape)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -133,6 +139,7 @@ class LlamaRunner:
         self.cache = SlotCache(len(self.inner.layers), max_rows, self.kv_heads, max_len, self.head_dim, dtype, device)
         self.rows: list[Sequence] = []
         self.prompt_tokens = PromptTokens()
+        self.dense = EagerLayers(model, self.heads, self.kv_heads, self.head_dim)
 
     def thread_setup(self, num_threads: int) -> int:
         return set_torch_threads(num_threads)
@@ -222,18 +229,11 @@ class LlamaRunner:
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [T, 1, head_dim]
         plan = self._attention_plan(spans)
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(-1, self.heads, self.head_dim)
-            k = attn.k_proj(h).view(-1, self.kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(-1, self.kv_heads, self.head_dim)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        for i in range(len(self.inner.layers)):
+            q, k, v = self.dense.qkv(i, x, cos, sin)
             self.cache.k[i][slot_t, :, pos] = k
             self.cache.v[i][slot_t, :, pos] = v
-            out = self._attend(i, q, plan)
-            x = x + attn.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = self.dense.finish(i, x, self._attend(i, q, plan))
         return x[last]
 
     def _attention_plan(self, spans) -> list[tuple]:
@@ -282,9 +282,3 @@ class LlamaRunner:
             at += n
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, as transformers' Llama applies it (rotate_half)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin

@@ -28,10 +28,11 @@ SERVICE_NAME = replica_pb2.DESCRIPTOR.services_by_name["Replica"].full_name
 # token: a caller that gets no accept in a few seconds may try another replica.
 ACCEPTED = (("x-gridserve-accepted", "1"),)
 FAULT_ALLOC_MB = 256  # what one SIGUSR2 allocates under fault injection
+MAX_THREADS = 4096
 
 
 class ReplicaService(replica_pb2_grpc.ReplicaServicer):
-    """Generate and Info; `engine` is set once the model has loaded (Unavailable before that)."""
+    """Generate, Info and SetThreads; `engine` is set once the model has loaded (Unavailable before that)."""
 
     def __init__(self, cfg: ReplicaConfig):
         self.cfg = cfg
@@ -92,6 +93,16 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
     async def Embed(self, request, context):
         async for reply in embed(self.cfg, self.engine, request, context):
             yield reply
+
+    async def SetThreads(self, request, context):
+        """The node's scheduler gives this replica a new torch thread count (its share of the node changed)."""
+        if not 1 <= request.num_threads <= MAX_THREADS:
+            raise InvalidRequest(f"num_threads must be 1 to {MAX_THREADS}, got {request.num_threads}")
+        if self.engine is None:
+            raise Unavailable(f"replica {self.cfg.replica_id} is still loading model '{self.cfg.model.name}'")
+        self.engine.set_threads(request.num_threads)
+        event(log, "threads_set", num_threads=request.num_threads)
+        return replica_pb2.SetThreadsResponse(num_threads=request.num_threads)
 
     async def Info(self, request, context):
         cfg, engine = self.cfg, self.engine

@@ -118,6 +118,8 @@ class ReplicaRunner:
         self.kill_reason = ""  # why the scheduler killed the current process (a hung replica)
         self.rss_bytes = self.gpu_bytes = self.memory_limit = 0  # memory_limit: resources.memory_mb in bytes
         self.download: head_pb2.ModelDownload | None = None  # HF cache progress while STARTING
+        self.model_cpus = 1.0  # the model's resources.num_cpus
+        self.num_threads = 0   # torch threads the running process was given (at spawn, or by SetThreads since)
         self.gpu = GpuMemory(cfg.num_gpus)
         self.last_restart = ""  # why the process was last restarted, kept in status after the restart
         self.hub_source: tuple[str, str] | None = None  # (repo, revision) of a hub model, for the download watch
@@ -192,14 +194,13 @@ class ReplicaRunner:
         except GridserveError as e:
             self._set(S.REPLICA_STATE_FAILED, f"bad model config from the head: {e.message}")
             return
-        num_threads = self.cfg.threads_per_replica or replica_threads(config.resources.num_cpus, self.cfg.num_cpus,
-                                                                      self.node_replicas())
+        self.model_cpus = config.resources.num_cpus
         self.memory_limit = config.resources.memory_mb * 2**20
         self.hub_source = (config.source.repo, config.source.revision) if config.source.type == "hub" else None
         crashes, backoff = CrashWindow(), restart_backoff()
         while not self.stopping:
             started = time.monotonic()
-            code, offset = await self._run_once(num_threads)
+            code, offset = await self._run_once(self.threads())
             if self.stopping:
                 return
             tail = tail_message(self.log_path, offset)
@@ -219,6 +220,29 @@ class ReplicaRunner:
             self._set(S.REPLICA_STATE_RESTARTING, why[:MESSAGE_LIMIT])
             await asyncio.sleep(delay)
 
+    def threads(self) -> int:
+        """Torch threads this replica should run now: --threads-per-replica, else its share of the node."""
+        return self.cfg.threads_per_replica or replica_threads(self.model_cpus, self.cfg.num_cpus, self.node_replicas())
+
+    async def retune(self, ch: grpc.aio.Channel) -> None:
+        """Tell a READY replica its new thread count when its share of the node changed since it started
+        (replicas joined or left), so the node never runs more torch threads than it has cores for long.
+        A failed call is retried at the next probe; a replica without the call keeps its count."""
+        want = self.threads()
+        if want == self.num_threads:
+            return
+        try:
+            await replica_pb2_grpc.ReplicaStub(ch).SetThreads(replica_pb2.SetThreadsRequest(num_threads=want),
+                                                              timeout=self.cfg.probe_timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                return
+            event(log, "replica_threads_unchanged", replica=self.replica_id, num_threads=self.num_threads,
+                  wanted=want, reason="the replica has no SetThreads call")
+        else:
+            event(log, "replica_threads", replica=self.replica_id, pid=self.pid, was=self.num_threads, num_threads=want)
+        self.num_threads = want
+
     def _command(self, num_threads: int) -> list[str]:
         cmd = [*self.cfg.replica_command, "--replica-id", self.replica_id,
                "--model-config", config_to_arg(config_from_proto(self.spec.model_config)), "--host", self.cfg.host,
@@ -234,6 +258,7 @@ class ReplicaRunner:
         self.port_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)
+        self.num_threads = num_threads
         with open(self.log_path, "ab") as logf:
             offset = logf.tell()
             try:
@@ -283,6 +308,8 @@ class ReplicaRunner:
                     self._kill_hung(reason)
                     return
                 ready = self.state == S.REPLICA_STATE_READY
+                if ready:
+                    await self.retune(ch)
                 await asyncio.sleep(self.cfg.probe_interval if ready else min(STARTING_PROBE, self.cfg.probe_interval))
 
     async def _watch(self) -> None:

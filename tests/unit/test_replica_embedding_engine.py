@@ -139,3 +139,20 @@ def test_embedding_stats_carry_every_field_info_reads_from_a_generation_engine()
     from gridserve.replica.engine import EngineStats
     missing = {f.name for f in dataclasses.fields(EngineStats)} - {f.name for f in dataclasses.fields(EmbeddingStats)}
     assert not missing, missing
+
+
+async def test_an_embedding_engine_applies_a_new_thread_count_in_its_thread_while_idle(embedder):
+    engine = EmbeddingEngine(embedder, num_threads=2)
+    engine.start()
+    try:
+        for want in (2, 1):
+            engine.set_threads(want)
+            for _ in range(200):
+                if engine.stats().num_threads == want:
+                    break
+                await asyncio.sleep(0.02)
+            assert engine.stats().num_threads == want
+        result = await engine.submit("after", [text([1, 5, 9, 2])]).result()
+        assert torch.allclose(result.vectors[0], alone(embedder, [1, 5, 9, 2]), atol=1e-5)
+    finally:
+        engine.stop()

@@ -98,3 +98,15 @@ async def test_the_generic_runner_still_matches_generate_while_requests_join_and
     ids = [tiny_loaded.encode_prompt(f"Item number {i} is") for i in range(4)]
     outs = await asyncio.gather(*(tokens(engine, p, 5 + 4 * i, f"g{i}") for i, p in enumerate(ids)))
     assert outs == [reference(tiny_loaded, p, 5 + 4 * i) for i, p in enumerate(ids)]
+
+
+def test_the_slot_cache_takes_memory_only_for_the_positions_written():
+    import psutil
+    from gridserve.replica.llama_runner import _lazy_zeros
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    cache = _lazy_zeros((16, 4, 2048, 64), torch.float32, torch.device("cpu"))  # 32 MiB reserved
+    cache[:, :, 0] = 1.0  # one position of every slot and head: 64 blocks of 512 KiB each touched once
+    grown = proc.memory_info().rss - before
+    assert cache.sum() == 16 * 4 * 64 and cache[:, :, 1:].abs().sum() == 0
+    assert grown < 8 * 2**20, f"{grown / 2**20:.1f} MiB resident for 64 written rows of 256 bytes"  # huge pages: 32 MiB
