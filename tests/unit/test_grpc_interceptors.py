@@ -123,7 +123,7 @@ async def test_a_named_error_keeps_its_code_and_message(stub):
 async def test_reflection_lists_every_service_to_a_caller_with_the_cluster_token(server):
     services, methods = await asyncio.to_thread(list_services, server, TOKEN, SERVICE_NAME)
     assert services == sorted([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME])
-    assert methods == ["Generate", "Info", "Embed"]
+    assert methods == ["Generate", "Info", "SetThreads", "Embed"]
 
 
 async def test_reflection_needs_the_cluster_token(server):
