@@ -185,7 +185,7 @@ async def test_info_reports_batch_size_queue_depth_and_tokens_per_second(replica
 async def test_the_replica_lists_its_services_by_reflection(replica):
     services, methods = await asyncio.to_thread(list_services, replica.address, None, "gridserve.v1.Replica")
     assert services == ["gridserve.v1.Replica", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
-    assert methods == ["Generate", "Info", "Embed"]
+    assert methods == ["Generate", "Info", "SetThreads", "Embed"]
 
 
 async def test_cancelled_stream_frees_the_replica_and_the_next_call_succeeds(replica):
