@@ -24,10 +24,16 @@ import psutil
 GRIDSERVE = str(Path(sys.executable).parent / "gridserve")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on 127.0.0.1 now (held open together, so the kernel cannot repeat one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def stream(url: str, body: dict) -> tuple[float, int, float]:
@@ -43,7 +49,7 @@ def stream(url: str, body: dict) -> tuple[float, int, float]:
 
 
 def one_start(root: Path, label: str, cache: Path) -> dict:
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port = free_ports(2)
     t0 = time.monotonic()
     proc = subprocess.Popen([GRIDSERVE, "up", "--grpc-port", str(grpc_port), "--http-port", str(http_port),
                              "--state-dir", str(root / "state"), "--work-dir", str(root / "node")],

@@ -46,8 +46,17 @@ async def wait_until(predicate, timeout: float = 5.0, what: str = "a condition",
         await asyncio.sleep(interval)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A port free on 127.0.0.1 now, for processes that must come back on the same one."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, for processes that must come back on the same one. Never one this
+    test process handed out before: the kernel may offer a just-closed port again, and two calls in a row
+    (a gRPC and an HTTP port) must not get the same one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
