@@ -104,8 +104,7 @@ def run_gridserve(root: Path, levels: list[int], cpus: int, seconds: float) -> l
     root.mkdir(parents=True, exist_ok=True)
     configs = root / "model_configs.json"
     configs.write_text(json.dumps({"default_model": MODEL, "models": {MODEL: entry}}))
-    cluster = Cluster(root, configs)
-    try:
+    with Cluster(root, configs) as cluster:  # its logs go to stderr if anything fails
         cluster.start_head()
         cluster.start_scheduler("bench", num_cpus=cpus)
         cluster.cli("deploy", MODEL, "--replicas", "1")
@@ -127,11 +126,6 @@ def run_gridserve(root: Path, levels: list[int], cpus: int, seconds: float) -> l
                              "forward_passes": passes, "rows_per_pass": round(len(latencies) / max(1, passes), 1)})
                 print(f"  gridserve c={c}: {rows[-1]['sentences_per_s']} sentences/s", file=sys.stderr, flush=True)
         return rows
-    except BaseException:
-        print(cluster.logs(), file=sys.stderr)
-        raise
-    finally:
-        cluster.stop()
 
 
 def print_report(result: dict) -> None:

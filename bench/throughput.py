@@ -232,8 +232,7 @@ def run_gridserve(root: Path, levels: list[int], cpus: int, count_tokens) -> lis
     root.mkdir(parents=True, exist_ok=True)
     configs = root / "model_configs.json"
     configs.write_text(json.dumps({"default_model": "smollm2", "models": {"smollm2": entry}}))
-    cluster = Cluster(root, configs)
-    try:
+    with Cluster(root, configs) as cluster:  # its logs go to stderr if anything fails
         cluster.start_head()
         cluster.start_scheduler("bench", num_cpus=cpus)
         cluster.cli("deploy", "smollm2", "--replicas", "1")
@@ -249,11 +248,6 @@ def run_gridserve(root: Path, levels: list[int], cpus: int, count_tokens) -> lis
             print(f"  replica: {info().num_threads} torch threads, max_batch_size {info().max_batch_size}",
                   file=sys.stderr)
         return rows
-    except BaseException:
-        print(cluster.logs(), file=sys.stderr)
-        raise
-    finally:
-        cluster.stop()
 
 
 def run_naive(root: Path, levels: list[int], cpus: int, count_tokens) -> list[dict]:

@@ -29,16 +29,10 @@ FAST = {
 def cluster(tmp_path):
     configs = tmp_path / "models.json"
     configs.write_text(json.dumps({"default_model": "fast", "models": {"fast": FAST}}))
-    c = Cluster(tmp_path, configs)
-    try:
+    with Cluster(tmp_path, configs) as c:
         c.start_head(extra=["--grpc-port", str(free_port()), "--http-port", str(free_port())])
         c.start_scheduler("n1", num_cpus=4)
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def deployment(c: Cluster, model: str = "fast"):

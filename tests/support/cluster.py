@@ -117,9 +117,9 @@ class Cluster:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        """Prints every process's log when starting or using the cluster failed, then stops it all."""
+        """Prints every process's log (to stderr) when starting or using the cluster failed, then stops it all."""
         if exc_type is not None:
-            print(self.logs())
+            print(self.logs(), file=sys.stderr)
         self.stop()
 
     def stop(self) -> None:
