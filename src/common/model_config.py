@@ -14,9 +14,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_CONFIGS = REPO_ROOT / "model_configs.json"
 SOURCE_TYPES = ("gguf_package", "hub", "local", "package", "fake")
 DTYPES = ("float32", "bfloat16", "float16")
-# Weight-only quantization a model may ask for; "none" keeps the weights in `dtype`. Only kinds with a
-# kernel that is fast on the replica's device are offered (see docs/performance.md).
-QUANTIZATIONS = ("none",)
+# Weight-only quantization a model may ask for; "none" keeps the weights in `dtype`. "gguf" serves a
+# GGUF source's Q4_1/Q8_0 blocks as they are, with float32 activations, through a CPU kernel
+# (replica/gguf_blocks.py): the same products as the dequantized float32 model, a fraction of the
+# bytes. Only kinds with a kernel that is fast on the replica's device are offered (docs/performance.md).
+QUANTIZATIONS = ("none", "gguf")
 TASKS = ("generate", "embedding")  # what a model's replicas serve: text generation or sentence embeddings
 NO_EMBEDDING_FIELDS = ("max_tokens_limit", "sampling")  # generation settings an embedding model refuses
 
@@ -217,7 +219,7 @@ class ModelConfig:
         if sampling.max_new_tokens > limit:
             raise ConfigError(f"{where}.sampling.max_new_tokens: must be <= max_tokens_limit={limit}, "
                               f"got {sampling.max_new_tokens}")
-        return cls(
+        config = cls(
             name=name,
             source=ModelSource.from_dict(_take(d, "source", where, (dict,), rule="an object"), f"{where}.source"),
             context_length=ctx,
@@ -225,6 +227,20 @@ class ModelConfig:
             sampling=sampling,
             **cls._common(d, where),
         )
+        config._check_quantization(where)
+        return config
+
+    def _check_quantization(self, where: str) -> None:
+        if self.quantization != "gguf":
+            return
+        if self.task != "generate":
+            raise ConfigError(f"{where}.quantization: \"gguf\" is for generation models only")
+        if not (self.source.type == "gguf_package" or (self.source.type == "local" and self.source.file)):
+            raise ConfigError(f"{where}.quantization: \"gguf\" needs a GGUF file (source type gguf_package, or "
+                              f"local with a file); {self.source.type} has none")
+        if self.dtype != "float32":
+            raise ConfigError(f"{where}.quantization: \"gguf\" computes with float32 activations; set dtype "
+                              f"\"float32\" (got {self.dtype!r})")
 
     @classmethod
     def _embedding(cls, name: str, d: dict, where: str) -> "ModelConfig":
@@ -234,10 +250,12 @@ class ModelConfig:
                 raise ConfigError(f"{where}.{key}: does not apply to an embedding model (task \"embedding\" "
                                   f"generates no tokens); remove it")
         ctx = _take(d, "context_length", where, (int,), check=lambda v: v >= 16, rule="an integer >= 16")
-        return cls(name=name, task="embedding", context_length=ctx, max_tokens_limit=0,
-                   source=ModelSource.from_dict(_take(d, "source", where, (dict,), rule="an object"),
-                                                f"{where}.source"),
-                   **cls._common(d, where))
+        config = cls(name=name, task="embedding", context_length=ctx, max_tokens_limit=0,
+                     source=ModelSource.from_dict(_take(d, "source", where, (dict,), rule="an object"),
+                                                  f"{where}.source"),
+                     **cls._common(d, where))
+        config._check_quantization(where)
+        return config
 
     @staticmethod
     def _common(d: dict, where: str) -> dict:

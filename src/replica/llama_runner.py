@@ -131,7 +131,7 @@ class LlamaRunner:
         self.scaling = self.inner.layers[0].self_attn.scaling
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
-        dtype = self.inner.embed_tokens.weight.dtype
+        dtype = self.inner.norm.weight.dtype  # the embedding may be GGUF blocks (gguf_blocks)
         with torch.inference_mode():
             dummy = torch.zeros(1, dtype=dtype, device=device)
             cos, sin = self.inner.rotary_emb(dummy, torch.arange(max_len, device=device)[None])

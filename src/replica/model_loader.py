@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     from_cache: bool = False
     load_seconds: float = 0.0
+    weights: str = ""  # how the weights are held: "float32", or "gguf blocks Q4_1 x210, Q8_0 x1 (float32 activations)"
     # Held around every tokenizer use (encode here, detokenize in the engine thread): a fast tokenizer
     # is not safe to use from two threads at once.
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -247,6 +249,24 @@ def load_model(config: ModelConfig, cache_dir: Path | None = None) -> LoadedMode
         raise ModelLoadError(f"cannot load model '{config.name}' from {config.source.describe()}: {first}") from None
     _check_context(config, model)
     model.to(device).eval()
+    weights = _use_gguf_blocks(config, model, device, cache_dir) if config.quantization == "gguf" else config.dtype
     return LoadedModel(config=config, model=model, tokenizer=tokenizer, device=device,
                        source=config.source.describe(), eos_token_ids=_eos_ids(tokenizer, model),
-                       from_cache=from_cache, load_seconds=time.monotonic() - start)
+                       from_cache=from_cache, load_seconds=time.monotonic() - start, weights=weights)
+
+
+def _use_gguf_blocks(config: ModelConfig, model, device: torch.device, cache_dir: Path | None) -> str:
+    """Serve the GGUF's own blocks (quantization "gguf") where this replica can; otherwise keep the
+    float32 weights already loaded, with a warning that says why. What the weights are, in words."""
+    from gridserve.replica import gguf_blocks
+    if device.type != "cpu":
+        event(log, "gguf_blocks_unused", logging.WARNING, model=config.name,
+              reason=f"the block kernels run on CPU; this replica runs on {device.type} in {config.dtype}")
+        return config.dtype
+    try:
+        kernels = gguf_blocks.Kernels((cache_dir or Path(tempfile.gettempdir()) / "gridserve") / "kernels")
+        counts = gguf_blocks.use_gguf_blocks(model, _gguf_path(config), kernels)
+    except ModelLoadError as e:
+        event(log, "gguf_blocks_unused", logging.WARNING, model=config.name, reason=f"{e}; serving float32")
+        return config.dtype
+    return "gguf blocks " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) + " (float32 activations)"

@@ -252,7 +252,7 @@ class ReplicaProcess:
         await self._set_health(health, SERVING)
         lm = engine.loaded
         event(log, "model_loaded", model=self.cfg.model.name, source=lm.source, device=lm.device,
-              from_cache=lm.from_cache, load_seconds=f"{lm.load_seconds:.2f}",
+              weights=getattr(lm, "weights", "") or "-", from_cache=lm.from_cache, load_seconds=f"{lm.load_seconds:.2f}",
               seconds=f"{time.monotonic() - started:.2f}", rss_mb=engine.stats().rss_bytes // 2**20)
         return True
 

@@ -1,4 +1,4 @@
-"""Quality gate: smollm2 as served (its configured dtype, the serving runner) against float32 weights."""
+"""Quality gate: smollm2 as served (its configured dtype and quantization, the serving runner) against float32 weights."""
 from __future__ import annotations
 
 import asyncio
@@ -35,7 +35,7 @@ def served():
 
 @pytest.fixture(scope="module")
 def fp32():
-    cfg = dataclasses.replace(load_model_catalog().get("smollm2"), dtype="float32")
+    cfg = dataclasses.replace(load_model_catalog().get("smollm2"), dtype="float32", quantization="none")
     return load_model(cfg, default_cache_dir())
 
 
@@ -47,7 +47,7 @@ def test_served_perplexity_on_english_text_is_within_one_percent_of_float32(serv
     ref = math.exp(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))))
     runner = served.make_runner(1)
     got = math.exp(runner.score(ids))
-    print(f"perplexity: served ({served.config.dtype}) {got:.3f}, float32 {ref:.3f}")
+    print(f"perplexity: served ({served.weights}) {got:.3f}, float32 {ref:.3f}")
     assert abs(got - ref) / ref <= 0.01
 
 

@@ -1,0 +1,224 @@
+"""Serves a GGUF model's block-quantized weights as they are (Q4_1, Q8_0), with float32 activations, on CPU."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gridserve.common.errors import ModelLoadError
+from gridserve.common.eventlog import event
+
+log = logging.getLogger("gridserve.replica.gguf_blocks")
+SOURCE = Path(__file__).with_name("gguf_blocks.cpp")
+QK = 32  # weights per block
+# Rows of activations above which a product dequantizes the weight once and lets MKL multiply (a long
+# prefill); at or below it the kernel reads the blocks directly (decoding, short prompts).
+DENSE_ABOVE_ROWS = 48
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # per 32 weights: fp16 d (and fp16 m for Q4_1), then the quants
+# GGUF tensor name (blk.{i}.X.weight) -> the module of transformers' Llama layer i.
+LLAMA_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                 "ffn_down": "mlp.down_proj"}
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class Kernels:
+    """The compiled kernels (`gguf_blocks.cpp`), built once per CPU and source into `directory`."""
+
+    def __init__(self, directory: Path):
+        self.path = _build(directory)
+        lib = ctypes.CDLL(str(self.path))  # ctypes drops the GIL during each call
+        lib.gs_q4_1_matmul.argtypes = [_P, _I, _I, _P, _P, _P, _I, _P]
+        lib.gs_q8_0_matmul.argtypes = [_P, _I, _I, _P, _P, _I, _P]
+        lib.gs_q4_1_dequant.argtypes = [_P, _P, _P, _I, _I, _P]
+        lib.gs_q8_0_dequant.argtypes = [_P, _P, _I, _I, _P]
+        for f in (lib.gs_q4_1_matmul, lib.gs_q8_0_matmul, lib.gs_q4_1_dequant, lib.gs_q8_0_dequant):
+            f.restype = None
+        self.lib = lib
+
+
+def cpu_has_avx512() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512f" in flags
+
+
+def _build(directory: Path) -> Path:
+    """g++ -O3 -march=native -fopenmp into directory/gguf_blocks-<hash of source and CPU flags>.so, once."""
+    if not cpu_has_avx512():
+        raise ModelLoadError("the gguf block kernels need a CPU with AVX-512 (avx512f)")
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    source = SOURCE.read_bytes()
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    key = hashlib.sha256(source + flags.encode()).hexdigest()[:16]
+    target = directory / f"gguf_blocks-{key}.so"
+    if target.is_file():
+        return target
+    if cxx is None:
+        raise ModelLoadError("the gguf block kernels need a C++ compiler (g++) to build once; none is installed")
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{target.name}.{os.getpid()}.tmp"
+    cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise ModelLoadError(f"building the gguf block kernels failed: {done.stderr.strip()[-300:]}")
+        os.replace(tmp, target)  # atomic: replicas building at once each install a whole file
+    finally:
+        tmp.unlink(missing_ok=True)
+    event(log, "kernels_built", path=target)
+    return target
+
+
+class BlockWeight:
+    """One GGUF tensor's blocks, split into arrays the kernels read: quants [N, K/32, 16 or 32] and the
+    per-block scale d (and minimum m for Q4_1) as float32 (exact: they are fp16 in the file)."""
+
+    def __init__(self, kind: str, raw: np.ndarray, n: int, k: int):
+        self.kind, self.n, self.k = kind, n, k
+        blocks = raw.reshape(n, k // QK, BLOCK_BYTES[kind])
+        self.d = _fp16(blocks[..., 0:2], n, k)
+        if kind == "Q4_1":
+            self.m = _fp16(blocks[..., 2:4], n, k)
+            self.qs = torch.from_numpy(np.ascontiguousarray(blocks[..., 4:]))
+        else:
+            self.m = None
+            self.qs = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8))
+
+    def dense(self, kernels: Kernels) -> torch.Tensor:
+        """The float32 weight [N, K], equal to what gguf's dequantize gives."""
+        w = torch.empty(self.n, self.k)
+        if self.kind == "Q4_1":
+            kernels.lib.gs_q4_1_dequant(self.qs.data_ptr(), self.d.data_ptr(), self.m.data_ptr(), self.n, self.k,
+                                        w.data_ptr())
+        else:
+            kernels.lib.gs_q8_0_dequant(self.qs.data_ptr(), self.d.data_ptr(), self.n, self.k, w.data_ptr())
+        return w
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the float32 weight (an embedding lookup)."""
+        q = self.qs[ids]
+        if self.m is not None:  # weight j of a block is the low nibble of byte j, weight j + 16 the high one
+            q = torch.cat((q & 15, q >> 4), dim=-1)
+        q = q.reshape(len(ids), self.k).float()
+        scale = self.d[ids].repeat_interleave(QK, dim=1)
+        if self.m is None:
+            return q * scale
+        return torch.addcmul(self.m[ids].repeat_interleave(QK, dim=1), q, scale)
+
+
+def _fp16(part: np.ndarray, n: int, k: int) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(part).view(np.float16).astype(np.float32).reshape(n, k // QK))
+
+
+class BlockLinear(torch.nn.Module):
+    """A bias-free nn.Linear whose weight stays in its GGUF blocks: y = x W^T in float32."""
+
+    def __init__(self, weight: BlockWeight, kernels: Kernels):
+        super().__init__()
+        self.w, self.kernels = weight, kernels
+        self.in_features, self.out_features = weight.k, weight.n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if x.dtype != torch.float32:
+            raise TypeError(f"gguf block weights take float32 activations, not {x.dtype}")
+        if x.shape[0] > DENSE_ABOVE_ROWS:
+            return torch.nn.functional.linear(x, self.w.dense(self.kernels)).view(*lead, self.out_features)
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.out_features)
+        w, lib = self.w, self.kernels.lib
+        if w.kind == "Q4_1":
+            lib.gs_q4_1_matmul(x.data_ptr(), x.shape[0], w.k, w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr(),
+                               w.n, y.data_ptr())
+        else:
+            lib.gs_q8_0_matmul(x.data_ptr(), x.shape[0], w.k, w.qs.data_ptr(), w.d.data_ptr(), w.n, y.data_ptr())
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.w.kind}"
+
+
+class BlockEmbedding(torch.nn.Module):
+    """nn.Embedding over the same blocks (a tied embedding and head share one copy)."""
+
+    def __init__(self, weight: BlockWeight):
+        super().__init__()
+        self.w = weight
+        self.num_embeddings, self.embedding_dim = weight.n, weight.k
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.w.rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+
+
+def _llama_row_order(rows: int, heads: int) -> np.ndarray:
+    """GGUF row index of each transformers row of attn_q / attn_k: llama.cpp's converter interleaves
+    the two halves of each head's rotary dimensions; transformers' loader undoes it the same way."""
+    half = rows // heads // 2
+    return np.arange(rows).reshape(heads, half, 2).swapaxes(2, 1).reshape(rows)
+
+
+def use_gguf_blocks(model, gguf: Path, kernels: Kernels) -> dict[str, int]:
+    """Replace the Llama model's linear layers, embedding and head with their GGUF blocks where the file
+    holds them as Q4_1 or Q8_0 (other tensors keep the float32 weights already loaded). Each replaced
+    weight is checked against the loaded one on a few rows first. The count of tensors per kind."""
+    from gguf import GGUFReader
+    cfg = model.config
+    if getattr(cfg, "model_type", "") != "llama":
+        raise ModelLoadError(f"gguf block weights are wired for Llama models only, not {cfg.model_type!r}")
+    tensors = {t.name: t for t in GGUFReader(str(gguf)).tensors}
+    counts: dict[str, int] = {}
+
+    def block_weight(name: str, order: np.ndarray | None = None) -> BlockWeight | None:
+        t = tensors.get(name)
+        if t is None or t.tensor_type.name not in BLOCK_BYTES:
+            return None
+        n, k = int(t.shape[1]), int(t.shape[0])
+        raw = np.asarray(t.data).reshape(n, -1)
+        return BlockWeight(t.tensor_type.name, raw[order] if order is not None else raw, n, k)
+
+    def replaced(weight: BlockWeight) -> None:
+        counts[weight.kind] = counts.get(weight.kind, 0) + 1
+
+    for i, layer in enumerate(model.model.layers):
+        for short, path in LLAMA_LINEARS.items():
+            parent, attr = path.split(".")
+            dense = getattr(getattr(layer, parent), attr)
+            heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(short)
+            order = _llama_row_order(dense.out_features, heads) if heads else None
+            weight = block_weight(f"blk.{i}.{short}.weight", order)
+            if weight is not None and dense.bias is None:
+                _check_same(weight, dense.weight, f"blk.{i}.{short}", kernels)
+                setattr(getattr(layer, parent), attr, BlockLinear(weight, kernels))
+                replaced(weight)
+    embed = block_weight("token_embd.weight")
+    if embed is not None:
+        _check_same(embed, model.model.embed_tokens.weight, "token_embd", kernels)
+        model.model.embed_tokens = BlockEmbedding(embed)
+        replaced(embed)
+        if "output.weight" not in tensors:  # tied: the head is the embedding
+            model.lm_head = BlockLinear(embed, kernels)
+    head = block_weight("output.weight")
+    if head is not None:
+        _check_same(head, model.lm_head.weight, "output", kernels)
+        model.lm_head = BlockLinear(head, kernels)
+        replaced(head)
+    return counts
+
+
+def _check_same(weight: BlockWeight, loaded: torch.Tensor, name: str, kernels: Kernels) -> None:
+    """The blocks must give exactly the float32 weight transformers loaded: a wrong row order or layout
+    would serve a different model. Checks 4 rows (reading all would make every float32 page resident)."""
+    rows = torch.tensor(sorted({0, 1, weight.n // 2, weight.n - 1}))
+    if not torch.equal(weight.rows(rows), loaded.detach()[rows].float()):
+        raise ModelLoadError(f"gguf tensor {name} does not match the loaded weights; not serving its blocks")

