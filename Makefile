@@ -11,9 +11,9 @@ GEN_STAMP := src/v1/.generated
 INSTALL_STAMP := $(VENV)/.gridserve-installed
 PYTEST_ARGS ?=
 
-.PHONY: install protos up test test-unit test-integration test-e2e bench clean chromium chromium
+.PHONY: install protos up test test-unit test-integration test-e2e bench clean chromium compiler
 
-install: $(INSTALL_STAMP) $(GEN_STAMP) chromium
+install: $(INSTALL_STAMP) $(GEN_STAMP) chromium compiler
 
 # The dashboard's browser tests drive Debian's chromium (Playwright's own browser download cannot work here):
 # installed with apt when missing; a no-op when present; only a warning where apt is unavailable or fails.
@@ -22,6 +22,13 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  { command -v apt-get >/dev/null 2>&1 && $(APT_GET) update -qq && $(APT_GET) install -y -qq chromium; } || \
 	  echo "warning: chromium is missing and apt-get could not install it: tests/e2e/test_dashboard.py will fail"
+
+# A replica builds its GGUF block kernels (src/replica/gguf_blocks.cpp) once per CPU with g++; without one
+# it serves smollm2 as dequantized float32, slower (docs/performance.md).
+compiler:
+	@command -v g++ >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && $(APT_GET) update -qq && $(APT_GET) install -y -qq g++; } || \
+	  echo "warning: g++ is missing and apt-get could not install it: replicas will serve smollm2 as float32"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -59,7 +59,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load_smollm2(num_threads: int, dtype: str | None = "float32"):
-    """smollm2 with float32 weights (the reference), or with `dtype=None` as served (its config's dtype)."""
+    """smollm2 with dequantized float32 weights (the reference: dtype float32, quantization none), or with
+    `dtype=None` as served (its config's dtype and quantization)."""
     import dataclasses
 
     import torch
@@ -68,7 +69,7 @@ def load_smollm2(num_threads: int, dtype: str | None = "float32"):
     from gridserve.replica.settings import default_cache_dir
     from gridserve.replica.model_loader import load_model
     cfg = load_model_catalog().get("smollm2")
-    return load_model(dataclasses.replace(cfg, dtype=dtype) if dtype else cfg, default_cache_dir())
+    return load_model(dataclasses.replace(cfg, dtype=dtype, quantization="none") if dtype else cfg, default_cache_dir())
 
 
 # ---- the ceiling: offline static batches ------------------------------------------------------

@@ -13,7 +13,9 @@
 namespace {
 
 const int QK = 32;   // weights per block
-const int MT = 16;   // rows of x one pass over a weight row serves
+
+// Block scales and minimums stay fp16, as in the file; F16C widens them exactly.
+inline float f16(uint16_t h) { return _cvtsh_ss(h); }
 
 inline void q4_1_block(const uint8_t* qs, float d, float m, __m512& w0, __m512& w1) {
   __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
@@ -28,30 +30,67 @@ inline void q8_0_block(const int8_t* qs, float d, __m512& w0, __m512& w1) {
   w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qs + 16)))), vd);
 }
 
-// y[i * ldy] = x[i] . w for the rows i < R of x, w being one weight row of nb blocks.
-template <int R, typename Block>
-inline void row_dot(const float* x, int64_t K, int64_t nb, Block block, float* y, int64_t ldy) {
-  __m512 acc[R];
-  for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
+// y[i * ldy + j] = x[i] . W[j] for the R rows of x and the NT weight rows at `at(j)`. Every (row, weight
+// row) pair is summed the same way whatever R and NT are (two accumulators: the first and second 16
+// weights of each block; then one reduction), so a row's result never depends on the batch around it.
+// A tile holds 2 * R * NT <= 16 accumulators: several weight rows for few activation rows keep the
+// FMA chains independent (one row alone would wait on FMA latency), several activation rows share
+// each dequantized block.
+template <int R, int NT, typename Block>
+inline void tile_dot(const float* x, int64_t K, int64_t nb, const Block& block, float* y, int64_t ldy) {
+  __m512 lo[R][NT], hi[R][NT];
+  for (int i = 0; i < R; i++)
+    for (int j = 0; j < NT; j++) lo[i][j] = hi[i][j] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    __m512 w0, w1;
-    block(b, w0, w1);
+    __m512 w0[NT], w1[NT];
+    for (int j = 0; j < NT; j++) block(j, b, w0[j], w1[j]);
     for (int i = 0; i < R; i++) {
-      const float* xi = x + i * K + b * QK;
-      acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), acc[i]);
-      acc[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), acc[i]);
+      const __m512 x0 = _mm512_loadu_ps(x + i * K + b * QK), x1 = _mm512_loadu_ps(x + i * K + b * QK + 16);
+      for (int j = 0; j < NT; j++) {
+        lo[i][j] = _mm512_fmadd_ps(w0[j], x0, lo[i][j]);
+        hi[i][j] = _mm512_fmadd_ps(w1[j], x1, hi[i][j]);
+      }
     }
   }
-  for (int i = 0; i < R; i++) y[i * ldy] = _mm512_reduce_add_ps(acc[i]);
+  for (int i = 0; i < R; i++)
+    for (int j = 0; j < NT; j++) y[i * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(lo[i][j], hi[i][j]));
 }
 
+const int MT = 8;  // activation rows in one tile at most
+
+// y[M, N] = x[M, K] . W[N, K]^T over tiles, the weight rows split among the threads.
 template <typename Block>
-inline void rows_dot(int r, const float* x, int64_t K, int64_t nb, Block block, float* y, int64_t ldy) {
-  switch (r) {
-#define CASE(n) case n: row_dot<n>(x, K, nb, block, y, ldy); break;
-    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
-    CASE(9) CASE(10) CASE(11) CASE(12) CASE(13) CASE(14) CASE(15) CASE(16)
+void matmul(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block) {
+  const int64_t nb = K / QK;
+  const int64_t tiles = (N + 3) / 4;  // 4 weight rows each: the widest tile (R = 1, NT = 4)
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tiles; t++) {
+    for (int64_t i0 = 0; i0 < M; i0 += MT) {
+      const int r = (int)(M - i0 < MT ? M - i0 : MT);
+      const float* xs = x + i0 * K;
+      for (int64_t n = 4 * t; n < 4 * t + 4 && n < N;) {
+        auto at = [&](int j, int64_t b, __m512& w0, __m512& w1) { block(n + j, b, w0, w1); };
+        float* ys = y + i0 * N + n;
+        const int64_t left = (N - n < 4 * t + 4 - n) ? N - n : 4 * t + 4 - n;
+        if (r == 1 && left >= 4) { tile_dot<1, 4>(xs, K, nb, at, ys, N); n += 4; continue; }
+        if (r <= 4 && left >= 2) {
+          switch (r) {
+            case 1: tile_dot<1, 2>(xs, K, nb, at, ys, N); break;
+            case 2: tile_dot<2, 2>(xs, K, nb, at, ys, N); break;
+            case 3: tile_dot<3, 2>(xs, K, nb, at, ys, N); break;
+            default: tile_dot<4, 2>(xs, K, nb, at, ys, N); break;
+          }
+          n += 2;
+          continue;
+        }
+        switch (r) {
+#define CASE(k) case k: tile_dot<k, 1>(xs, K, nb, at, ys, N); break;
+          CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
+        }
+        n += 1;
+      }
+    }
   }
 }
 
@@ -59,57 +98,45 @@ inline void rows_dot(int r, const float* x, int64_t K, int64_t nb, Block block, 
 
 extern "C" {
 
-// y[M, N] = x[M, K] . W[N, K]^T, W in Q4_1: qs [N, K/32, 16] (low nibble weight j, high weight j + 16), d, m [N, K/32].
-void gs_q4_1_matmul(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m,
+// y[M, N] = x[M, K] . W[N, K]^T, W in Q4_1: qs [N, K/32, 16] (low nibble weight j, high weight j + 16),
+// d, m [N, K/32] fp16.
+void gs_q4_1_matmul(const float* x, int64_t M, int64_t K, const uint8_t* qs, const uint16_t* d, const uint16_t* m,
                     int64_t N, float* y) {
   const int64_t nb = K / QK;
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; n++) {
-    const uint8_t* qn = qs + n * nb * 16;
-    const float* dn = d + n * nb;
-    const float* mn = m + n * nb;
-    for (int64_t i0 = 0; i0 < M; i0 += MT) {
-      int r = (int)(M - i0 < MT ? M - i0 : MT);
-      rows_dot(r, x + i0 * K, K, nb, [=](int64_t b, __m512& w0, __m512& w1) { q4_1_block(qn + b * 16, dn[b], mn[b], w0, w1); },
-               y + i0 * N + n, N);
-    }
-  }
+  matmul(x, M, K, N, y, [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
+    q4_1_block(qs + (n * nb + b) * 16, f16(d[n * nb + b]), f16(m[n * nb + b]), w0, w1);
+  });
 }
 
-// The same with W in Q8_0: qs [N, K/32, 32] int8, d [N, K/32].
-void gs_q8_0_matmul(const float* x, int64_t M, int64_t K, const int8_t* qs, const float* d, int64_t N, float* y) {
+// The same with W in Q8_0: qs [N, K/32, 32] int8, d [N, K/32] fp16.
+void gs_q8_0_matmul(const float* x, int64_t M, int64_t K, const int8_t* qs, const uint16_t* d, int64_t N, float* y) {
   const int64_t nb = K / QK;
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; n++) {
-    const int8_t* qn = qs + n * nb * QK;
-    const float* dn = d + n * nb;
-    for (int64_t i0 = 0; i0 < M; i0 += MT) {
-      int r = (int)(M - i0 < MT ? M - i0 : MT);
-      rows_dot(r, x + i0 * K, K, nb, [=](int64_t b, __m512& w0, __m512& w1) { q8_0_block(qn + b * QK, dn[b], w0, w1); },
-               y + i0 * N + n, N);
-    }
-  }
+  matmul(x, M, K, N, y, [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
+    q8_0_block(qs + (n * nb + b) * QK, f16(d[n * nb + b]), w0, w1);
+  });
 }
 
 // W back to float32 [N, K], as gguf's dequantize computes it (d * q + m: d * q is exact in float32).
-void gs_q4_1_dequant(const uint8_t* qs, const float* d, const float* m, int64_t N, int64_t K, float* w) {
-  const int64_t nb = K / QK;
+void gs_q4_1_dequant(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int64_t N, int64_t K, float* w) {
+  const int64_t blocks = N * (K / QK);
 #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N * nb; n++) {
-    const uint8_t* q = qs + n * 16;
-    float* out = w + n * QK;
-    for (int j = 0; j < 16; j++) {
-      out[j] = fmaf((float)(q[j] & 15), d[n], m[n]);
-      out[j + 16] = fmaf((float)(q[j] >> 4), d[n], m[n]);
-    }
+  for (int64_t b = 0; b < blocks; b++) {
+    __m512 w0, w1;
+    q4_1_block(qs + b * 16, f16(d[b]), f16(m[b]), w0, w1);
+    _mm512_storeu_ps(w + b * QK, w0);
+    _mm512_storeu_ps(w + b * QK + 16, w1);
   }
 }
 
-void gs_q8_0_dequant(const int8_t* qs, const float* d, int64_t N, int64_t K, float* w) {
-  const int64_t nb = K / QK;
+void gs_q8_0_dequant(const int8_t* qs, const uint16_t* d, int64_t N, int64_t K, float* w) {
+  const int64_t blocks = N * (K / QK);
 #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N * nb; n++)
-    for (int j = 0; j < QK; j++) w[n * QK + j] = (float)qs[n * QK + j] * d[n];
+  for (int64_t b = 0; b < blocks; b++) {
+    __m512 w0, w1;
+    q8_0_block(qs + b * QK, f16(d[b]), w0, w1);
+    _mm512_storeu_ps(w + b * QK, w0);
+    _mm512_storeu_ps(w + b * QK + 16, w1);
+  }
 }
 
 }  // extern "C"

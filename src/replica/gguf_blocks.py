@@ -81,7 +81,7 @@ def _build(directory: Path) -> Path:
 
 class BlockWeight:
     """One GGUF tensor's blocks, split into arrays the kernels read: quants [N, K/32, 16 or 32] and the
-    per-block scale d (and minimum m for Q4_1) as float32 (exact: they are fp16 in the file)."""
+    per-block scale d (and minimum m for Q4_1), fp16 as in the file."""
 
     def __init__(self, kind: str, raw: np.ndarray, n: int, k: int):
         self.kind, self.n, self.k = kind, n, k
@@ -93,6 +93,23 @@ class BlockWeight:
         else:
             self.m = None
             self.qs = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8))
+
+    @classmethod
+    def joined(cls, parts: list["BlockWeight"]) -> "BlockWeight":
+        """One weight whose rows are the parts' rows in order; each part then reads its slice of it (no
+        second copy), so one product serves them all with the same results per row."""
+        kind, k = parts[0].kind, parts[0].k
+        whole = cls.__new__(cls)
+        whole.kind, whole.k, whole.n = kind, k, sum(p.n for p in parts)
+        whole.qs = torch.cat([p.qs for p in parts])
+        whole.d = torch.cat([p.d for p in parts])
+        whole.m = torch.cat([p.m for p in parts]) if kind == "Q4_1" else None
+        at = 0
+        for p in parts:
+            p.qs, p.d = whole.qs[at:at + p.n], whole.d[at:at + p.n]
+            p.m = whole.m[at:at + p.n] if whole.m is not None else None
+            at += p.n
+        return whole
 
     def dense(self, kernels: Kernels) -> torch.Tensor:
         """The float32 weight [N, K], equal to what gguf's dequantize gives."""
@@ -110,14 +127,14 @@ class BlockWeight:
         if self.m is not None:  # weight j of a block is the low nibble of byte j, weight j + 16 the high one
             q = torch.cat((q & 15, q >> 4), dim=-1)
         q = q.reshape(len(ids), self.k).float()
-        scale = self.d[ids].repeat_interleave(QK, dim=1)
+        scale = self.d[ids].float().repeat_interleave(QK, dim=1)
         if self.m is None:
             return q * scale
-        return torch.addcmul(self.m[ids].repeat_interleave(QK, dim=1), q, scale)
+        return torch.addcmul(self.m[ids].float().repeat_interleave(QK, dim=1), q, scale)
 
 
 def _fp16(part: np.ndarray, n: int, k: int) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(part).view(np.float16).astype(np.float32).reshape(n, k // QK))
+    return torch.from_numpy(np.ascontiguousarray(part).view(np.float16).reshape(n, k // QK))
 
 
 class BlockLinear(torch.nn.Module):
@@ -213,7 +230,22 @@ def use_gguf_blocks(model, gguf: Path, kernels: Kernels) -> dict[str, int]:
         _check_same(head, model.lm_head.weight, "output", kernels)
         model.lm_head = BlockLinear(head, kernels)
         replaced(head)
+    for layer in model.model.layers:
+        _join(layer.self_attn, "qkv_blocks", ("q_proj", "k_proj", "v_proj"), kernels)
+        _join(layer.mlp, "gate_up_blocks", ("gate_proj", "up_proj"), kernels)
+    # The float32 weights left (norms) may be views of the memory-mapped weights file: copied, the
+    # mapping goes with the replaced weights instead of keeping the pages read so far resident.
+    for p in model.parameters():
+        p.data = p.data.clone()
     return counts
+
+
+def _join(module, name: str, parts: tuple[str, ...], kernels: Kernels) -> None:
+    """module.<name>: one BlockLinear over the parts' rows (q, k, v; gate, up) when all are blocks of one
+    kind, so the Llama runner makes one product (one pass of the threads) where there were several."""
+    linears = [getattr(module, p) for p in parts]
+    if all(isinstance(m, BlockLinear) for m in linears) and len({(m.w.kind, m.w.k) for m in linears}) == 1:
+        setattr(module, name, BlockLinear(BlockWeight.joined([m.w for m in linears]), kernels))
 
 
 def _check_same(weight: BlockWeight, loaded: torch.Tensor, name: str, kernels: Kernels) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class EagerLayers:
@@ -11,22 +12,40 @@ class EagerLayers:
     def __init__(self, model, heads: int, kv_heads: int, head_dim: int):
         self.layers = model.model.layers
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        norm = self.layers[0].input_layernorm
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        self.sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+
+    def norm(self, module, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm as one op (LlamaRMSNorm's math, float32 in and out; each row alone)."""
+        return F.rms_norm(x, (x.shape[-1],), module.weight, self.eps)
 
     def qkv(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Queries, keys and values of layer i for the flattened tokens x [T, hidden], RoPE applied."""
         layer = self.layers[i]
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(-1, self.heads, self.head_dim)
-        k = attn.k_proj(h).view(-1, self.kv_heads, self.head_dim)
-        v = attn.v_proj(h).view(-1, self.kv_heads, self.head_dim)
+        h = self.norm(layer.input_layernorm, x)
+        fused = getattr(attn, "qkv_blocks", None)  # q, k and v in one product (gguf_blocks.fuse_projections)
+        if fused is not None:
+            q, k, v = fused(h).split(self.sizes, dim=-1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q = q.reshape(-1, self.heads, self.head_dim)
+        k = k.reshape(-1, self.kv_heads, self.head_dim)
+        v = v.reshape(-1, self.kv_heads, self.head_dim)
         return rope(q, cos, sin), rope(k, cos, sin), v
 
     def finish(self, i: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Layer i's output: residual + o_proj(attention), then residual + MLP(norm)."""
         layer = self.layers[i]
         x = x + layer.self_attn.o_proj(attn_out)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        h = self.norm(layer.post_attention_layernorm, x)
+        mlp = layer.mlp
+        fused = getattr(mlp, "gate_up_blocks", None)
+        if fused is not None:
+            gate, up = fused(h).chunk(2, dim=-1)
+            return x + mlp.down_proj(mlp.act_fn(gate) * up)
+        return x + mlp(h)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

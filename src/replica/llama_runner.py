@@ -243,10 +243,12 @@ class LlamaRunner:
             slots = [s.slot for s, _ in decoding]
             lo, hi = min(slots), max(slots) + 1
             length = max(a for _, a in decoding) + 1
-            mask = torch.zeros(hi - lo, 1, 1, length, dtype=torch.bool, device=self.device)
-            mask[:, :, :, 0] = True  # rows of free slots in the range attend to something; their output is unused
-            for (s, a) in decoding:
-                mask[s.slot - lo, :, :, :a + 1] = True
+            mask = None  # rows all as long as the longest: nothing to hide (always so for one row)
+            if any(a + 1 != length for _, a in decoding):
+                mask = torch.zeros(hi - lo, 1, 1, length, dtype=torch.bool, device=self.device)
+                mask[:, :, :, 0] = True  # rows of free slots in the range attend to something; their output is unused
+                for (s, a) in decoding:
+                    mask[s.slot - lo, :, :, :a + 1] = True
             index = torch.tensor([s - lo for s in slots], dtype=torch.long, device=self.device)
             plan.append(("decode", len(decoding), lo, hi, length, mask, index))
         for seq, a, b in spans:
