@@ -229,10 +229,13 @@ class LlamaRunner:
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [T, 1, head_dim]
         plan = self._attention_plan(spans)
+        # Where each token's key and value go in a layer's cache viewed as [slots * kv_heads * max_len, head_dim]
+        heads = torch.arange(self.kv_heads, device=dev)
+        at = ((slot_t[:, None] * self.kv_heads + heads) * self.max_len + pos[:, None]).reshape(-1)
         for i in range(len(self.inner.layers)):
             q, k, v = self.dense.qkv(i, x, cos, sin)
-            self.cache.k[i][slot_t, :, pos] = k
-            self.cache.v[i][slot_t, :, pos] = v
+            self.cache.k[i].view(-1, self.head_dim).index_copy_(0, at, k.reshape(-1, self.head_dim))
+            self.cache.v[i].view(-1, self.head_dim).index_copy_(0, at, v.reshape(-1, self.head_dim))
             x = self.dense.finish(i, x, self._attend(i, q, plan))
         return x[last]
 
