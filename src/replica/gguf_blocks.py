@@ -26,6 +26,8 @@ BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # per 32 weights: fp16 d (and fp16 m for
 LLAMA_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                  "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                  "ffn_down": "mlp.down_proj"}
+# Products made as one (one pass of the threads where there were several): the parts read slices of them.
+JOINED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -85,6 +87,7 @@ class BlockWeight:
 
     def __init__(self, kind: str, raw: np.ndarray, n: int, k: int):
         self.kind, self.n, self.k = kind, n, k
+        self.part_of: tuple[str, int] | None = None  # (joined weight, first row) when a slice of one
         blocks = raw.reshape(n, k // QK, BLOCK_BYTES[kind])
         self.d = _fp16(blocks[..., 0:2], n, k)
         if kind == "Q4_1":
@@ -100,7 +103,7 @@ class BlockWeight:
         second copy), so one product serves them all with the same results per row."""
         kind, k = parts[0].kind, parts[0].k
         whole = cls.__new__(cls)
-        whole.kind, whole.k, whole.n = kind, k, sum(p.n for p in parts)
+        whole.kind, whole.k, whole.n, whole.part_of = kind, k, sum(p.n for p in parts), None
         whole.qs = torch.cat([p.qs for p in parts])
         whole.d = torch.cat([p.d for p in parts])
         whole.m = torch.cat([p.m for p in parts]) if kind == "Q4_1" else None
@@ -185,24 +188,104 @@ def _llama_row_order(rows: int, heads: int) -> np.ndarray:
     return np.arange(rows).reshape(heads, half, 2).swapaxes(2, 1).reshape(rows)
 
 
-def use_gguf_blocks(model, gguf: Path, kernels: Kernels) -> dict[str, int]:
+def read_blocks(model, gguf: Path, cache: Path | None = None) -> dict[str, BlockWeight]:
+    """The GGUF's Q4_1/Q8_0 tensors by name, attn_q/attn_k rows in transformers' order. From `cache` (a
+    safetensors file of the packed arrays) when there; otherwise parsed from the GGUF (gguf's reader
+    takes ~2 s on its tokenizer metadata) and written to `cache` for the next start."""
+    if cache is not None and cache.is_file():
+        try:
+            return _load_packed(cache)
+        except Exception as e:  # damaged: parse again and replace it
+            event(log, "cache_unreadable", logging.WARNING, path=cache, error=str(e).splitlines()[0][:200])
+    from gguf import GGUFReader
+    cfg = model.config
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    blocks = {}
+    for t in GGUFReader(str(gguf)).tensors:
+        if t.tensor_type.name not in BLOCK_BYTES:
+            continue
+        n, k = int(t.shape[1]), int(t.shape[0])
+        raw = np.asarray(t.data).reshape(n, -1)
+        short = t.name.split(".")[-2]
+        if short in heads and t.name.startswith("blk."):
+            raw = raw[_llama_row_order(n, heads[short])]
+        blocks[t.name] = BlockWeight(t.tensor_type.name, raw, n, k)
+    for i in range(cfg.num_hidden_layers):
+        for joined, parts in JOINED.items():
+            names = [f"blk.{i}.{p}.weight" for p in parts]
+            found = [blocks.get(n) for n in names]
+            if all(found) and len({(w.kind, w.k) for w in found}) == 1:
+                blocks[f"blk.{i}.{joined}.weight"] = BlockWeight.joined(found)
+                at = 0
+                for name, w in zip(names, found):
+                    w.part_of, at = (f"blk.{i}.{joined}.weight", at), at + w.n
+    if cache is not None:
+        _save_packed(blocks, cache)
+    return blocks
+
+
+def _save_packed(blocks: dict[str, BlockWeight], path: Path) -> None:
+    """One safetensors file: each weight's arrays (a part of a joined weight only names its rows there),
+    its kind and shape in the metadata."""
+    from safetensors.torch import save_file
+    tensors, specs = {}, {}
+    for name, w in blocks.items():
+        spec = f"{w.kind} {w.n} {w.k}"
+        if w.part_of is not None:
+            specs[name] = f"{spec} {w.part_of[0]} {w.part_of[1]}"
+            continue
+        specs[name] = spec
+        tensors[f"{name}.qs"], tensors[f"{name}.d"] = w.qs, w.d
+        if w.m is not None:
+            tensors[f"{name}.m"] = w.m
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=specs)
+        os.replace(tmp, path)
+        event(log, "cache_written", path=path)
+    except OSError as e:
+        event(log, "cache_not_written", logging.WARNING, path=path, error=str(e)[:200])
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_packed(path: Path) -> dict[str, BlockWeight]:
+    """What _save_packed wrote; the arrays stay in the file's mapping (page cache, shared by the node's
+    replicas of the model) instead of being copied."""
+    from safetensors import safe_open
+    blocks, parts = {}, {}
+    with safe_open(str(path), framework="pt") as f:
+        for name, spec in f.metadata().items():
+            kind, n, k, *part = spec.split()
+            w = BlockWeight.__new__(BlockWeight)
+            w.kind, w.n, w.k, w.part_of = kind, int(n), int(k), None
+            if part:
+                parts[name] = (w, part[0], int(part[1]))
+            else:
+                w.qs, w.d = f.get_tensor(f"{name}.qs"), f.get_tensor(f"{name}.d")
+                w.m = f.get_tensor(f"{name}.m") if kind == "Q4_1" else None
+            blocks[name] = w
+    for name, (w, whole, at) in parts.items():
+        src = blocks[whole]
+        w.part_of = (whole, at)
+        w.qs, w.d = src.qs[at:at + w.n], src.d[at:at + w.n]
+        w.m = src.m[at:at + w.n] if src.m is not None else None
+    return blocks
+
+
+def use_gguf_blocks(model, gguf: Path, kernels: Kernels, cache: Path | None = None) -> dict[str, int]:
     """Replace the Llama model's linear layers, embedding and head with their GGUF blocks where the file
     holds them as Q4_1 or Q8_0 (other tensors keep the float32 weights already loaded). Each replaced
     weight is checked against the loaded one on a few rows first. The count of tensors per kind."""
-    from gguf import GGUFReader
     cfg = model.config
     if getattr(cfg, "model_type", "") != "llama":
         raise ModelLoadError(f"gguf block weights are wired for Llama models only, not {cfg.model_type!r}")
-    tensors = {t.name: t for t in GGUFReader(str(gguf)).tensors}
+    tensors = read_blocks(model, gguf, cache)
     counts: dict[str, int] = {}
 
-    def block_weight(name: str, order: np.ndarray | None = None) -> BlockWeight | None:
-        t = tensors.get(name)
-        if t is None or t.tensor_type.name not in BLOCK_BYTES:
-            return None
-        n, k = int(t.shape[1]), int(t.shape[0])
-        raw = np.asarray(t.data).reshape(n, -1)
-        return BlockWeight(t.tensor_type.name, raw[order] if order is not None else raw, n, k)
+    def block_weight(name: str) -> BlockWeight | None:
+        return tensors.get(name)
 
     def replaced(weight: BlockWeight) -> None:
         counts[weight.kind] = counts.get(weight.kind, 0) + 1
@@ -211,9 +294,7 @@ def use_gguf_blocks(model, gguf: Path, kernels: Kernels) -> dict[str, int]:
         for short, path in LLAMA_LINEARS.items():
             parent, attr = path.split(".")
             dense = getattr(getattr(layer, parent), attr)
-            heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(short)
-            order = _llama_row_order(dense.out_features, heads) if heads else None
-            weight = block_weight(f"blk.{i}.{short}.weight", order)
+            weight = block_weight(f"blk.{i}.{short}.weight")
             if weight is not None and dense.bias is None:
                 _check_same(weight, dense.weight, f"blk.{i}.{short}", kernels)
                 setattr(getattr(layer, parent), attr, BlockLinear(weight, kernels))
@@ -230,22 +311,18 @@ def use_gguf_blocks(model, gguf: Path, kernels: Kernels) -> dict[str, int]:
         _check_same(head, model.lm_head.weight, "output", kernels)
         model.lm_head = BlockLinear(head, kernels)
         replaced(head)
-    for layer in model.model.layers:
-        _join(layer.self_attn, "qkv_blocks", ("q_proj", "k_proj", "v_proj"), kernels)
-        _join(layer.mlp, "gate_up_blocks", ("gate_proj", "up_proj"), kernels)
+    for i, layer in enumerate(model.model.layers):
+        qkv, gate_up = tensors.get(f"blk.{i}.attn_qkv.weight"), tensors.get(f"blk.{i}.ffn_gate_up.weight")
+        if qkv is not None and all(isinstance(getattr(layer.self_attn, p), BlockLinear)
+                                   for p in ("q_proj", "k_proj", "v_proj")):
+            layer.self_attn.qkv_blocks = BlockLinear(qkv, kernels)
+        if gate_up is not None and all(isinstance(getattr(layer.mlp, p), BlockLinear) for p in ("gate_proj", "up_proj")):
+            layer.mlp.gate_up_blocks = BlockLinear(gate_up, kernels)
     # The float32 weights left (norms) may be views of the memory-mapped weights file: copied, the
     # mapping goes with the replaced weights instead of keeping the pages read so far resident.
     for p in model.parameters():
         p.data = p.data.clone()
     return counts
-
-
-def _join(module, name: str, parts: tuple[str, ...], kernels: Kernels) -> None:
-    """module.<name>: one BlockLinear over the parts' rows (q, k, v; gate, up) when all are blocks of one
-    kind, so the Llama runner makes one product (one pass of the threads) where there were several."""
-    linears = [getattr(module, p) for p in parts]
-    if all(isinstance(m, BlockLinear) for m in linears) and len({(m.w.kind, m.w.k) for m in linears}) == 1:
-        setattr(module, name, BlockLinear(BlockWeight.joined([m.w for m in linears]), kernels))
 
 
 def _check_same(weight: BlockWeight, loaded: torch.Tensor, name: str, kernels: Kernels) -> None:

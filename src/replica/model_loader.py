@@ -265,7 +265,12 @@ def _use_gguf_blocks(config: ModelConfig, model, device: torch.device, cache_dir
         return config.dtype
     try:
         kernels = gguf_blocks.Kernels((cache_dir or Path(tempfile.gettempdir()) / "gridserve") / "kernels")
-        counts = gguf_blocks.use_gguf_blocks(model, _gguf_path(config), kernels)
+        gguf = _gguf_path(config)
+        cache = None
+        if cache_dir is not None:
+            cache = cache_path(config, gguf, cache_dir)
+            cache = cache.with_name(f"{cache.name}-blocks.safetensors")
+        counts = gguf_blocks.use_gguf_blocks(model, gguf, kernels, cache)
     except ModelLoadError as e:
         event(log, "gguf_blocks_unused", logging.WARNING, model=config.name, reason=f"{e}; serving float32")
         return config.dtype

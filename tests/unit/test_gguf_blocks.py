@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -137,3 +138,53 @@ def test_the_shipped_smollm2_entry_serves_its_gguf_blocks():
     cfg = load_model_catalog().get("smollm2")
     assert (cfg.quantization, cfg.dtype) == ("gguf", "float32")
     assert dataclasses.replace(cfg, quantization="none").quantization == "none"
+
+
+def tiny_gguf(path, layers: int = 1, hidden: int = 64, inter: int = 128, heads: int = 4, kv_heads: int = 2):
+    """A GGUF holding a Llama's linear weights as Q4_1 and its embedding as Q8_0, as llama.cpp writes them."""
+    from gguf import GGUFWriter
+    writer = GGUFWriter(str(path), "llama")
+    rng = np.random.default_rng(7)
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (hidden // heads * kv_heads, hidden),
+              "attn_v": (hidden // heads * kv_heads, hidden), "attn_output": (hidden, hidden),
+              "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden), "ffn_down": (hidden, inter)}
+    for i in range(layers):
+        for short, shape in shapes.items():
+            w = rng.normal(0, 0.05, shape).astype(np.float32)
+            writer.add_tensor(f"blk.{i}.{short}.weight", quantize(w, QT.Q4_1), raw_dtype=QT.Q4_1)
+    embed = rng.normal(0, 0.05, (96, hidden)).astype(np.float32)
+    writer.add_tensor("token_embd.weight", quantize(embed, QT.Q8_0), raw_dtype=QT.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    cfg = SimpleNamespace(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    return SimpleNamespace(config=cfg)
+
+
+def test_packed_blocks_are_cached_and_read_back_equal_with_q_and_k_in_transformers_row_order(tmp_path, caplog):
+    model = tiny_gguf(tmp_path / "tiny.gguf")
+    cache = tmp_path / "cache" / "tiny-blocks.safetensors"
+    parsed = gguf_blocks.read_blocks(model, tmp_path / "tiny.gguf", cache)
+    assert cache.is_file()
+    cached = gguf_blocks.read_blocks(model, tmp_path / "does-not-exist.gguf", cache)  # the cache alone serves
+    assert set(cached) == set(parsed) >= {"blk.0.attn_q.weight", "blk.0.attn_qkv.weight", "blk.0.ffn_gate_up.weight",
+                                          "token_embd.weight"}
+    for name, w in parsed.items():
+        assert (cached[name].kind, cached[name].n, cached[name].k) == (w.kind, w.n, w.k)
+        assert torch.equal(cached[name].qs, w.qs) and torch.equal(cached[name].d, w.d)
+    from gguf import GGUFReader
+    raw = next(t for t in GGUFReader(str(tmp_path / "tiny.gguf")).tensors if t.name == "blk.0.attn_q.weight")
+    dense = torch.from_numpy(dequantize(raw.data, raw.tensor_type).reshape(64, 64).copy())
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor  # how transformers loads it
+    hf = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2}).process(
+        dense.numpy(), "blk.0.attn_q.weight").weights
+    assert torch.equal(cached["blk.0.attn_q.weight"].rows(torch.arange(64)), torch.from_numpy(np.ascontiguousarray(hf)))
+    assert not torch.equal(torch.from_numpy(np.ascontiguousarray(hf)), dense)  # the order does matter
+    qkv, q = cached["blk.0.attn_qkv.weight"], cached["blk.0.attn_q.weight"]
+    assert q.qs.data_ptr() == qkv.qs.data_ptr() and qkv.n == 64 + 32 + 32  # a slice of the joined weight, not a copy
+    cache.write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING):
+        again = gguf_blocks.read_blocks(model, tmp_path / "tiny.gguf", cache)
+    assert "cache_unreadable" in caplog.text and torch.equal(again["token_embd.weight"].qs, parsed["token_embd.weight"].qs)
+    assert gguf_blocks.read_blocks(model, tmp_path / "does-not-exist.gguf", cache)  # rewritten
