@@ -188,22 +188,27 @@ def _llama_row_order(rows: int, heads: int) -> np.ndarray:
     return np.arange(rows).reshape(heads, half, 2).swapaxes(2, 1).reshape(rows)
 
 
-def read_blocks(model, gguf: Path, cache: Path | None = None) -> dict[str, BlockWeight]:
-    """The GGUF's Q4_1/Q8_0 tensors by name, attn_q/attn_k rows in transformers' order. From `cache` (a
-    safetensors file of the packed arrays) when there; otherwise parsed from the GGUF (gguf's reader
-    takes ~2 s on its tokenizer metadata) and written to `cache` for the next start."""
+def read_blocks(cfg, gguf: Path, cache: Path | None = None) -> dict[str, "BlockWeight | torch.Tensor"]:
+    """The GGUF's Q4_1/Q8_0 tensors by name (attn_q/attn_k rows in transformers' order) and its float32
+    ones (norms) as tensors. From `cache` (a safetensors file of the packed arrays) when there;
+    otherwise parsed from the GGUF (gguf's reader takes ~2 s on its tokenizer metadata) and written to
+    `cache` for the next start. `cfg` is the model's transformers config."""
     if cache is not None and cache.is_file():
         try:
-            return _load_packed(cache)
+            return load_packed(cache)
         except Exception as e:  # damaged: parse again and replace it
             event(log, "cache_unreadable", logging.WARNING, path=cache, error=str(e).splitlines()[0][:200])
     from gguf import GGUFReader
-    cfg = model.config
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
     blocks = {}
     for t in GGUFReader(str(gguf)).tensors:
-        if t.tensor_type.name not in BLOCK_BYTES:
+        if t.tensor_type.name == "F32":
+            blocks[t.name] = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(tuple(reversed(
+                [int(d) for d in t.shape]))))
             continue
+        if t.tensor_type.name not in BLOCK_BYTES:
+            raise ModelLoadError(f"gguf tensor {t.name} is {t.tensor_type.name}; the block kernels take "
+                                 f"{' and '.join(BLOCK_BYTES)}")
         n, k = int(t.shape[1]), int(t.shape[0])
         raw = np.asarray(t.data).reshape(n, -1)
         short = t.name.split(".")[-2]
@@ -220,16 +225,19 @@ def read_blocks(model, gguf: Path, cache: Path | None = None) -> dict[str, Block
                 for name, w in zip(names, found):
                     w.part_of, at = (f"blk.{i}.{joined}.weight", at), at + w.n
     if cache is not None:
-        _save_packed(blocks, cache)
+        save_packed(blocks, cache)
     return blocks
 
 
-def _save_packed(blocks: dict[str, BlockWeight], path: Path) -> None:
+def save_packed(blocks: dict, path: Path) -> None:
     """One safetensors file: each weight's arrays (a part of a joined weight only names its rows there),
-    its kind and shape in the metadata."""
+    its kind and shape in the metadata; float32 tensors as they are."""
     from safetensors.torch import save_file
     tensors, specs = {}, {}
     for name, w in blocks.items():
+        if isinstance(w, torch.Tensor):
+            tensors[name], specs[name] = w.contiguous(), "F32"
+            continue
         spec = f"{w.kind} {w.n} {w.k}"
         if w.part_of is not None:
             specs[name] = f"{spec} {w.part_of[0]} {w.part_of[1]}"
@@ -238,25 +246,20 @@ def _save_packed(blocks: dict[str, BlockWeight], path: Path) -> None:
         tensors[f"{name}.qs"], tensors[f"{name}.d"] = w.qs, w.d
         if w.m is not None:
             tensors[f"{name}.m"] = w.m
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=specs)
-        os.replace(tmp, path)
-        event(log, "cache_written", path=path)
-    except OSError as e:
-        event(log, "cache_not_written", logging.WARNING, path=path, error=str(e)[:200])
-    finally:
-        tmp.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=specs)
 
 
-def _load_packed(path: Path) -> dict[str, BlockWeight]:
+def load_packed(path: Path) -> dict:
     """What _save_packed wrote; the arrays stay in the file's mapping (page cache, shared by the node's
     replicas of the model) instead of being copied."""
     from safetensors import safe_open
     blocks, parts = {}, {}
     with safe_open(str(path), framework="pt") as f:
         for name, spec in f.metadata().items():
+            if spec == "F32":
+                blocks[name] = f.get_tensor(name)
+                continue
             kind, n, k, *part = spec.split()
             w = BlockWeight.__new__(BlockWeight)
             w.kind, w.n, w.k, w.part_of = kind, int(n), int(k), None
@@ -274,60 +277,59 @@ def _load_packed(path: Path) -> dict[str, BlockWeight]:
     return blocks
 
 
-def use_gguf_blocks(model, gguf: Path, kernels: Kernels, cache: Path | None = None) -> dict[str, int]:
-    """Replace the Llama model's linear layers, embedding and head with their GGUF blocks where the file
-    holds them as Q4_1 or Q8_0 (other tensors keep the float32 weights already loaded). Each replaced
-    weight is checked against the loaded one on a few rows first. The count of tensors per kind."""
-    cfg = model.config
+NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def build_model(cfg, blocks: dict, kernels: Kernels):
+    """transformers' Llama for `cfg` with no float32 weights loaded: the GGUF blocks serve its linear
+    layers, embedding and head, the GGUF's float32 norms are copied in. ModelLoadError if the file
+    holds a tensor this does not place, or lacks one the model needs."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
     if getattr(cfg, "model_type", "") != "llama":
         raise ModelLoadError(f"gguf block weights are wired for Llama models only, not {cfg.model_type!r}")
-    tensors = read_blocks(model, gguf, cache)
-    counts: dict[str, int] = {}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    placed, dense = set(), {}
 
-    def block_weight(name: str) -> BlockWeight | None:
-        return tensors.get(name)
-
-    def replaced(weight: BlockWeight) -> None:
-        counts[weight.kind] = counts.get(weight.kind, 0) + 1
+    def block(name: str) -> BlockWeight:
+        if not isinstance(blocks.get(name), BlockWeight):
+            raise ModelLoadError(f"the GGUF file has no quantized tensor {name}")
+        placed.add(name)
+        return blocks[name]
 
     for i, layer in enumerate(model.model.layers):
         for short, path in LLAMA_LINEARS.items():
             parent, attr = path.split(".")
-            dense = getattr(getattr(layer, parent), attr)
-            weight = block_weight(f"blk.{i}.{short}.weight")
-            if weight is not None and dense.bias is None:
-                _check_same(weight, dense.weight, f"blk.{i}.{short}", kernels)
-                setattr(getattr(layer, parent), attr, BlockLinear(weight, kernels))
-                replaced(weight)
-    embed = block_weight("token_embd.weight")
-    if embed is not None:
-        _check_same(embed, model.model.embed_tokens.weight, "token_embd", kernels)
-        model.model.embed_tokens = BlockEmbedding(embed)
-        replaced(embed)
-        if "output.weight" not in tensors:  # tied: the head is the embedding
-            model.lm_head = BlockLinear(embed, kernels)
-    head = block_weight("output.weight")
-    if head is not None:
-        _check_same(head, model.lm_head.weight, "output", kernels)
-        model.lm_head = BlockLinear(head, kernels)
-        replaced(head)
-    for i, layer in enumerate(model.model.layers):
-        qkv, gate_up = tensors.get(f"blk.{i}.attn_qkv.weight"), tensors.get(f"blk.{i}.ffn_gate_up.weight")
-        if qkv is not None and all(isinstance(getattr(layer.self_attn, p), BlockLinear)
-                                   for p in ("q_proj", "k_proj", "v_proj")):
-            layer.self_attn.qkv_blocks = BlockLinear(qkv, kernels)
-        if gate_up is not None and all(isinstance(getattr(layer.mlp, p), BlockLinear) for p in ("gate_proj", "up_proj")):
-            layer.mlp.gate_up_blocks = BlockLinear(gate_up, kernels)
-    # The float32 weights left (norms) may be views of the memory-mapped weights file: copied, the
-    # mapping goes with the replaced weights instead of keeping the pages read so far resident.
-    for p in model.parameters():
-        p.data = p.data.clone()
-    return counts
+            setattr(getattr(layer, parent), attr, BlockLinear(block(f"blk.{i}.{short}.weight"), kernels))
+        layer.self_attn.qkv_blocks = BlockLinear(block(f"blk.{i}.attn_qkv.weight"), kernels)
+        layer.mlp.gate_up_blocks = BlockLinear(block(f"blk.{i}.ffn_gate_up.weight"), kernels)
+        for short, attr in NORMS.items():
+            dense[f"model.layers.{i}.{attr}.weight"] = f"blk.{i}.{short}.weight"
+    dense["model.norm.weight"] = "output_norm.weight"
+    embed = block("token_embd.weight")
+    model.model.embed_tokens = BlockEmbedding(embed)
+    model.lm_head = BlockLinear(block("output.weight") if "output.weight" in blocks else embed, kernels)
+    left = set(blocks) - placed - set(dense.values())
+    if left:
+        raise ModelLoadError(f"the GGUF file holds tensors gridserve does not place: {', '.join(sorted(left)[:5])}")
+    model.to_empty(device="cpu")  # only the norms (and buffers) are left to allocate
+    params = dict(model.named_parameters())
+    if set(params) != set(dense):
+        raise ModelLoadError(f"the model has weights the GGUF file does not give: {sorted(set(params) - set(dense))[:5]}")
+    with torch.no_grad():
+        for name, source in dense.items():
+            if source not in blocks or tuple(blocks[source].shape) != tuple(params[name].shape):
+                raise ModelLoadError(f"the GGUF file has no {tuple(params[name].shape)} tensor {source}")
+            params[name].copy_(blocks[source])
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # its buffers were on meta
+    model.generation_config = GenerationConfig.from_model_config(cfg)
+    return model.eval()
 
 
-def _check_same(weight: BlockWeight, loaded: torch.Tensor, name: str, kernels: Kernels) -> None:
-    """The blocks must give exactly the float32 weight transformers loaded: a wrong row order or layout
-    would serve a different model. Checks 4 rows (reading all would make every float32 page resident)."""
-    rows = torch.tensor(sorted({0, 1, weight.n // 2, weight.n - 1}))
-    if not torch.equal(weight.rows(rows), loaded.detach()[rows].float()):
-        raise ModelLoadError(f"gguf tensor {name} does not match the loaded weights; not serving its blocks")
+def describe(blocks: dict) -> str:
+    """What serves the weights, in words: "gguf blocks Q4_1 x210, Q8_0 x1 (float32 activations)"."""
+    counts: dict[str, int] = {}
+    for name, w in blocks.items():
+        if isinstance(w, BlockWeight) and name.split(".")[-2] not in JOINED:  # the file's tensors, not joins
+            counts[w.kind] = counts.get(w.kind, 0) + 1
+    return "gguf blocks " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) + " (float32 activations)"

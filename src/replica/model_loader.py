@@ -241,7 +241,10 @@ def load_model(config: ModelConfig, cache_dir: Path | None = None) -> LoadedMode
     use_cuda = config.resources.num_gpus > 0 and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")
     try:
-        tokenizer, model, from_cache = _load_weights(config, DTYPES[config.dtype], cache_dir)
+        loaded = _load_blocks(config, device, cache_dir) if config.quantization == "gguf" else None
+        if loaded is None:
+            loaded = (*_load_weights(config, DTYPES[config.dtype], cache_dir), config.dtype)
+        tokenizer, model, from_cache, weights = loaded
     except (ModelLoadError, ConfigError):
         raise
     except Exception as e:
@@ -249,29 +252,72 @@ def load_model(config: ModelConfig, cache_dir: Path | None = None) -> LoadedMode
         raise ModelLoadError(f"cannot load model '{config.name}' from {config.source.describe()}: {first}") from None
     _check_context(config, model)
     model.to(device).eval()
-    weights = _use_gguf_blocks(config, model, device, cache_dir) if config.quantization == "gguf" else config.dtype
     return LoadedModel(config=config, model=model, tokenizer=tokenizer, device=device,
                        source=config.source.describe(), eos_token_ids=_eos_ids(tokenizer, model),
                        from_cache=from_cache, load_seconds=time.monotonic() - start, weights=weights)
 
 
-def _use_gguf_blocks(config: ModelConfig, model, device: torch.device, cache_dir: Path | None) -> str:
-    """Serve the GGUF's own blocks (quantization "gguf") where this replica can; otherwise keep the
-    float32 weights already loaded, with a warning that says why. What the weights are, in words."""
+def _load_blocks(config: ModelConfig, device: torch.device, cache_dir: Path | None):
+    """quantization "gguf": (tokenizer, model, from_cache, weights) serving the GGUF's own blocks, no
+    float32 weights loaded or converted. None, with a warning that says why, where this replica cannot
+    (a GPU, a CPU without AVX-512, no compiler, a file the block loader does not place): the caller
+    then loads float32 weights as for quantization "none"."""
     from gridserve.replica import gguf_blocks
     if device.type != "cpu":
         event(log, "gguf_blocks_unused", logging.WARNING, model=config.name,
               reason=f"the block kernels run on CPU; this replica runs on {device.type} in {config.dtype}")
-        return config.dtype
+        return None
     try:
         kernels = gguf_blocks.Kernels((cache_dir or Path(tempfile.gettempdir()) / "gridserve") / "kernels")
         gguf = _gguf_path(config)
-        cache = None
-        if cache_dir is not None:
-            cache = cache_path(config, gguf, cache_dir)
-            cache = cache.with_name(f"{cache.name}-blocks.safetensors")
-        counts = gguf_blocks.use_gguf_blocks(model, gguf, kernels, cache)
+        folder = cache_path(config, gguf, cache_dir) if cache_dir else None
+        folder = folder.with_name(f"{folder.name}-blocks") if folder else None
+        tokenizer, cfg, blocks, from_cache = _blocks_cached(folder, gguf) or (*_blocks_from_gguf(gguf, folder), False)
+        model = gguf_blocks.build_model(cfg, blocks, kernels)
     except ModelLoadError as e:
-        event(log, "gguf_blocks_unused", logging.WARNING, model=config.name, reason=f"{e}; serving float32")
-        return config.dtype
-    return "gguf blocks " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) + " (float32 activations)"
+        event(log, "gguf_blocks_unused", logging.WARNING, model=config.name, reason=f"{e}; serving {config.dtype}")
+        return None
+    return tokenizer, model, from_cache, gguf_blocks.describe(blocks)
+
+
+def _blocks_cached(folder: Path | None, gguf: Path):
+    """(tokenizer, config, blocks, True) from a blocks cache folder, or None (absent or damaged)."""
+    from transformers import AutoConfig
+    from gridserve.replica import gguf_blocks
+    if folder is None or not (folder / "blocks.safetensors").is_file():
+        return None
+    try:
+        cfg = AutoConfig.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder)), cfg, gguf_blocks.load_packed(folder / "blocks.safetensors"), True
+    except Exception as e:  # damaged: built again from the GGUF
+        event(log, "cache_unreadable", logging.WARNING, path=folder, error=str(e).splitlines()[0][:200])
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def _blocks_from_gguf(gguf: Path, folder: Path | None):
+    """(tokenizer, config, blocks) read from the GGUF itself, saved into `folder` (tokenizer, config and
+    blocks.safetensors: ~100 MB, no float32 weights) through a temp folder renamed into place."""
+    from transformers import AutoConfig
+    from gridserve.replica import gguf_blocks
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    for key in ("quantization_config",):
+        if hasattr(cfg, key):
+            delattr(cfg, key)
+    blocks = gguf_blocks.read_blocks(cfg, gguf)
+    if folder is not None:
+        tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            cfg.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            gguf_blocks.save_packed(blocks, tmp / "blocks.safetensors")
+            os.rename(tmp, folder)
+            event(log, "cache_written", path=folder)
+        except OSError as e:  # includes another replica having renamed its copy first
+            event(log, "cache_not_written", logging.WARNING, path=folder, error=str(e)[:200])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer, cfg, blocks

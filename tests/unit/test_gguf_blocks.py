@@ -92,20 +92,15 @@ def test_without_a_compiler_the_error_says_so(tmp_path, monkeypatch):
 
 
 def test_a_replica_that_cannot_build_the_kernels_serves_float32_and_says_why(monkeypatch, caplog):
-    from transformers import LlamaConfig, LlamaForCausalLM
     from gridserve.replica import model_loader
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1)).eval()
 
     def no_kernels(directory):
         raise ModelLoadError("the gguf block kernels need a C++ compiler (g++) to build once; none is installed")
     monkeypatch.setattr(gguf_blocks, "Kernels", no_kernels)
     cfg = ModelCatalog.from_dict(catalog({"quantization": "gguf"})).get("m")
     with caplog.at_level(logging.WARNING, logger="gridserve.replica.model_loader"):
-        weights = model_loader._use_gguf_blocks(cfg, model, torch.device("cpu"), None)
-    assert weights == "float32"
-    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
-    assert "gguf_blocks_unused" in caplog.text and "C++ compiler" in caplog.text
+        assert model_loader._load_blocks(cfg, torch.device("cpu"), None) is None  # the caller loads float32
+    assert "gguf_blocks_unused" in caplog.text and "C++ compiler" in caplog.text and "serving float32" in caplog.text
 
 
 def catalog(extra: dict, source: dict | None = None) -> dict:
@@ -152,25 +147,32 @@ def tiny_gguf(path, layers: int = 1, hidden: int = 64, inter: int = 128, heads: 
         for short, shape in shapes.items():
             w = rng.normal(0, 0.05, shape).astype(np.float32)
             writer.add_tensor(f"blk.{i}.{short}.weight", quantize(w, QT.Q4_1), raw_dtype=QT.Q4_1)
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{i}.{norm}.weight", rng.uniform(0.5, 1.5, hidden).astype(np.float32))
+    writer.add_tensor("output_norm.weight", rng.uniform(0.5, 1.5, hidden).astype(np.float32))
     embed = rng.normal(0, 0.05, (96, hidden)).astype(np.float32)
     writer.add_tensor("token_embd.weight", quantize(embed, QT.Q8_0), raw_dtype=QT.Q8_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    cfg = SimpleNamespace(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads)
-    return SimpleNamespace(config=cfg)
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=True)
 
 
 def test_packed_blocks_are_cached_and_read_back_equal_with_q_and_k_in_transformers_row_order(tmp_path, caplog):
-    model = tiny_gguf(tmp_path / "tiny.gguf")
+    cfg = tiny_gguf(tmp_path / "tiny.gguf")
     cache = tmp_path / "cache" / "tiny-blocks.safetensors"
-    parsed = gguf_blocks.read_blocks(model, tmp_path / "tiny.gguf", cache)
+    parsed = gguf_blocks.read_blocks(cfg, tmp_path / "tiny.gguf", cache)
     assert cache.is_file()
-    cached = gguf_blocks.read_blocks(model, tmp_path / "does-not-exist.gguf", cache)  # the cache alone serves
+    cached = gguf_blocks.read_blocks(cfg, tmp_path / "does-not-exist.gguf", cache)  # the cache alone serves
     assert set(cached) == set(parsed) >= {"blk.0.attn_q.weight", "blk.0.attn_qkv.weight", "blk.0.ffn_gate_up.weight",
                                           "token_embd.weight"}
     for name, w in parsed.items():
+        if isinstance(w, torch.Tensor):  # the float32 norms
+            assert torch.equal(cached[name], w)
+            continue
         assert (cached[name].kind, cached[name].n, cached[name].k) == (w.kind, w.n, w.k)
         assert torch.equal(cached[name].qs, w.qs) and torch.equal(cached[name].d, w.d)
     from gguf import GGUFReader
@@ -185,6 +187,43 @@ def test_packed_blocks_are_cached_and_read_back_equal_with_q_and_k_in_transforme
     assert q.qs.data_ptr() == qkv.qs.data_ptr() and qkv.n == 64 + 32 + 32  # a slice of the joined weight, not a copy
     cache.write_bytes(b"not a safetensors file")
     with caplog.at_level(logging.WARNING):
-        again = gguf_blocks.read_blocks(model, tmp_path / "tiny.gguf", cache)
+        again = gguf_blocks.read_blocks(cfg, tmp_path / "tiny.gguf", cache)
     assert "cache_unreadable" in caplog.text and torch.equal(again["token_embd.weight"].qs, parsed["token_embd.weight"].qs)
-    assert gguf_blocks.read_blocks(model, tmp_path / "does-not-exist.gguf", cache)  # rewritten
+    assert gguf_blocks.read_blocks(cfg, tmp_path / "does-not-exist.gguf", cache)  # rewritten
+
+
+def test_a_model_built_from_blocks_computes_what_the_dequantized_float32_model_does(tmp_path, kernels):
+    """Every tensor of the file lands where transformers' own GGUF loader puts it (q/k rows reordered)."""
+    from gguf import GGUFReader
+    from transformers import LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+    cfg = tiny_gguf(tmp_path / "tiny.gguf", layers=2)
+    built = gguf_blocks.build_model(cfg, gguf_blocks.read_blocks(cfg, tmp_path / "tiny.gguf"), kernels)
+    dense = LlamaForCausalLM(cfg).eval()
+    hf_names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                **{k: v for k, v in gguf_blocks.LLAMA_LINEARS.items()}}
+    process = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2}).process
+    with torch.no_grad():
+        for t in GGUFReader(str(tmp_path / "tiny.gguf")).tensors:
+            w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+            w = torch.from_numpy(np.array(process(w, t.name).weights))
+            parts = t.name.split(".")
+            target = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}.get(
+                t.name) or f"model.layers.{parts[1]}.{hf_names[parts[2]]}.weight"
+            dense.get_parameter(target).copy_(w)
+    ids = torch.tensor([[1, 5, 9, 33, 95, 2, 7]])
+    with torch.inference_mode():
+        got, want = built(input_ids=ids).logits, dense(input_ids=ids).logits
+    assert torch.allclose(got, want, rtol=0, atol=1e-4) and float(want.abs().max()) > 0.01
+    assert not any(p.is_meta for p in built.parameters())
+
+
+def test_a_gguf_tensor_the_loader_does_not_place_is_refused(tmp_path, kernels):
+    cfg = tiny_gguf(tmp_path / "tiny.gguf")
+    blocks = gguf_blocks.read_blocks(cfg, tmp_path / "tiny.gguf")
+    blocks["rope_freqs.weight"] = torch.ones(8)
+    with pytest.raises(ModelLoadError, match="does not place: rope_freqs.weight"):
+        gguf_blocks.build_model(cfg, blocks, kernels)
+    del blocks["rope_freqs.weight"], blocks["blk.0.ffn_norm.weight"]
+    with pytest.raises(ModelLoadError, match="blk.0.ffn_norm.weight"):
+        gguf_blocks.build_model(cfg, blocks, kernels)
