@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = run_gridserve(Path(tmp) / "gridserve", levels, args.threads, count_tokens) if levels else []
         rows += run_naive(Path(tmp), naive_levels, args.threads, count_tokens) if naive_levels else []
-    long_prompt = [long_prompt_gaps(args.threads, chunk) for chunk in (256, None)] if args.long_prompt else []
+    from gridserve.replica.llama_runner import PREFILL_CHUNK
+    long_prompt = [long_prompt_gaps(args.threads, chunk) for chunk in (PREFILL_CHUNK, None)] if args.long_prompt else []
     result = {"bench": "throughput", "model": "smollm2", "new_tokens": NEW_TOKENS, "threads": args.threads,
               "cpus": psutil.cpu_count(), "static": ceiling, "rows": rows, "long_prompt": long_prompt,
               "load_before": load_before, "load_after": round(os.getloadavg()[0], 1)}

@@ -139,4 +139,44 @@ void gs_q8_0_dequant(const int8_t* qs, const uint16_t* d, int64_t N, int64_t K, 
   }
 }
 
+// Attention of decoding rows over their slots of a layer's KV cache, one query token per row:
+// q, out [n, kv_heads, group, D]; K, V [slots, kv_heads, max_len, D]; row r reads slot slots[r], its
+// first lengths[r] positions. float32 throughout, each (row, head) alone, so batched equals solo.
+// D is a multiple of 16 (checked by the caller).
+void gs_decode_attention(const float* q, const float* K, const float* V, const int64_t* slots, const int64_t* lengths,
+                         int64_t n, int64_t kv_heads, int64_t group, int64_t D, int64_t max_len, float scale,
+                         float* out) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t rh = 0; rh < n * kv_heads; rh++) {
+    const int64_t r = rh / kv_heads, h = rh % kv_heads, len = lengths[r];
+    const float* k = K + (slots[r] * kv_heads + h) * max_len * D;
+    const float* v = V + (slots[r] * kv_heads + h) * max_len * D;
+    float* scores = new float[len];
+    for (int64_t g = 0; g < group; g++) {
+      const float* qg = q + ((r * kv_heads + h) * group + g) * D;
+      float best = -INFINITY;
+      for (int64_t t = 0; t < len; t++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < D; j += 16)
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + j), _mm512_loadu_ps(k + t * D + j), acc);
+        scores[t] = _mm512_reduce_add_ps(acc) * scale;
+        best = scores[t] > best ? scores[t] : best;
+      }
+      float total = 0.f;
+      for (int64_t t = 0; t < len; t++) {
+        scores[t] = expf(scores[t] - best);
+        total += scores[t];
+      }
+      float* o = out + ((r * kv_heads + h) * group + g) * D;
+      for (int64_t j = 0; j < D; j += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t t = 0; t < len; t++)
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), _mm512_loadu_ps(v + t * D + j), acc);
+        _mm512_storeu_ps(o + j, _mm512_mul_ps(acc, _mm512_set1_ps(1.f / total)));
+      }
+    }
+    delete[] scores;
+  }
+}
+
 }  // extern "C"

@@ -41,9 +41,22 @@ class Kernels:
         lib.gs_q8_0_matmul.argtypes = [_P, _I, _I, _P, _P, _I, _P]
         lib.gs_q4_1_dequant.argtypes = [_P, _P, _P, _I, _I, _P]
         lib.gs_q8_0_dequant.argtypes = [_P, _P, _I, _I, _P]
-        for f in (lib.gs_q4_1_matmul, lib.gs_q8_0_matmul, lib.gs_q4_1_dequant, lib.gs_q8_0_dequant):
+        lib.gs_decode_attention.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
+        for f in (lib.gs_q4_1_matmul, lib.gs_q8_0_matmul, lib.gs_q4_1_dequant, lib.gs_q8_0_dequant,
+                  lib.gs_decode_attention):
             f.restype = None
         self.lib = lib
+
+    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                         lengths: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of one query token per row, q [n, kv_heads, group, D], over row r's first
+        lengths[r] positions of cache slot slots[r] (k, v [slots, kv_heads, max_len, D], float32)."""
+        n, kv_heads, group, dim = q.shape
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        self.lib.gs_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), slots.data_ptr(), lengths.data_ptr(),
+                                     n, kv_heads, group, dim, k.shape[2], scale, out.data_ptr())
+        return out
 
 
 def cpu_has_avx512() -> bool:
@@ -323,6 +336,7 @@ def build_model(cfg, blocks: dict, kernels: Kernels):
             params[name].copy_(blocks[source])
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # its buffers were on meta
     model.generation_config = GenerationConfig.from_model_config(cfg)
+    model.gridserve_kernels = kernels  # the Llama runner's decode attention uses them too
     return model.eval()
 
 

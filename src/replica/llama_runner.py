@@ -16,7 +16,7 @@ from gridserve.replica.sequence import Sequence
 MODEL_TYPES = ("llama",)
 # Prompt tokens one step prefills, over all rows still prefilling: running rows wait at most one
 # such chunk (plus their own decode) for a long prompt to arrive.
-PREFILL_CHUNK = 256
+PREFILL_CHUNK = 128
 
 
 def supports(model) -> bool:
@@ -140,6 +140,11 @@ class LlamaRunner:
         self.rows: list[Sequence] = []
         self.prompt_tokens = PromptTokens()
         self.dense = EagerLayers(model, self.heads, self.kv_heads, self.head_dim)
+        # Decoding rows' attention in one kernel call per layer where the model is served by the GGUF
+        # block kernels (float32 on CPU); otherwise scaled_dot_product_attention over the slot range.
+        kernels = getattr(model, "gridserve_kernels", None)
+        usable = device.type == "cpu" and dtype == torch.float32 and self.head_dim % 16 == 0
+        self.kernels = kernels if usable else None
 
     def thread_setup(self, num_threads: int) -> int:
         return set_torch_threads(num_threads)
@@ -242,7 +247,11 @@ class LlamaRunner:
     def _attention_plan(self, spans) -> list[tuple]:
         """Per group of rows, what `_attend` needs; built once per step, used by every layer."""
         plan, decoding = [], [(s, a) for s, a, b in spans if b - a == 1]
-        if decoding:
+        if decoding and self.kernels is not None:
+            slots = torch.tensor([s.slot for s, _ in decoding], dtype=torch.long)
+            lengths = torch.tensor([a + 1 for _, a in decoding], dtype=torch.long)
+            plan.append(("decode_rows", len(decoding), slots, lengths))
+        elif decoding:
             slots = [s.slot for s, _ in decoding]
             lo, hi = min(slots), max(slots) + 1
             length = max(a for _, a in decoding) + 1
@@ -270,7 +279,11 @@ class LlamaRunner:
         K, V = self.cache.k[layer], self.cache.v[layer]
         outs, at = [], 0
         for item in plan:
-            if item[0] == "decode":
+            if item[0] == "decode_rows":
+                _, n, slots, lengths = item
+                qd = q[at:at + n].view(n, self.kv_heads, self.group, self.head_dim)
+                outs.append(self.kernels.decode_attention(qd, K, V, slots, lengths, self.scaling).reshape(n, -1))
+            elif item[0] == "decode":
                 _, n, lo, hi, length, mask, index = item
                 qd = q.new_zeros(hi - lo, self.kv_heads, self.group, self.head_dim)
                 qd[index] = q[at:at + n].view(n, self.kv_heads, self.group, self.head_dim)

@@ -227,3 +227,18 @@ def test_a_gguf_tensor_the_loader_does_not_place_is_refused(tmp_path, kernels):
     del blocks["rope_freqs.weight"], blocks["blk.0.ffn_norm.weight"]
     with pytest.raises(ModelLoadError, match="blk.0.ffn_norm.weight"):
         gguf_blocks.build_model(cfg, blocks, kernels)
+
+
+def test_decode_attention_kernel_equals_softmax_attention_over_each_rows_own_positions(kernels):
+    g = torch.Generator().manual_seed(5)
+    slots_n, kv_heads, group, dim, max_len = 6, 3, 3, 64, 40
+    K, V = torch.randn(slots_n, kv_heads, max_len, dim, generator=g), torch.randn(slots_n, kv_heads, max_len, dim, generator=g)
+    slots, lengths = torch.tensor([4, 0, 5, 2]), torch.tensor([1, 17, 40, 9])
+    q = torch.randn(4, kv_heads, group, dim, generator=g)
+    got = kernels.decode_attention(q, K, V, slots, lengths, 0.125)
+    for r, (s, n) in enumerate(zip(slots.tolist(), lengths.tolist())):
+        scores = torch.einsum("hgd,htd->hgt", q[r].double(), K[s, :, :n].double()) * 0.125
+        want = torch.einsum("hgt,htd->hgd", scores.softmax(-1), V[s, :, :n].double())
+        assert torch.allclose(got[r].double(), want, atol=1e-5), r
+        alone = kernels.decode_attention(q[r:r + 1], K, V, slots[r:r + 1], lengths[r:r + 1], 0.125)
+        assert torch.equal(alone[0], got[r])  # a row's result does not depend on the others
