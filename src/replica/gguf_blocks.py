@@ -201,16 +201,11 @@ def _llama_row_order(rows: int, heads: int) -> np.ndarray:
     return np.arange(rows).reshape(heads, half, 2).swapaxes(2, 1).reshape(rows)
 
 
-def read_blocks(cfg, gguf: Path, cache: Path | None = None) -> dict[str, "BlockWeight | torch.Tensor"]:
-    """The GGUF's Q4_1/Q8_0 tensors by name (attn_q/attn_k rows in transformers' order) and its float32
-    ones (norms) as tensors. From `cache` (a safetensors file of the packed arrays) when there;
-    otherwise parsed from the GGUF (gguf's reader takes ~2 s on its tokenizer metadata) and written to
-    `cache` for the next start. `cfg` is the model's transformers config."""
-    if cache is not None and cache.is_file():
-        try:
-            return load_packed(cache)
-        except Exception as e:  # damaged: parse again and replace it
-            event(log, "cache_unreadable", logging.WARNING, path=cache, error=str(e).splitlines()[0][:200])
+def read_blocks(cfg, gguf: Path) -> dict[str, "BlockWeight | torch.Tensor"]:
+    """The GGUF's Q4_1/Q8_0 tensors by name (attn_q/attn_k rows in transformers' order, q/k/v and
+    gate/up also joined) and its float32 ones (norms) as tensors. gguf's reader takes ~2 s here (it
+    parses the tokenizer metadata too), so the loader caches the result (save_packed/load_packed).
+    `cfg` is the model's transformers config."""
     from gguf import GGUFReader
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
     blocks = {}
@@ -237,8 +232,6 @@ def read_blocks(cfg, gguf: Path, cache: Path | None = None) -> dict[str, "BlockW
                 at = 0
                 for name, w in zip(names, found):
                     w.part_of, at = (f"blk.{i}.{joined}.weight", at), at + w.n
-    if cache is not None:
-        save_packed(blocks, cache)
     return blocks
 
 
@@ -264,7 +257,7 @@ def save_packed(blocks: dict, path: Path) -> None:
 
 
 def load_packed(path: Path) -> dict:
-    """What _save_packed wrote; the arrays stay in the file's mapping (page cache, shared by the node's
+    """What save_packed wrote; the arrays stay in the file's mapping (page cache, shared by the node's
     replicas of the model) instead of being copied."""
     from safetensors import safe_open
     blocks, parts = {}, {}

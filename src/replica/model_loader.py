@@ -181,18 +181,17 @@ def _load_gguf_cached(config: ModelConfig, gguf: Path, dtype: torch.dtype, cache
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if target is not None:
-        _write_cache(model, tokenizer, target)
+        _write_cache(target, lambda folder: (model.save_pretrained(str(folder)), tokenizer.save_pretrained(str(folder))))
     return tokenizer, model, False
 
 
-def _write_cache(model, tokenizer, target: Path) -> None:
-    """save_pretrained into a temp folder, then rename it into place; failures only cost speed."""
+def _write_cache(target: Path, write) -> None:
+    """`write(folder)` into a temp folder, then rename it into place; failures only cost speed."""
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        tmp.mkdir(parents=True)
+        write(tmp)
         os.rename(tmp, target)
         event(log, "cache_written", path=target)
     except OSError as e:  # includes another replica having renamed its copy first
@@ -302,22 +301,14 @@ def _blocks_from_gguf(gguf: Path, folder: Path | None):
     from gridserve.replica import gguf_blocks
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    for key in ("quantization_config",):
-        if hasattr(cfg, key):
-            delattr(cfg, key)
+    if hasattr(cfg, "quantization_config"):  # the blocks are served as they are, not by a transformers quantizer
+        delattr(cfg, "quantization_config")
     blocks = gguf_blocks.read_blocks(cfg, gguf)
+
+    def write(tmp: Path) -> None:
+        cfg.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        gguf_blocks.save_packed(blocks, tmp / "blocks.safetensors")
     if folder is not None:
-        tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            cfg.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-            gguf_blocks.save_packed(blocks, tmp / "blocks.safetensors")
-            os.rename(tmp, folder)
-            event(log, "cache_written", path=folder)
-        except OSError as e:  # includes another replica having renamed its copy first
-            event(log, "cache_not_written", logging.WARNING, path=folder, error=str(e)[:200])
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _write_cache(folder, write)
     return tokenizer, cfg, blocks

@@ -161,14 +161,13 @@ def tiny_gguf(path, layers: int = 1, hidden: int = 64, inter: int = 128, heads: 
                        num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=True)
 
 
-def test_packed_blocks_are_cached_and_read_back_equal_with_q_and_k_in_transformers_row_order(tmp_path, caplog):
+def test_packed_blocks_read_back_equal_with_q_and_k_in_transformers_row_order(tmp_path):
     cfg = tiny_gguf(tmp_path / "tiny.gguf")
-    cache = tmp_path / "cache" / "tiny-blocks.safetensors"
-    parsed = gguf_blocks.read_blocks(cfg, tmp_path / "tiny.gguf", cache)
-    assert cache.is_file()
-    cached = gguf_blocks.read_blocks(cfg, tmp_path / "does-not-exist.gguf", cache)  # the cache alone serves
+    parsed = gguf_blocks.read_blocks(cfg, tmp_path / "tiny.gguf")
+    gguf_blocks.save_packed(parsed, tmp_path / "blocks.safetensors")
+    cached = gguf_blocks.load_packed(tmp_path / "blocks.safetensors")
     assert set(cached) == set(parsed) >= {"blk.0.attn_q.weight", "blk.0.attn_qkv.weight", "blk.0.ffn_gate_up.weight",
-                                          "token_embd.weight"}
+                                          "token_embd.weight", "blk.0.attn_norm.weight"}
     for name, w in parsed.items():
         if isinstance(w, torch.Tensor):  # the float32 norms
             assert torch.equal(cached[name], w)
@@ -181,15 +180,20 @@ def test_packed_blocks_are_cached_and_read_back_equal_with_q_and_k_in_transforme
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor  # how transformers loads it
     hf = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2}).process(
         dense.numpy(), "blk.0.attn_q.weight").weights
-    assert torch.equal(cached["blk.0.attn_q.weight"].rows(torch.arange(64)), torch.from_numpy(np.ascontiguousarray(hf)))
-    assert not torch.equal(torch.from_numpy(np.ascontiguousarray(hf)), dense)  # the order does matter
+    assert torch.equal(cached["blk.0.attn_q.weight"].rows(torch.arange(64)), torch.from_numpy(np.array(hf)))
+    assert not torch.equal(torch.from_numpy(np.array(hf)), dense)  # the order does matter
     qkv, q = cached["blk.0.attn_qkv.weight"], cached["blk.0.attn_q.weight"]
     assert q.qs.data_ptr() == qkv.qs.data_ptr() and qkv.n == 64 + 32 + 32  # a slice of the joined weight, not a copy
-    cache.write_bytes(b"not a safetensors file")
-    with caplog.at_level(logging.WARNING):
-        again = gguf_blocks.read_blocks(cfg, tmp_path / "tiny.gguf", cache)
-    assert "cache_unreadable" in caplog.text and torch.equal(again["token_embd.weight"].qs, parsed["token_embd.weight"].qs)
-    assert gguf_blocks.read_blocks(cfg, tmp_path / "does-not-exist.gguf", cache)  # rewritten
+
+
+def test_a_damaged_blocks_cache_is_dropped_with_a_warning_and_built_again(tmp_path, caplog):
+    from gridserve.replica import model_loader
+    folder = tmp_path / "smollm2-0123-blocks"
+    folder.mkdir()
+    (folder / "blocks.safetensors").write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="gridserve.replica.model_loader"):
+        assert model_loader._blocks_cached(folder, tmp_path / "x.gguf") is None
+    assert "cache_unreadable" in caplog.text and not folder.exists()
 
 
 def test_a_model_built_from_blocks_computes_what_the_dequantized_float32_model_does(tmp_path, kernels):
