@@ -1,7 +1,7 @@
 """Eager vs inductor-compiled LlamaRunner decoding, back to back in one process: tokens/s, compile time, equality.
 
     python bench/compile_decode.py --random --threads 2 --cache /tmp/inductor   # SmolLM2-135M shapes, random weights
-    python bench/compile_decode.py --threads 2                                   # the real smollm2 from the catalog
+    python bench/compile_decode.py --threads 2                                   # the real smollm2, float32 weights
 
 Run it twice with the same --cache to see the warm (on-disk cache) compile time.
 """
@@ -132,7 +132,8 @@ def model_and_prompts(args):
     from gridserve.common.model_config import load_model_catalog
     from gridserve.replica.model_loader import load_model
     from gridserve.replica.settings import default_cache_dir
-    loaded = load_model(load_model_catalog().get("smollm2"), default_cache_dir())
+    import dataclasses  # float32 weights: the compiled functions take dense weight tensors, not GGUF blocks
+    loaded = load_model(dataclasses.replace(load_model_catalog().get("smollm2"), quantization="none"), default_cache_dir())
     words = "fox owl bear deer wolf hare frog snail crow boar mole lynx elk bat wren toad".split()
     return loaded.model, [loaded.encode_prompt(f"Tell me a short story about a {w} in the forest.") for w in words]
 
