@@ -45,8 +45,8 @@ def build(tokenizer_dir: str, dtype: torch.dtype):
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype=dtype, device=DEVICE).eval()
     entry = load_model_catalog(REPO / "model_configs.json").models["smollm2"]
-    config = dataclasses.replace(entry, max_batch_size=64, max_waiting=64, dtype=str(dtype).split(".")[-1], quantization="none",
-                                 max_tokens_limit=1024)
+    config = dataclasses.replace(entry, max_batch_size=64, max_waiting=64, dtype=str(dtype).split(".")[-1],
+                                 quantization="none", max_tokens_limit=1024)
     loaded = LoadedModel(config=config, model=model, tokenizer=tok, device=torch.device(DEVICE),
                          source="random weights, SmolLM2-135M shape", eos_token_ids=frozenset([tok.eos_token_id]))
     return loaded
