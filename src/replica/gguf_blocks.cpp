@@ -179,4 +179,22 @@ void gs_decode_attention(const float* q, const float* K, const float* V, const i
   }
 }
 
+// RMSNorm of each row of x [rows, D]: out = w * (x / sqrt(mean(x^2) + eps)), float32, each row alone.
+// Serial: a few rows of a few hundred numbers cost less than waking the thread team.
+void gs_rms_norm(const float* x, const float* w, int64_t rows, int64_t D, float eps, float* out) {
+  for (int64_t r = 0; r < rows; r++) {
+    const float* xr = x + r * D;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= D; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(xr + j), _mm512_loadu_ps(xr + j), acc);
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; j < D; j++) sum += xr[j] * xr[j];
+    const float inv = 1.0f / sqrtf(sum / (float)D + eps);
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (j = 0; j + 16 <= D; j += 16)
+      _mm512_storeu_ps(out + r * D + j, _mm512_mul_ps(_mm512_loadu_ps(w + j), _mm512_mul_ps(_mm512_loadu_ps(xr + j), vinv)));
+    for (; j < D; j++) out[r * D + j] = w[j] * (xr[j] * inv);
+  }
+}
+
 }  // extern "C"

@@ -42,10 +42,18 @@ class Kernels:
         lib.gs_q4_1_dequant.argtypes = [_P, _P, _P, _I, _I, _P]
         lib.gs_q8_0_dequant.argtypes = [_P, _P, _I, _I, _P]
         lib.gs_decode_attention.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
+        lib.gs_rms_norm.argtypes = [_P, _P, _I, _I, ctypes.c_float, _P]
         for f in (lib.gs_q4_1_matmul, lib.gs_q8_0_matmul, lib.gs_q4_1_dequant, lib.gs_q8_0_dequant,
-                  lib.gs_decode_attention):
+                  lib.gs_decode_attention, lib.gs_rms_norm):
             f.restype = None
         self.lib = lib
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm of each row of a float32 x [..., D] with `weight` [D] (LlamaRMSNorm's math)."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        self.lib.gs_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+        return out
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
                          lengths: torch.Tensor, scale: float) -> torch.Tensor:

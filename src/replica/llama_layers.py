@@ -15,9 +15,13 @@ class EagerLayers:
         norm = self.layers[0].input_layernorm
         self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
         self.sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        kernels = getattr(model, "gridserve_kernels", None)  # the GGUF block kernels, where they serve the model
+        self.kernels = kernels if model.model.norm.weight.dtype == torch.float32 else None
 
     def norm(self, module, x: torch.Tensor) -> torch.Tensor:
-        """RMSNorm as one op (LlamaRMSNorm's math, float32 in and out; each row alone)."""
+        """RMSNorm as one call (LlamaRMSNorm's math, float32 in and out; each row alone)."""
+        if self.kernels is not None and x.device.type == "cpu":
+            return self.kernels.rms_norm(x, module.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), module.weight, self.eps)
 
     def qkv(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

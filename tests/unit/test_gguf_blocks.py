@@ -246,3 +246,14 @@ def test_decode_attention_kernel_equals_softmax_attention_over_each_rows_own_pos
         assert torch.allclose(got[r].double(), want, atol=1e-5), r
         alone = kernels.decode_attention(q[r:r + 1], K, V, slots[r:r + 1], lengths[r:r + 1], 0.125)
         assert torch.equal(alone[0], got[r])  # a row's result does not depend on the others
+
+
+def test_rms_norm_kernel_equals_llamas_rms_norm_row_by_row(kernels):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    norm = LlamaRMSNorm(100, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(7, 100) * 3
+    got = kernels.rms_norm(x, norm.weight.detach(), 1e-5)
+    assert torch.allclose(got, norm(x).detach(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(kernels.rms_norm(x[2:3], norm.weight.detach(), 1e-5)[0], got[2])  # each row alone
