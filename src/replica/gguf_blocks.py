@@ -67,22 +67,26 @@ class Kernels:
         return out
 
 
-def cpu_has_avx512() -> bool:
+def _cpu_flags() -> str:
+    """The `flags` line of /proc/cpuinfo ("" where there is none)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
-    return " avx512f" in flags
+        return ""
+    return next((line for line in lines if line.startswith("flags")), "")
+
+
+def cpu_has_avx512() -> bool:
+    return "avx512f" in _cpu_flags().split()
 
 
 def _build(directory: Path) -> Path:
     """g++ -O3 -march=native -fopenmp into directory/gguf_blocks-<hash of source and CPU flags>.so, once."""
-    if not cpu_has_avx512():
+    flags = _cpu_flags()
+    if "avx512f" not in flags.split():
         raise ModelLoadError("the gguf block kernels need a CPU with AVX-512 (avx512f)")
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
-    source = SOURCE.read_bytes()
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    key = hashlib.sha256(source + flags.encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + flags.encode()).hexdigest()[:16]
     target = directory / f"gguf_blocks-{key}.so"
     if target.is_file():
         return target
@@ -119,9 +123,9 @@ class BlockWeight:
             self.qs = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8))
 
     @classmethod
-    def joined(cls, parts: list["BlockWeight"]) -> "BlockWeight":
-        """One weight whose rows are the parts' rows in order; each part then reads its slice of it (no
-        second copy), so one product serves them all with the same results per row."""
+    def joined(cls, parts: list["BlockWeight"], name: str) -> "BlockWeight":
+        """One weight, called `name`, whose rows are the parts' rows in order; each part then reads its
+        slice of it (no second copy), so one product serves them all with the same results per row."""
         kind, k = parts[0].kind, parts[0].k
         whole = cls.__new__(cls)
         whole.kind, whole.k, whole.n, whole.part_of = kind, k, sum(p.n for p in parts), None
@@ -130,10 +134,15 @@ class BlockWeight:
         whole.m = torch.cat([p.m for p in parts]) if kind == "Q4_1" else None
         at = 0
         for p in parts:
-            p.qs, p.d = whole.qs[at:at + p.n], whole.d[at:at + p.n]
-            p.m = whole.m[at:at + p.n] if whole.m is not None else None
+            p.view_of(whole, name, at)
             at += p.n
         return whole
+
+    def view_of(self, whole: "BlockWeight", name: str, at: int) -> None:
+        """Read rows at..at+n of `whole` (called `name`) instead of arrays of its own."""
+        self.part_of = (name, at)
+        self.qs, self.d = whole.qs[at:at + self.n], whole.d[at:at + self.n]
+        self.m = whole.m[at:at + self.n] if whole.m is not None else None
 
     def dense(self, kernels: Kernels) -> torch.Tensor:
         """The float32 weight [N, K], equal to what gguf's dequantize gives."""
@@ -236,10 +245,8 @@ def read_blocks(cfg, gguf: Path) -> dict[str, "BlockWeight | torch.Tensor"]:
             names = [f"blk.{i}.{p}.weight" for p in parts]
             found = [blocks.get(n) for n in names]
             if all(found) and len({(w.kind, w.k) for w in found}) == 1:
-                blocks[f"blk.{i}.{joined}.weight"] = BlockWeight.joined(found)
-                at = 0
-                for name, w in zip(names, found):
-                    w.part_of, at = (f"blk.{i}.{joined}.weight", at), at + w.n
+                name = f"blk.{i}.{joined}.weight"
+                blocks[name] = BlockWeight.joined(found, name)
     return blocks
 
 
@@ -283,11 +290,8 @@ def load_packed(path: Path) -> dict:
                 w.qs, w.d = f.get_tensor(f"{name}.qs"), f.get_tensor(f"{name}.d")
                 w.m = f.get_tensor(f"{name}.m") if kind == "Q4_1" else None
             blocks[name] = w
-    for name, (w, whole, at) in parts.items():
-        src = blocks[whole]
-        w.part_of = (whole, at)
-        w.qs, w.d = src.qs[at:at + w.n], src.d[at:at + w.n]
-        w.m = src.m[at:at + w.n] if src.m is not None else None
+    for w, whole, at in parts.values():
+        w.view_of(blocks[whole], whole, at)
     return blocks
 
 
@@ -315,8 +319,11 @@ def build_model(cfg, blocks: dict, kernels: Kernels):
         for short, path in LLAMA_LINEARS.items():
             parent, attr = path.split(".")
             setattr(getattr(layer, parent), attr, BlockLinear(block(f"blk.{i}.{short}.weight"), kernels))
-        layer.self_attn.qkv_blocks = BlockLinear(block(f"blk.{i}.attn_qkv.weight"), kernels)
-        layer.mlp.gate_up_blocks = BlockLinear(block(f"blk.{i}.ffn_gate_up.weight"), kernels)
+        # q/k/v and gate/up as one product each, where read_blocks could join them (parts of one kind)
+        if f"blk.{i}.attn_qkv.weight" in blocks:
+            layer.self_attn.qkv_blocks = BlockLinear(block(f"blk.{i}.attn_qkv.weight"), kernels)
+        if f"blk.{i}.ffn_gate_up.weight" in blocks:
+            layer.mlp.gate_up_blocks = BlockLinear(block(f"blk.{i}.ffn_gate_up.weight"), kernels)
         for short, attr in NORMS.items():
             dense[f"model.layers.{i}.{attr}.weight"] = f"blk.{i}.{short}.weight"
     dense["model.norm.weight"] = "output_norm.weight"
@@ -337,7 +344,7 @@ def build_model(cfg, blocks: dict, kernels: Kernels):
             params[name].copy_(blocks[source])
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # its buffers were on meta
     model.generation_config = GenerationConfig.from_model_config(cfg)
-    model.gridserve_kernels = kernels  # the Llama runner's decode attention uses them too
+    model.gridserve_kernels = kernels  # the Llama runner's attention and norms use them too
     return model.eval()
 
 

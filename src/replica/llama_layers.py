@@ -15,12 +15,13 @@ class EagerLayers:
         norm = self.layers[0].input_layernorm
         self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
         self.sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-        kernels = getattr(model, "gridserve_kernels", None)  # the GGUF block kernels, where they serve the model
-        self.kernels = kernels if model.model.norm.weight.dtype == torch.float32 else None
+        # The GGUF block kernels where they serve the model (float32 on CPU); the runner uses them too.
+        kernels, weight = getattr(model, "gridserve_kernels", None), model.model.norm.weight
+        self.kernels = kernels if weight.dtype == torch.float32 and weight.device.type == "cpu" else None
 
     def norm(self, module, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm as one call (LlamaRMSNorm's math, float32 in and out; each row alone)."""
-        if self.kernels is not None and x.device.type == "cpu":
+        if self.kernels is not None:
             return self.kernels.rms_norm(x, module.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), module.weight, self.eps)
 
@@ -29,7 +30,7 @@ class EagerLayers:
         layer = self.layers[i]
         attn = layer.self_attn
         h = self.norm(layer.input_layernorm, x)
-        fused = getattr(attn, "qkv_blocks", None)  # q, k and v in one product (gguf_blocks.fuse_projections)
+        fused = getattr(attn, "qkv_blocks", None)  # q, k and v in one product (gguf_blocks.build_model)
         if fused is not None:
             q, k, v = fused(h).split(self.sizes, dim=-1)
         else:

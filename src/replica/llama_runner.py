@@ -142,9 +142,7 @@ class LlamaRunner:
         self.dense = EagerLayers(model, self.heads, self.kv_heads, self.head_dim)
         # Decoding rows' attention in one kernel call per layer where the model is served by the GGUF
         # block kernels (float32 on CPU); otherwise scaled_dot_product_attention over the slot range.
-        kernels = getattr(model, "gridserve_kernels", None)
-        usable = device.type == "cpu" and dtype == torch.float32 and self.head_dim % 16 == 0
-        self.kernels = kernels if usable else None
+        self.kernels = self.dense.kernels if self.head_dim % 16 == 0 else None
 
     def thread_setup(self, num_threads: int) -> int:
         return set_torch_threads(num_threads)

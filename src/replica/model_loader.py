@@ -271,7 +271,7 @@ def _load_blocks(config: ModelConfig, device: torch.device, cache_dir: Path | No
         gguf = _gguf_path(config)
         folder = cache_path(config, gguf, cache_dir) if cache_dir else None
         folder = folder.with_name(f"{folder.name}-blocks") if folder else None
-        tokenizer, cfg, blocks, from_cache = _blocks_cached(folder, gguf) or (*_blocks_from_gguf(gguf, folder), False)
+        tokenizer, cfg, blocks, from_cache = _blocks_cached(folder) or (*_blocks_from_gguf(gguf, folder), False)
         model = gguf_blocks.build_model(cfg, blocks, kernels)
     except ModelLoadError as e:
         event(log, "gguf_blocks_unused", logging.WARNING, model=config.name, reason=f"{e}; serving {config.dtype}")
@@ -279,7 +279,7 @@ def _load_blocks(config: ModelConfig, device: torch.device, cache_dir: Path | No
     return tokenizer, model, from_cache, gguf_blocks.describe(blocks)
 
 
-def _blocks_cached(folder: Path | None, gguf: Path):
+def _blocks_cached(folder: Path | None):
     """(tokenizer, config, blocks, True) from a blocks cache folder, or None (absent or damaged)."""
     from transformers import AutoConfig
     from gridserve.replica import gguf_blocks

@@ -192,7 +192,7 @@ def test_a_damaged_blocks_cache_is_dropped_with_a_warning_and_built_again(tmp_pa
     folder.mkdir()
     (folder / "blocks.safetensors").write_bytes(b"not a safetensors file")
     with caplog.at_level(logging.WARNING, logger="gridserve.replica.model_loader"):
-        assert model_loader._blocks_cached(folder, tmp_path / "x.gguf") is None
+        assert model_loader._blocks_cached(folder) is None
     assert "cache_unreadable" in caplog.text and not folder.exists()
 
 
@@ -220,6 +220,12 @@ def test_a_model_built_from_blocks_computes_what_the_dequantized_float32_model_d
         got, want = built(input_ids=ids).logits, dense(input_ids=ids).logits
     assert torch.allclose(got, want, rtol=0, atol=1e-4) and float(want.abs().max()) > 0.01
     assert not any(p.is_meta for p in built.parameters())
+    blocks = gguf_blocks.read_blocks(cfg, tmp_path / "tiny.gguf")  # parts that could not be joined: one product each
+    unjoined = {k: v for k, v in blocks.items() if k.split(".")[-2] not in gguf_blocks.JOINED}
+    separate = gguf_blocks.build_model(cfg, unjoined, kernels)
+    assert not hasattr(separate.model.layers[0].self_attn, "qkv_blocks")
+    with torch.inference_mode():
+        assert torch.allclose(separate(input_ids=ids).logits, want, rtol=0, atol=1e-4)
 
 
 def test_a_gguf_tensor_the_loader_does_not_place_is_refused(tmp_path, kernels):
