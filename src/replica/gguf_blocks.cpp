@@ -1,10 +1,11 @@
 // Matrix products with llama.cpp block-quantized weights (Q4_1, Q8_0) and float32 activations.
-// Built by gridserve.replica.gguf_blocks with g++ -O3 -march=native -fopenmp for the CPU it runs on, and
+// Built by gridserve.replica.gguf_blocks with g++ (its CXXFLAGS: -O3 -march=native) for the CPU it runs on, and
 // used only where that CPU has AVX-512. Every product is the float32 weight gguf's dequantize gives
 // (d * q + m, exact in float32) times the float32 activation, summed in float32 in a fixed order per
 // output, so a row's result does not depend on the other rows of the batch.
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
 #if !defined(__AVX512F__)
 #error "gguf_blocks needs AVX-512 (AVX512F)"
 #endif
@@ -56,11 +57,11 @@ inline void tile_dot(const float* x, int64_t K, int64_t nb, const Block& block, 
     for (int j = 0; j < NT; j++) y[i * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(lo[i][j], hi[i][j]));
 }
 
-const int MT = 8;  // activation rows in one tile at most
+const int MT = 8;  // activation rows in one register tile at most
 
-// y[M, N] = x[M, K] . W[N, K]^T over tiles, the weight rows split among the threads.
+// Few activation rows: each block is widened in registers right where it is used.
 template <typename Block>
-void matmul(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block) {
+void matmul_in_registers(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block) {
   const int64_t nb = K / QK;
   const int64_t tiles = (N + 3) / 4;  // 4 weight rows each: the widest tile (R = 1, NT = 4)
 #pragma omp parallel for schedule(static)
@@ -92,6 +93,72 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Blo
       }
     }
   }
+}
+
+const int PANEL = 16;               // weight rows a thread widens to float32 at once (<= 96 KiB: L2)
+const int64_t PANEL_FROM_ROWS = 4;  // from this many activation rows on, widening once per panel wins
+
+// Many activation rows: a thread widens a panel of weight rows into its own buffer once, then every
+// activation row reads it there (4 x 2 tiles: 16 FMA chains, the weights loaded from L1/L2). The
+// widened values and the order of the sums are those of matmul_in_registers, so the two agree bit
+// for bit and a row's result still does not depend on how many rows came with it.
+template <typename Block>
+void matmul_in_panels(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block) {
+  const int64_t nb = K / QK, panels = (N + PANEL - 1) / PANEL;
+#pragma omp parallel
+  {
+    float* panel = static_cast<float*>(aligned_alloc(64, PANEL * K * sizeof(float)));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < panels; p++) {
+      const int64_t n0 = p * PANEL, rows = N - n0 < PANEL ? N - n0 : PANEL;
+      for (int64_t j = 0; j < rows; j++)
+        for (int64_t b = 0; b < nb; b++) {
+          __m512 w0, w1;
+          block(n0 + j, b, w0, w1);
+          _mm512_store_ps(panel + j * K + b * QK, w0);
+          _mm512_store_ps(panel + j * K + b * QK + 16, w1);
+        }
+      for (int64_t i0 = 0; i0 < M; i0 += 4) {
+        const int r = (int)(M - i0 < 4 ? M - i0 : 4);
+        const float* xs = x + i0 * K;
+        for (int64_t j = 0; j < rows;) {
+          auto at = [&](int jj, int64_t b, __m512& w0, __m512& w1) {
+            const float* w = panel + (j + jj) * K + b * QK;
+            w0 = _mm512_load_ps(w);
+            w1 = _mm512_load_ps(w + 16);
+          };
+          float* ys = y + i0 * N + n0 + j;
+          if (rows - j >= 2) {
+            switch (r) {
+              case 1: tile_dot<1, 2>(xs, K, nb, at, ys, N); break;
+              case 2: tile_dot<2, 2>(xs, K, nb, at, ys, N); break;
+              case 3: tile_dot<3, 2>(xs, K, nb, at, ys, N); break;
+              default: tile_dot<4, 2>(xs, K, nb, at, ys, N); break;
+            }
+            j += 2;
+          } else {
+            switch (r) {
+              case 1: tile_dot<1, 1>(xs, K, nb, at, ys, N); break;
+              case 2: tile_dot<2, 1>(xs, K, nb, at, ys, N); break;
+              case 3: tile_dot<3, 1>(xs, K, nb, at, ys, N); break;
+              default: tile_dot<4, 1>(xs, K, nb, at, ys, N); break;
+            }
+            j += 1;
+          }
+        }
+      }
+    }
+    free(panel);
+  }
+}
+
+// y[M, N] = x[M, K] . W[N, K]^T.
+template <typename Block>
+void matmul(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block) {
+  if (M >= PANEL_FROM_ROWS)
+    matmul_in_panels(x, M, K, N, y, block);
+  else
+    matmul_in_registers(x, M, K, N, y, block);
 }
 
 }  // namespace
@@ -180,10 +247,13 @@ void gs_decode_attention(const float* q, const float* K, const float* V, const i
 }
 
 // RMSNorm of each row of x [rows, D]: out = w * (x / sqrt(mean(x^2) + eps)), float32, each row alone.
+// With h (not null), the residual add comes first and stays in x: x += h, then the norm of the sum.
 // Serial: a few rows of a few hundred numbers cost less than waking the thread team.
-void gs_rms_norm(const float* x, const float* w, int64_t rows, int64_t D, float eps, float* out) {
+void gs_rms_norm(float* x, const float* h, const float* w, int64_t rows, int64_t D, float eps, float* out) {
   for (int64_t r = 0; r < rows; r++) {
-    const float* xr = x + r * D;
+    float* xr = x + r * D;
+    if (h != nullptr)
+      for (int64_t j = 0; j < D; j++) xr[j] += h[r * D + j];
     __m512 acc = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= D; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(xr + j), _mm512_loadu_ps(xr + j), acc);
@@ -194,6 +264,32 @@ void gs_rms_norm(const float* x, const float* w, int64_t rows, int64_t D, float 
     for (j = 0; j + 16 <= D; j += 16)
       _mm512_storeu_ps(out + r * D + j, _mm512_mul_ps(_mm512_loadu_ps(w + j), _mm512_mul_ps(_mm512_loadu_ps(xr + j), vinv)));
     for (; j < D; j++) out[r * D + j] = w[j] * (xr[j] * inv);
+  }
+}
+
+// The joined q/k/v product of T tokens, qkv [T, (H + 2 * KVH) * D], made ready for attention: RoPE
+// (transformers' rotate_half form, x * cos + rotate_half(x) * sin with cos, sin [T, D]) on each query
+// head into q [T, H, D] and on each key head into its cache row, the values copied to theirs. K and V
+// are a layer's caches viewed as rows of D; at[t * KVH + h] is token t's row for kv head h. Built with
+// -ffp-contract=off, so each product and sum rounds as torch's separate mul and add do.
+void gs_rope_kv(const float* qkv, int64_t T, int64_t H, int64_t KVH, int64_t D, const float* cos, const float* sin,
+                float* q, float* K, float* V, const int64_t* at) {
+  const int64_t width = (H + 2 * KVH) * D, half = D / 2;
+  for (int64_t t = 0; t < T; t++) {
+    const float* row = qkv + t * width;
+    const float* c = cos + t * D;
+    const float* s = sin + t * D;
+    for (int64_t h = 0; h < H + KVH; h++) {
+      const float* x = row + h * D;
+      float* out = h < H ? q + (t * H + h) * D : K + at[t * KVH + h - H] * D;
+      for (int64_t j = 0; j < half; j++) out[j] = x[j] * c[j] - x[j + half] * s[j];
+      for (int64_t j = half; j < D; j++) out[j] = x[j] * c[j] + x[j - half] * s[j];
+    }
+    for (int64_t h = 0; h < KVH; h++) {
+      const float* v = row + (H + KVH + h) * D;
+      float* out = V + at[t * KVH + h] * D;
+      for (int64_t j = 0; j < D; j++) out[j] = v[j];
+    }
   }
 }
 

@@ -18,9 +18,6 @@ from gridserve.common.eventlog import event
 log = logging.getLogger("gridserve.replica.gguf_blocks")
 SOURCE = Path(__file__).with_name("gguf_blocks.cpp")
 QK = 32  # weights per block
-# Rows of activations above which a product dequantizes the weight once and lets MKL multiply (a long
-# prefill); at or below it the kernel reads the blocks directly (decoding, short prompts).
-DENSE_ABOVE_ROWS = 48
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # per 32 weights: fp16 d (and fp16 m for Q4_1), then the quants
 # GGUF tensor name (blk.{i}.X.weight) -> the module of transformers' Llama layer i.
 LLAMA_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -29,6 +26,9 @@ LLAMA_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "at
 # Products made as one (one pass of the threads where there were several): the parts read slices of them.
 JOINED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+# No contraction of a * b + c into one FMA where the source does not ask for it: RoPE and the residual
+# adds round as torch's separate operations do.
+CXXFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 
 class Kernels:
@@ -42,18 +42,37 @@ class Kernels:
         lib.gs_q4_1_dequant.argtypes = [_P, _P, _P, _I, _I, _P]
         lib.gs_q8_0_dequant.argtypes = [_P, _P, _I, _I, _P]
         lib.gs_decode_attention.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
-        lib.gs_rms_norm.argtypes = [_P, _P, _I, _I, ctypes.c_float, _P]
+        lib.gs_rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float, _P]
+        lib.gs_rope_kv.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P]
         for f in (lib.gs_q4_1_matmul, lib.gs_q8_0_matmul, lib.gs_q4_1_dequant, lib.gs_q8_0_dequant,
-                  lib.gs_decode_attention, lib.gs_rms_norm):
+                  lib.gs_decode_attention, lib.gs_rms_norm, lib.gs_rope_kv):
             f.restype = None
         self.lib = lib
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """RMSNorm of each row of a float32 x [..., D] with `weight` [D] (LlamaRMSNorm's math)."""
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """RMSNorm of each row of a float32 x [..., D] with `weight` [D] (LlamaRMSNorm's math). With `add`
+        (x's shape), x += add in place first: a residual and the norm after it in one call."""
+        if add is not None and not (x.is_contiguous() and add.is_contiguous() and add.shape == x.shape):
+            x.add_(add)
+            add = None
         x = x.contiguous()
         out = torch.empty_like(x)
-        self.lib.gs_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+        self.lib.gs_rms_norm(x.data_ptr(), add.data_ptr() if add is not None else None, weight.data_ptr(),
+                             x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
         return out
+
+    def rope_kv(self, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """From the joined product qkv [T, (heads + 2 kv_heads) * D]: the queries [T, heads, D] with RoPE
+        (cos, sin [T, D]); the keys (RoPE'd) and values written into the caches (contiguous, viewed as
+        rows of D) at rows[t * kv_heads + h], int64 (the caller makes them from slots and positions)."""
+        T, dim = qkv.shape[0], cos.shape[-1]
+        q = torch.empty(T, heads, dim)
+        qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+        self.lib.gs_rope_kv(qkv.data_ptr(), T, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(), q.data_ptr(),
+                            k_cache.data_ptr(), v_cache.data_ptr(), rows.data_ptr())
+        return q
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
                          lengths: torch.Tensor, scale: float) -> torch.Tensor:
@@ -81,12 +100,12 @@ def cpu_has_avx512() -> bool:
 
 
 def _build(directory: Path) -> Path:
-    """g++ -O3 -march=native -fopenmp into directory/gguf_blocks-<hash of source and CPU flags>.so, once."""
+    """g++ CXXFLAGS into directory/gguf_blocks-<hash of source, flags and CPU flags>.so, once."""
     flags = _cpu_flags()
     if "avx512f" not in flags.split():
         raise ModelLoadError("the gguf block kernels need a CPU with AVX-512 (avx512f)")
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
-    key = hashlib.sha256(SOURCE.read_bytes() + flags.encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CXXFLAGS).encode() + flags.encode()).hexdigest()[:16]
     target = directory / f"gguf_blocks-{key}.so"
     if target.is_file():
         return target
@@ -94,7 +113,7 @@ def _build(directory: Path) -> Path:
         raise ModelLoadError("the gguf block kernels need a C++ compiler (g++) to build once; none is installed")
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{target.name}.{os.getpid()}.tmp"
-    cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)]
+    cmd = [cxx, *CXXFLAGS, "-o", str(tmp), str(SOURCE)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -183,8 +202,6 @@ class BlockLinear(torch.nn.Module):
         x = x.reshape(-1, self.in_features)
         if x.dtype != torch.float32:
             raise TypeError(f"gguf block weights take float32 activations, not {x.dtype}")
-        if x.shape[0] > DENSE_ABOVE_ROWS:
-            return torch.nn.functional.linear(x, self.w.dense(self.kernels)).view(*lead, self.out_features)
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.out_features)
         w, lib = self.w, self.kernels.lib

@@ -18,6 +18,11 @@ class EagerLayers:
         # The GGUF block kernels where they serve the model (float32 on CPU); the runner uses them too.
         kernels, weight = getattr(model, "gridserve_kernels", None), model.model.norm.weight
         self.kernels = kernels if weight.dtype == torch.float32 and weight.device.type == "cpu" else None
+        # Every layer joined (q/k/v and gate/up each one product) and the kernels at hand: a layer is a
+        # few kernel calls (`attention_input`, `mlp_delta`) instead of some forty torch operations.
+        self.fused = self.kernels is not None and all(
+            getattr(layer.self_attn, "qkv_blocks", None) is not None
+            and getattr(layer.mlp, "gate_up_blocks", None) is not None for layer in self.layers)
 
     def norm(self, module, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm as one call (LlamaRMSNorm's math, float32 in and out; each row alone)."""
@@ -51,6 +56,23 @@ class EagerLayers:
             gate, up = fused(h).chunk(2, dim=-1)
             return x + mlp.down_proj(mlp.act_fn(gate) * up)
         return x + mlp(h)
+
+    def attention_input(self, i: int, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor,
+                        sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor):
+        """(Fused layers.) x += delta, the previous layer's MLP output, in place; then layer i's queries
+        [T, heads, dim] with RoPE (cos, sin [T, dim]), its keys and values written to the caches at `rows`."""
+        layer = self.layers[i]
+        h = self.kernels.rms_norm(x, layer.input_layernorm.weight, self.eps, add=delta)
+        return self.kernels.rope_kv(layer.self_attn.qkv_blocks(h), self.heads, self.kv_heads, cos, sin,
+                                    k_cache, v_cache, rows)
+
+    def mlp_delta(self, i: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """(Fused layers.) x += o_proj(attention) in place; the MLP's output, for the next layer to add."""
+        layer = self.layers[i]
+        h = self.kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps,
+                                  add=layer.self_attn.o_proj(attn_out))
+        gate, up = layer.mlp.gate_up_blocks(h).chunk(2, dim=-1)
+        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -235,6 +235,12 @@ class LlamaRunner:
         # Where each token's key and value go in a layer's cache viewed as [slots * kv_heads * max_len, head_dim]
         heads = torch.arange(self.kv_heads, device=dev)
         at = ((slot_t[:, None] * self.kv_heads + heads) * self.max_len + pos[:, None]).reshape(-1)
+        if self.dense.fused:
+            delta = None
+            for i in range(len(self.inner.layers)):
+                q = self.dense.attention_input(i, x, delta, cos[:, 0], sin[:, 0], self.cache.k[i], self.cache.v[i], at)
+                delta = self.dense.mlp_delta(i, x, self._attend(i, q, plan))
+            return (x + delta)[last]
         for i in range(len(self.inner.layers)):
             q, k, v = self.dense.qkv(i, x, cos, sin)
             self.cache.k[i].view(-1, self.head_dim).index_copy_(0, at, k.reshape(-1, self.head_dim))

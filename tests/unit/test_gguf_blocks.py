@@ -55,12 +55,13 @@ def test_dense_weight_is_bit_for_bit_what_gguf_dequantize_gives(kernels, kind):
 
 
 def test_a_rows_result_does_not_depend_on_the_other_rows_of_the_batch(kernels):
-    """What makes batched greedy decoding equal solo decoding: each row is summed alone, in one order."""
-    weight, _ = blocks("Q4_1", 128, 576, seed=1)
+    """What makes batched greedy decoding equal solo decoding: each row is summed alone, in one order,
+    whether its blocks were widened in registers (few rows) or into a panel (many: a prefill chunk)."""
+    weight, _ = blocks("Q4_1", 131, 576, seed=1)  # 131: panels of 16 weight rows and a ragged last one
     layer = BlockLinear(weight, kernels)
-    x = torch.randn(gguf_blocks.DENSE_ABOVE_ROWS, 576)
+    x = torch.randn(130, 576)
     alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
-    for rows in (2, 7, 16, 33, gguf_blocks.DENSE_ABOVE_ROWS):
+    for rows in (2, 3, 4, 7, 16, 33, 130):
         assert torch.equal(layer(x[:rows]), alone[:rows])
 
 
@@ -263,3 +264,33 @@ def test_rms_norm_kernel_equals_llamas_rms_norm_row_by_row(kernels):
     got = kernels.rms_norm(x, norm.weight.detach(), 1e-5)
     assert torch.allclose(got, norm(x).detach(), rtol=1e-6, atol=1e-6)
     assert torch.equal(kernels.rms_norm(x[2:3], norm.weight.detach(), 1e-5)[0], got[2])  # each row alone
+
+
+def test_rms_norm_kernel_with_a_residual_adds_it_in_place_then_normalizes_the_sum(kernels):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    x, h = torch.randn(5, 576), torch.randn(5, 576)
+    expected_sum = x + h
+    got = kernels.rms_norm(x, norm.weight.detach(), 1e-5, add=h)
+    assert torch.equal(x, expected_sum)  # the residual stream keeps the sum, bit for bit torch's add
+    assert torch.equal(got, kernels.rms_norm(expected_sum.clone(), norm.weight.detach(), 1e-5))
+
+
+def test_rope_kv_kernel_equals_torch_rope_and_writes_keys_and_values_to_their_cache_rows(kernels):
+    from gridserve.replica.llama_layers import rope
+    heads, kv_heads, dim, tokens, max_len = 9, 3, 64, 4, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    angles = torch.rand(tokens, dim // 2) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    k_cache, v_cache = torch.zeros(2, kv_heads, max_len, dim), torch.zeros(2, kv_heads, max_len, dim)
+    slot, pos = torch.tensor([1, 1, 0, 1]), torch.tensor([0, 1, 5, 2])
+    rows = ((slot[:, None] * kv_heads + torch.arange(kv_heads)) * max_len + pos[:, None]).reshape(-1)
+    q = kernels.rope_kv(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, rows)
+    wq, wk, wv = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    c, s = cos[:, None], sin[:, None]
+    assert torch.equal(q, rope(wq.reshape(tokens, heads, dim), c, s))  # same roundings as torch's mul and add
+    keys = rope(wk.reshape(tokens, kv_heads, dim), c, s)
+    for t in range(tokens):
+        assert torch.equal(k_cache[slot[t], :, pos[t]], keys[t])
+        assert torch.equal(v_cache[slot[t], :, pos[t]], wv.reshape(tokens, kv_heads, dim)[t])
+    assert int((k_cache != 0).any(-1).sum()) == tokens * kv_heads  # nothing else written
