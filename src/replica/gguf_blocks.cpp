@@ -18,17 +18,90 @@ const int QK = 32;   // weights per block
 // Block scales and minimums stay fp16, as in the file; F16C widens them exactly.
 inline float f16(uint16_t h) { return _cvtsh_ss(h); }
 
+// A Q4_1 block's 16 possible weights d * q + m (q = 0..15) are one vector; each weight is a lookup in it
+// (vpermps reads the low 4 bits of each index: the low nibble needs no mask). Same values as computing
+// d * q + m for each weight, in fewer instructions.
+inline __m512 q4_1_table(__m512 vd, __m512 vm) {
+  return _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), vd, vm);
+}
+
+inline void q4_1_lookup(const uint8_t* qs, __m512 table, __m512& w0, __m512& w1) {
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
+  w0 = _mm512_permutexvar_ps(bytes, table);
+  w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+}
+
 inline void q4_1_block(const uint8_t* qs, float d, float m, __m512& w0, __m512& w1) {
-  __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
-  __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
-  w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15))), vd, vm);
-  w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), vd, vm);
+  q4_1_lookup(qs, q4_1_table(_mm512_set1_ps(d), _mm512_set1_ps(m)), w0, w1);
+}
+
+// Per-block fp16 values of one weight row as float32, 16 at a time.
+inline void widen_f16(const uint16_t* h, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + i))));
+  for (; i < n; i++) out[i] = f16(h[i]);
 }
 
 inline void q8_0_block(const int8_t* qs, float d, __m512& w0, __m512& w1) {
   __m512 vd = _mm512_set1_ps(d);
   w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)qs))), vd);
   w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qs + 16)))), vd);
+}
+
+// One weight row, nb blocks, widened to float32 at out (64-byte aligned): the panel path's loads.
+inline void q4_1_widen_row(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int64_t nb, float* out) {
+  alignas(64) float df[16], mf[16];
+  for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+    const int64_t n = nb - b0 < 16 ? nb - b0 : 16;
+    widen_f16(d + b0, n, df);
+    widen_f16(m + b0, n, mf);
+    for (int64_t b = 0; b < n; b++) {
+      __m512 w0, w1;
+      q4_1_lookup(qs + (b0 + b) * 16, q4_1_table(_mm512_set1_ps(df[b]), _mm512_set1_ps(mf[b])), w0, w1);
+      _mm512_store_ps(out + (b0 + b) * QK, w0);
+      _mm512_store_ps(out + (b0 + b) * QK + 16, w1);
+    }
+  }
+}
+
+inline void q8_0_widen_row(const int8_t* qs, const uint16_t* d, int64_t nb, float* out) {
+  alignas(64) float df[16];
+  for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+    const int64_t n = nb - b0 < 16 ? nb - b0 : 16;
+    widen_f16(d + b0, n, df);
+    for (int64_t b = 0; b < n; b++) {
+      __m512 w0, w1;
+      q8_0_block(qs + (b0 + b) * QK, df[b], w0, w1);
+      _mm512_store_ps(out + (b0 + b) * QK, w0);
+      _mm512_store_ps(out + (b0 + b) * QK + 16, w1);
+    }
+  }
+}
+
+// out[k] = _mm512_reduce_add_ps(v[k]) for eight vectors at once, bit for bit: the same tree of sums
+// (lanes i + i+8, then i + i+4, then i + i+2, then the last two), the eight vectors side by side, in
+// 21 shuffles and adds instead of eight reductions of about nine each.
+inline void reduce8(const __m512 v[8], float out[8]) {
+  __m512 h[4];  // h[p]: the 8 sums of lanes i and i+8 of v[2p], then those of v[2p+1]
+  for (int p = 0; p < 4; p++)
+    h[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 q[2];  // q[p]: 4 sums (i + i+4) each of v[4p], v[4p+1], v[4p+2], v[4p+3], one per 128-bit lane
+  for (int p = 0; p < 2; p++)
+    q[p] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * p], h[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(h[2 * p], h[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane k: the 2 sums (i + i+2) of v[k], then of v[4 + k]
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // lane k, element 0: the sum of v[k]; element 1: that of v[4 + k]
+  const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(e, e, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(e, e, _MM_SHUFFLE(3, 1, 3, 1)));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, f);
+  for (int k = 0; k < 4; k++) {
+    out[k] = lanes[4 * k];
+    out[4 + k] = lanes[4 * k + 1];
+  }
 }
 
 // y[i * ldy + j] = x[i] . W[j] for the R rows of x and the NT weight rows at `at(j)`. Every (row, weight
@@ -53,8 +126,18 @@ inline void tile_dot(const float* x, int64_t K, int64_t nb, const Block& block, 
       }
     }
   }
-  for (int i = 0; i < R; i++)
-    for (int j = 0; j < NT; j++) y[i * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(lo[i][j], hi[i][j]));
+  if constexpr (R * NT == 8) {
+    __m512 v[8];
+    for (int i = 0; i < R; i++)
+      for (int j = 0; j < NT; j++) v[i * NT + j] = _mm512_add_ps(lo[i][j], hi[i][j]);
+    float sums[8];
+    reduce8(v, sums);
+    for (int i = 0; i < R; i++)
+      for (int j = 0; j < NT; j++) y[i * ldy + j] = sums[i * NT + j];
+  } else {
+    for (int i = 0; i < R; i++)
+      for (int j = 0; j < NT; j++) y[i * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(lo[i][j], hi[i][j]));
+  }
 }
 
 const int MT = 8;  // activation rows in one register tile at most
@@ -95,6 +178,15 @@ void matmul_in_registers(const float* x, int64_t M, int64_t K, int64_t N, float*
   }
 }
 
+// tile_dot over widened weights: NT rows of w, K floats apart, 64-byte aligned.
+template <int R, int NT>
+inline void panel_tile(const float* x, int64_t K, int64_t nb, const float* w, float* y, int64_t ldy) {
+  tile_dot<R, NT>(x, K, nb, [w, K](int j, int64_t b, __m512& w0, __m512& w1) {
+    w0 = _mm512_load_ps(w + j * K + b * QK);
+    w1 = _mm512_load_ps(w + j * K + b * QK + 16);
+  }, y, ldy);
+}
+
 const int PANEL = 16;               // weight rows a thread widens to float32 at once (<= 96 KiB: L2)
 const int64_t PANEL_FROM_ROWS = 4;  // from this many activation rows on, widening once per panel wins
 
@@ -102,8 +194,8 @@ const int64_t PANEL_FROM_ROWS = 4;  // from this many activation rows on, wideni
 // activation row reads it there (4 x 2 tiles: 16 FMA chains, the weights loaded from L1/L2). The
 // widened values and the order of the sums are those of matmul_in_registers, so the two agree bit
 // for bit and a row's result still does not depend on how many rows came with it.
-template <typename Block>
-void matmul_in_panels(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block) {
+template <typename Widen>
+void matmul_in_panels(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Widen& widen) {
   const int64_t nb = K / QK, panels = (N + PANEL - 1) / PANEL;
 #pragma omp parallel
   {
@@ -111,39 +203,26 @@ void matmul_in_panels(const float* x, int64_t M, int64_t K, int64_t N, float* y,
 #pragma omp for schedule(dynamic, 1)
     for (int64_t p = 0; p < panels; p++) {
       const int64_t n0 = p * PANEL, rows = N - n0 < PANEL ? N - n0 : PANEL;
-      for (int64_t j = 0; j < rows; j++)
-        for (int64_t b = 0; b < nb; b++) {
-          __m512 w0, w1;
-          block(n0 + j, b, w0, w1);
-          _mm512_store_ps(panel + j * K + b * QK, w0);
-          _mm512_store_ps(panel + j * K + b * QK + 16, w1);
-        }
+      for (int64_t j = 0; j < rows; j++) widen(n0 + j, panel + j * K);
       for (int64_t i0 = 0; i0 < M; i0 += 4) {
         const int r = (int)(M - i0 < 4 ? M - i0 : 4);
         const float* xs = x + i0 * K;
-        for (int64_t j = 0; j < rows;) {
-          auto at = [&](int jj, int64_t b, __m512& w0, __m512& w1) {
-            const float* w = panel + (j + jj) * K + b * QK;
-            w0 = _mm512_load_ps(w);
-            w1 = _mm512_load_ps(w + 16);
-          };
-          float* ys = y + i0 * N + n0 + j;
-          if (rows - j >= 2) {
-            switch (r) {
-              case 1: tile_dot<1, 2>(xs, K, nb, at, ys, N); break;
-              case 2: tile_dot<2, 2>(xs, K, nb, at, ys, N); break;
-              case 3: tile_dot<3, 2>(xs, K, nb, at, ys, N); break;
-              default: tile_dot<4, 2>(xs, K, nb, at, ys, N); break;
-            }
-            j += 2;
-          } else {
-            switch (r) {
-              case 1: tile_dot<1, 1>(xs, K, nb, at, ys, N); break;
-              case 2: tile_dot<2, 1>(xs, K, nb, at, ys, N); break;
-              case 3: tile_dot<3, 1>(xs, K, nb, at, ys, N); break;
-              default: tile_dot<4, 1>(xs, K, nb, at, ys, N); break;
-            }
-            j += 1;
+        float* ys = y + i0 * N + n0;
+        int64_t j = 0;
+        for (; j + 2 <= rows; j += 2) {
+          switch (r) {
+            case 1: panel_tile<1, 2>(xs, K, nb, panel + j * K, ys + j, N); break;
+            case 2: panel_tile<2, 2>(xs, K, nb, panel + j * K, ys + j, N); break;
+            case 3: panel_tile<3, 2>(xs, K, nb, panel + j * K, ys + j, N); break;
+            default: panel_tile<4, 2>(xs, K, nb, panel + j * K, ys + j, N); break;
+          }
+        }
+        if (j < rows) {
+          switch (r) {
+            case 1: panel_tile<1, 1>(xs, K, nb, panel + j * K, ys + j, N); break;
+            case 2: panel_tile<2, 1>(xs, K, nb, panel + j * K, ys + j, N); break;
+            case 3: panel_tile<3, 1>(xs, K, nb, panel + j * K, ys + j, N); break;
+            default: panel_tile<4, 1>(xs, K, nb, panel + j * K, ys + j, N); break;
           }
         }
       }
@@ -153,10 +232,10 @@ void matmul_in_panels(const float* x, int64_t M, int64_t K, int64_t N, float* y,
 }
 
 // y[M, N] = x[M, K] . W[N, K]^T.
-template <typename Block>
-void matmul(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block) {
+template <typename Block, typename Widen>
+void matmul(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block, const Widen& widen) {
   if (M >= PANEL_FROM_ROWS)
-    matmul_in_panels(x, M, K, N, y, block);
+    matmul_in_panels(x, M, K, N, y, widen);
   else
     matmul_in_registers(x, M, K, N, y, block);
 }
@@ -172,7 +251,7 @@ void gs_q4_1_matmul(const float* x, int64_t M, int64_t K, const uint8_t* qs, con
   const int64_t nb = K / QK;
   matmul(x, M, K, N, y, [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
     q4_1_block(qs + (n * nb + b) * 16, f16(d[n * nb + b]), f16(m[n * nb + b]), w0, w1);
-  });
+  }, [=](int64_t n, float* out) { q4_1_widen_row(qs + n * nb * 16, d + n * nb, m + n * nb, nb, out); });
 }
 
 // The same with W in Q8_0: qs [N, K/32, 32] int8, d [N, K/32] fp16.
@@ -180,7 +259,7 @@ void gs_q8_0_matmul(const float* x, int64_t M, int64_t K, const int8_t* qs, cons
   const int64_t nb = K / QK;
   matmul(x, M, K, N, y, [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
     q8_0_block(qs + (n * nb + b) * QK, f16(d[n * nb + b]), w0, w1);
-  });
+  }, [=](int64_t n, float* out) { q8_0_widen_row(qs + n * nb * QK, d + n * nb, nb, out); });
 }
 
 // W back to float32 [N, K], as gguf's dequantize computes it (d * q + m: d * q is exact in float32).
