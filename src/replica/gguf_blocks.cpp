@@ -35,47 +35,10 @@ inline void q4_1_block(const uint8_t* qs, float d, float m, __m512& w0, __m512& 
   q4_1_lookup(qs, q4_1_table(_mm512_set1_ps(d), _mm512_set1_ps(m)), w0, w1);
 }
 
-// Per-block fp16 values of one weight row as float32, 16 at a time.
-inline void widen_f16(const uint16_t* h, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + i))));
-  for (; i < n; i++) out[i] = f16(h[i]);
-}
-
 inline void q8_0_block(const int8_t* qs, float d, __m512& w0, __m512& w1) {
   __m512 vd = _mm512_set1_ps(d);
   w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)qs))), vd);
   w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qs + 16)))), vd);
-}
-
-// One weight row, nb blocks, widened to float32 at out (64-byte aligned): the panel path's loads.
-inline void q4_1_widen_row(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int64_t nb, float* out) {
-  alignas(64) float df[16], mf[16];
-  for (int64_t b0 = 0; b0 < nb; b0 += 16) {
-    const int64_t n = nb - b0 < 16 ? nb - b0 : 16;
-    widen_f16(d + b0, n, df);
-    widen_f16(m + b0, n, mf);
-    for (int64_t b = 0; b < n; b++) {
-      __m512 w0, w1;
-      q4_1_lookup(qs + (b0 + b) * 16, q4_1_table(_mm512_set1_ps(df[b]), _mm512_set1_ps(mf[b])), w0, w1);
-      _mm512_store_ps(out + (b0 + b) * QK, w0);
-      _mm512_store_ps(out + (b0 + b) * QK + 16, w1);
-    }
-  }
-}
-
-inline void q8_0_widen_row(const int8_t* qs, const uint16_t* d, int64_t nb, float* out) {
-  alignas(64) float df[16];
-  for (int64_t b0 = 0; b0 < nb; b0 += 16) {
-    const int64_t n = nb - b0 < 16 ? nb - b0 : 16;
-    widen_f16(d + b0, n, df);
-    for (int64_t b = 0; b < n; b++) {
-      __m512 w0, w1;
-      q8_0_block(qs + (b0 + b) * QK, df[b], w0, w1);
-      _mm512_store_ps(out + (b0 + b) * QK, w0);
-      _mm512_store_ps(out + (b0 + b) * QK + 16, w1);
-    }
-  }
 }
 
 // out[k] = _mm512_reduce_add_ps(v[k]) for eight vectors at once, bit for bit: the same tree of sums
@@ -194,8 +157,8 @@ const int64_t PANEL_FROM_ROWS = 4;  // from this many activation rows on, wideni
 // activation row reads it there (4 x 2 tiles: 16 FMA chains, the weights loaded from L1/L2). The
 // widened values and the order of the sums are those of matmul_in_registers, so the two agree bit
 // for bit and a row's result still does not depend on how many rows came with it.
-template <typename Widen>
-void matmul_in_panels(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Widen& widen) {
+template <typename Block>
+void matmul_in_panels(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block) {
   const int64_t nb = K / QK, panels = (N + PANEL - 1) / PANEL;
 #pragma omp parallel
   {
@@ -203,7 +166,13 @@ void matmul_in_panels(const float* x, int64_t M, int64_t K, int64_t N, float* y,
 #pragma omp for schedule(dynamic, 1)
     for (int64_t p = 0; p < panels; p++) {
       const int64_t n0 = p * PANEL, rows = N - n0 < PANEL ? N - n0 : PANEL;
-      for (int64_t j = 0; j < rows; j++) widen(n0 + j, panel + j * K);
+      for (int64_t j = 0; j < rows; j++)
+        for (int64_t b = 0; b < nb; b++) {
+          __m512 w0, w1;
+          block(n0 + j, b, w0, w1);
+          _mm512_store_ps(panel + j * K + b * QK, w0);
+          _mm512_store_ps(panel + j * K + b * QK + 16, w1);
+        }
       for (int64_t i0 = 0; i0 < M; i0 += 4) {
         const int r = (int)(M - i0 < 4 ? M - i0 : 4);
         const float* xs = x + i0 * K;
@@ -232,10 +201,10 @@ void matmul_in_panels(const float* x, int64_t M, int64_t K, int64_t N, float* y,
 }
 
 // y[M, N] = x[M, K] . W[N, K]^T.
-template <typename Block, typename Widen>
-void matmul(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block, const Widen& widen) {
+template <typename Block>
+void matmul(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block) {
   if (M >= PANEL_FROM_ROWS)
-    matmul_in_panels(x, M, K, N, y, widen);
+    matmul_in_panels(x, M, K, N, y, block);
   else
     matmul_in_registers(x, M, K, N, y, block);
 }
@@ -251,7 +220,7 @@ void gs_q4_1_matmul(const float* x, int64_t M, int64_t K, const uint8_t* qs, con
   const int64_t nb = K / QK;
   matmul(x, M, K, N, y, [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
     q4_1_block(qs + (n * nb + b) * 16, f16(d[n * nb + b]), f16(m[n * nb + b]), w0, w1);
-  }, [=](int64_t n, float* out) { q4_1_widen_row(qs + n * nb * 16, d + n * nb, m + n * nb, nb, out); });
+  });
 }
 
 // The same with W in Q8_0: qs [N, K/32, 32] int8, d [N, K/32] fp16.
@@ -259,7 +228,7 @@ void gs_q8_0_matmul(const float* x, int64_t M, int64_t K, const int8_t* qs, cons
   const int64_t nb = K / QK;
   matmul(x, M, K, N, y, [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
     q8_0_block(qs + (n * nb + b) * QK, f16(d[n * nb + b]), w0, w1);
-  }, [=](int64_t n, float* out) { q8_0_widen_row(qs + n * nb * QK, d + n * nb, nb, out); });
+  });
 }
 
 // W back to float32 [N, K], as gguf's dequantize computes it (d * q + m: d * q is exact in float32).

@@ -15,6 +15,7 @@ from gridserve.common.files import write_port_file
 from gridserve.common.grpcutil import NOT_SERVING, SERVING, add_health, add_reflection, bind, make_server
 from gridserve.common.eventlog import event
 from gridserve.common.service import Stop, run_service
+from gridserve.replica.process_memory import limit_malloc_arenas, release_free_memory
 from gridserve.replica.settings import ReplicaConfig, parse_config
 from gridserve.common.request_contract import FinishReason
 from gridserve.replica.request_params import resolve_request
@@ -137,11 +138,12 @@ def _build_engine(cfg: ReplicaConfig):
     torch.set_num_threads(cfg.num_threads)
     if cfg.model.task == "embedding":
         from gridserve.replica.embedding_engine import build_embedding_engine
-        return build_embedding_engine(cfg)
-    from gridserve.replica.engine import Engine
-    from gridserve.replica.model_loader import load_model
-    loaded = load_model(cfg.model, cfg.cache_dir)
-    return Engine(loaded, cfg.num_threads)
+        engine = build_embedding_engine(cfg)
+    else:
+        from gridserve.replica.model_loader import load_model
+        engine = Engine(load_model(cfg.model, cfg.cache_dir), cfg.num_threads)
+    release_free_memory()  # the load's parsing buffers, freed but still resident
+    return engine
 
 
 def _in_daemon_thread(fn, *args) -> tuple[asyncio.Future, threading.Thread]:
@@ -269,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m gridserve.replica`: 0 on a clean stop, 3 (ExitCode.FATAL) on a fatal
     config or load error, which tells the scheduler not to restart it."""
     started: list[ReplicaProcess] = []
+    limit_malloc_arenas()  # before any thread starts
 
     def serve(cfg: ReplicaConfig, stop: Stop):
         started.append(ReplicaProcess(cfg))
