@@ -15,7 +15,7 @@ from gridserve.common.files import write_port_file
 from gridserve.common.grpcutil import NOT_SERVING, SERVING, add_health, add_reflection, bind, make_server
 from gridserve.common.eventlog import event
 from gridserve.common.service import Stop, run_service
-from gridserve.replica.process_memory import limit_malloc_arenas, release_free_memory
+from gridserve.replica.process_memory import release_free_memory
 from gridserve.replica.settings import ReplicaConfig, parse_config
 from gridserve.common.request_contract import FinishReason
 from gridserve.replica.request_params import resolve_request
@@ -271,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m gridserve.replica`: 0 on a clean stop, 3 (ExitCode.FATAL) on a fatal
     config or load error, which tells the scheduler not to restart it."""
     started: list[ReplicaProcess] = []
-    limit_malloc_arenas()  # before any thread starts
 
     def serve(cfg: ReplicaConfig, stop: Stop):
         started.append(ReplicaProcess(cfg))

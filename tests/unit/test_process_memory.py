@@ -1,4 +1,4 @@
-"""The replica's glibc malloc settings: resident memory freed after a load really leaves."""
+"""The replica hands freed memory back after its load: resident memory freed really leaves."""
 from __future__ import annotations
 
 import subprocess
@@ -6,10 +6,9 @@ import sys
 
 SCRIPT = r"""
 import sys
-from gridserve.replica.process_memory import limit_malloc_arenas, release_free_memory
+from gridserve.replica.process_memory import release_free_memory
 def rss_kib():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
-assert limit_malloc_arenas()
 held = [bytearray(3000) for _ in range(40000)]  # ~120 MB in small heap chunks, written
 keep = held[::400]                                # a few survive, pinning the heap's top
 del held
