@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
-
-log = logging.getLogger("gridserve.replica.process_memory")
 
 
 def _glibc():
