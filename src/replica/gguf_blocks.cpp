@@ -68,38 +68,35 @@ inline void reduce8(const __m512 v[8], float out[8]) {
 }
 
 // y[i * ldy + j] = x[i] . W[j] for the R rows of x and the NT weight rows at `at(j)`. Every (row, weight
-// row) pair is summed the same way whatever R and NT are (two accumulators: the first and second 16
-// weights of each block; then one reduction), so a row's result never depends on the batch around it.
-// A tile holds 2 * R * NT <= 16 accumulators: several weight rows for few activation rows keep the
-// FMA chains independent (one row alone would wait on FMA latency), several activation rows share
-// each dequantized block.
+// row) pair is summed the same way whatever R and NT are (one accumulator: the block's first 16
+// products, then its second 16, block after block; then one reduction), so a row's result never
+// depends on the batch around it. A tile holds R * NT <= 16 accumulators: several weight rows for
+// few activation rows keep the FMA chains independent, several activation rows share each widened
+// block, and a square tile loads the fewest vectors per FMA (loads, not FMAs, bound these loops).
 template <int R, int NT, typename Block>
 inline void tile_dot(const float* x, int64_t K, int64_t nb, const Block& block, float* y, int64_t ldy) {
-  __m512 lo[R][NT], hi[R][NT];
+  __m512 acc[R][NT];
   for (int i = 0; i < R; i++)
-    for (int j = 0; j < NT; j++) lo[i][j] = hi[i][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NT; j++) acc[i][j] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     __m512 w0[NT], w1[NT];
     for (int j = 0; j < NT; j++) block(j, b, w0[j], w1[j]);
     for (int i = 0; i < R; i++) {
       const __m512 x0 = _mm512_loadu_ps(x + i * K + b * QK), x1 = _mm512_loadu_ps(x + i * K + b * QK + 16);
-      for (int j = 0; j < NT; j++) {
-        lo[i][j] = _mm512_fmadd_ps(w0[j], x0, lo[i][j]);
-        hi[i][j] = _mm512_fmadd_ps(w1[j], x1, hi[i][j]);
-      }
+      for (int j = 0; j < NT; j++) acc[i][j] = _mm512_fmadd_ps(w1[j], x1, _mm512_fmadd_ps(w0[j], x0, acc[i][j]));
     }
   }
-  if constexpr (R * NT == 8) {
-    __m512 v[8];
-    for (int i = 0; i < R; i++)
-      for (int j = 0; j < NT; j++) v[i * NT + j] = _mm512_add_ps(lo[i][j], hi[i][j]);
-    float sums[8];
-    reduce8(v, sums);
-    for (int i = 0; i < R; i++)
-      for (int j = 0; j < NT; j++) y[i * ldy + j] = sums[i * NT + j];
+  if constexpr (R * NT % 8 == 0) {
+    for (int k0 = 0; k0 < R * NT; k0 += 8) {
+      __m512 v[8];
+      float sums[8];
+      for (int k = 0; k < 8; k++) v[k] = acc[(k0 + k) / NT][(k0 + k) % NT];
+      reduce8(v, sums);
+      for (int k = 0; k < 8; k++) y[(k0 + k) / NT * ldy + (k0 + k) % NT] = sums[k];
+    }
   } else {
     for (int i = 0; i < R; i++)
-      for (int j = 0; j < NT; j++) y[i * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(lo[i][j], hi[i][j]));
+      for (int j = 0; j < NT; j++) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
   }
 }
 
@@ -154,7 +151,7 @@ const int PANEL = 16;               // weight rows a thread widens to float32 at
 const int64_t PANEL_FROM_ROWS = 4;  // from this many activation rows on, widening once per panel wins
 
 // Many activation rows: a thread widens a panel of weight rows into its own buffer once, then every
-// activation row reads it there (4 x 2 tiles: 16 FMA chains, the weights loaded from L1/L2). The
+// activation row reads it there (4 x 4 tiles: 16 FMA chains, the weights loaded from L1/L2). The
 // widened values and the order of the sums are those of matmul_in_registers, so the two agree bit
 // for bit and a row's result still does not depend on how many rows came with it.
 template <typename Block>
@@ -178,15 +175,15 @@ void matmul_in_panels(const float* x, int64_t M, int64_t K, int64_t N, float* y,
         const float* xs = x + i0 * K;
         float* ys = y + i0 * N + n0;
         int64_t j = 0;
-        for (; j + 2 <= rows; j += 2) {
+        for (; j + 4 <= rows; j += 4) {
           switch (r) {
-            case 1: panel_tile<1, 2>(xs, K, nb, panel + j * K, ys + j, N); break;
-            case 2: panel_tile<2, 2>(xs, K, nb, panel + j * K, ys + j, N); break;
-            case 3: panel_tile<3, 2>(xs, K, nb, panel + j * K, ys + j, N); break;
-            default: panel_tile<4, 2>(xs, K, nb, panel + j * K, ys + j, N); break;
+            case 1: panel_tile<1, 4>(xs, K, nb, panel + j * K, ys + j, N); break;
+            case 2: panel_tile<2, 4>(xs, K, nb, panel + j * K, ys + j, N); break;
+            case 3: panel_tile<3, 4>(xs, K, nb, panel + j * K, ys + j, N); break;
+            default: panel_tile<4, 4>(xs, K, nb, panel + j * K, ys + j, N); break;
           }
         }
-        if (j < rows) {
+        for (; j < rows; j++) {
           switch (r) {
             case 1: panel_tile<1, 1>(xs, K, nb, panel + j * K, ys + j, N); break;
             case 2: panel_tile<2, 1>(xs, K, nb, panel + j * K, ys + j, N); break;
