@@ -15,6 +15,7 @@ import psutil
 from gridserve.common.errors import InvalidRequest
 from gridserve.common.eventlog import event
 from gridserve.replica.batch_scheduler import BatchScheduler
+from gridserve.replica.openmp_team import release_openmp_threads
 from gridserve.replica.outputs import EngineError, OutputProcessor, RequestHandle, RequestOutput
 from gridserve.common.request_contract import SamplingOptions
 from gridserve.replica.sequence import Sequence
@@ -86,6 +87,7 @@ class Engine:
     # ---- asyncio side -------------------------------------------------------------------
 
     def start(self) -> None:
+        release_openmp_threads()  # the engine thread's team must be the only one (see there)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
