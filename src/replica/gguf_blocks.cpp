@@ -100,37 +100,36 @@ inline void tile_dot(const float* x, int64_t K, int64_t nb, const Block& block, 
   }
 }
 
-const int MT = 8;  // activation rows in one register tile at most
+const int PANEL = 16;               // weight rows a thread widens at once (16 x K floats: 96 KiB for K = 1536)
+const int64_t PANEL_FROM_ROWS = 4;  // from this many activation rows on, widening once per panel wins
 
-// Few activation rows: each block is widened in registers right where it is used.
+// Few activation rows (1 to PANEL_FROM_ROWS - 1: decoding one to three streams): each block is
+// widened in registers right where it is used, tiles of up to 4 weight rows so several FMA chains
+// run at once.
 template <typename Block>
 void matmul_in_registers(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block) {
   const int64_t nb = K / QK;
-  const int64_t tiles = (N + 3) / 4;  // 4 weight rows each: the widest tile (R = 1, NT = 4)
+  const int64_t tiles = (N + 3) / 4;  // 4 weight rows each
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < tiles; t++) {
-    for (int64_t i0 = 0; i0 < M; i0 += MT) {
-      const int r = (int)(M - i0 < MT ? M - i0 : MT);
-      const float* xs = x + i0 * K;
-      for (int64_t n = 4 * t; n < 4 * t + 4 && n < N;) {
-        auto at = [&](int j, int64_t b, __m512& w0, __m512& w1) { block(n + j, b, w0, w1); };
-        float* ys = y + i0 * N + n;
-        const int64_t left = (N - n < 4 * t + 4 - n) ? N - n : 4 * t + 4 - n;
-        if (r == 1 && left >= 4) { tile_dot<1, 4>(xs, K, nb, at, ys, N); n += 4; continue; }
-        if (r <= 4 && left >= 2) {
-          switch (r) {
-            case 1: tile_dot<1, 2>(xs, K, nb, at, ys, N); break;
-            case 2: tile_dot<2, 2>(xs, K, nb, at, ys, N); break;
-            case 3: tile_dot<3, 2>(xs, K, nb, at, ys, N); break;
-            default: tile_dot<4, 2>(xs, K, nb, at, ys, N); break;
-          }
-          n += 2;
-          continue;
+    const int64_t end = 4 * t + 4 < N ? 4 * t + 4 : N;
+    for (int64_t n = 4 * t; n < end;) {
+      auto at = [&](int j, int64_t b, __m512& w0, __m512& w1) { block(n + j, b, w0, w1); };
+      if (M == 1 && end - n >= 4) {
+        tile_dot<1, 4>(x, K, nb, at, y + n, N);
+        n += 4;
+      } else if (end - n >= 2) {
+        switch (M) {
+          case 1: tile_dot<1, 2>(x, K, nb, at, y + n, N); break;
+          case 2: tile_dot<2, 2>(x, K, nb, at, y + n, N); break;
+          default: tile_dot<3, 2>(x, K, nb, at, y + n, N); break;
         }
-        switch (r) {
-#define CASE(k) case k: tile_dot<k, 1>(xs, K, nb, at, ys, N); break;
-          CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
-#undef CASE
+        n += 2;
+      } else {
+        switch (M) {
+          case 1: tile_dot<1, 1>(x, K, nb, at, y + n, N); break;
+          case 2: tile_dot<2, 1>(x, K, nb, at, y + n, N); break;
+          default: tile_dot<3, 1>(x, K, nb, at, y + n, N); break;
         }
         n += 1;
       }
@@ -146,9 +145,6 @@ inline void panel_tile(const float* x, int64_t K, int64_t nb, const float* w, fl
     w1 = _mm512_load_ps(w + j * K + b * QK + 16);
   }, y, ldy);
 }
-
-const int PANEL = 16;               // weight rows a thread widens to float32 at once (<= 96 KiB: L2)
-const int64_t PANEL_FROM_ROWS = 4;  // from this many activation rows on, widening once per panel wins
 
 // Many activation rows: a thread widens a panel of weight rows into its own buffer once, then every
 // activation row reads it there (4 x 4 tiles: 16 FMA chains, the weights loaded from L1/L2). The
@@ -200,6 +196,7 @@ void matmul_in_panels(const float* x, int64_t M, int64_t K, int64_t N, float* y,
 // y[M, N] = x[M, K] . W[N, K]^T.
 template <typename Block>
 void matmul(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block) {
+  if (M <= 0) return;
   if (M >= PANEL_FROM_ROWS)
     matmul_in_panels(x, M, K, N, y, block);
   else
