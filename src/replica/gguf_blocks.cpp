@@ -18,6 +18,24 @@ const int QK = 32;   // weights per block
 // Block scales and minimums stay fp16, as in the file; F16C widens them exactly.
 inline float f16(uint16_t h) { return _cvtsh_ss(h); }
 
+// e^x for 16 floats (Cephes' expf polynomial: within a few ulps of expf), x clamped to where e^x is
+// a normal float, so a far-negative x gives the smallest normal float (~1e-38), never a denormal.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.37626f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
 // A Q4_1 block's 16 possible weights d * q + m (q = 0..15) are one vector; each weight is a lookup in it
 // (vpermps reads the low 4 bits of each index: the low nibble needs no mask). Same values as computing
 // d * q + m for each weight, in fewer instructions.
@@ -251,40 +269,68 @@ void gs_q8_0_dequant(const int8_t* qs, const uint16_t* d, int64_t N, int64_t K, 
 // Attention of decoding rows over their slots of a layer's KV cache, one query token per row:
 // q, out [n, kv_heads, group, D]; K, V [slots, kv_heads, max_len, D]; row r reads slot slots[r], its
 // first lengths[r] positions. float32 throughout, each (row, head) alone, so batched equals solo.
-// D is a multiple of 16 (checked by the caller).
+// D is a multiple of 16 (checked by the caller). Each key and value row is read once for the whole
+// group of query heads that share it.
 void gs_decode_attention(const float* q, const float* K, const float* V, const int64_t* slots, const int64_t* lengths,
                          int64_t n, int64_t kv_heads, int64_t group, int64_t D, int64_t max_len, float scale,
                          float* out) {
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t rh = 0; rh < n * kv_heads; rh++) {
-    const int64_t r = rh / kv_heads, h = rh % kv_heads, len = lengths[r];
+    const int64_t r = rh / kv_heads, h = rh % kv_heads, len = lengths[r], stride = (len + 15) / 16 * 16;
     const float* k = K + (slots[r] * kv_heads + h) * max_len * D;
     const float* v = V + (slots[r] * kv_heads + h) * max_len * D;
-    float* scores = new float[len];
+    const float* qh = q + rh * group * D;
+    float* scores = static_cast<float*>(aligned_alloc(64, group * stride * sizeof(float)));
+    // scores[g][t] = q_g . k_t * scale; eight positions' sums reduced at once
     for (int64_t g = 0; g < group; g++) {
-      const float* qg = q + ((r * kv_heads + h) * group + g) * D;
-      float best = -INFINITY;
-      for (int64_t t = 0; t < len; t++) {
+      const float* qg = qh + g * D;
+      float* sg = scores + g * stride;
+      int64_t t = 0;
+      for (; t + 8 <= len; t += 8) {
+        __m512 acc[8];
+        for (int u = 0; u < 8; u++) {
+          acc[u] = _mm512_setzero_ps();
+          for (int64_t j = 0; j < D; j += 16)
+            acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + j), _mm512_loadu_ps(k + (t + u) * D + j), acc[u]);
+        }
+        reduce8(acc, sg + t);
+      }
+      for (; t < len; t++) {
         __m512 acc = _mm512_setzero_ps();
         for (int64_t j = 0; j < D; j += 16)
           acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + j), _mm512_loadu_ps(k + t * D + j), acc);
-        scores[t] = _mm512_reduce_add_ps(acc) * scale;
-        best = scores[t] > best ? scores[t] : best;
+        sg[t] = _mm512_reduce_add_ps(acc);
       }
-      float total = 0.f;
-      for (int64_t t = 0; t < len; t++) {
-        scores[t] = expf(scores[t] - best);
-        total += scores[t];
+      // softmax over the len scores, 16 at a time (the padding past len stays out of the sum)
+      float best = -INFINITY;
+      for (t = 0; t < len; t++) {
+        sg[t] *= scale;
+        best = sg[t] > best ? sg[t] : best;
       }
-      float* o = out + ((r * kv_heads + h) * group + g) * D;
-      for (int64_t j = 0; j < D; j += 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t t = 0; t < len; t++)
-          acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), _mm512_loadu_ps(v + t * D + j), acc);
-        _mm512_storeu_ps(o + j, _mm512_mul_ps(acc, _mm512_set1_ps(1.f / total)));
+      __m512 total = _mm512_setzero_ps();
+      for (t = 0; t < len; t += 16) {
+        const __mmask16 live = len - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - t)) - 1);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sg + t), _mm512_set1_ps(best)));
+        _mm512_mask_storeu_ps(sg + t, live, e);
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
+      }
+      const float inv = 1.f / _mm512_reduce_add_ps(total);
+      for (t = 0; t < len; t++) sg[t] *= inv;
+    }
+    // out_g = sum_t p[g][t] v_t, position by position
+    for (int64_t j = 0; j < D; j += 16) {
+      for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const int64_t gs = group - g0 < 4 ? group - g0 : 4;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t t = 0; t < len; t++) {
+          const __m512 vt = _mm512_loadu_ps(v + t * D + j);
+          for (int64_t g = 0; g < gs; g++)
+            acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(g0 + g) * stride + t]), vt, acc[g]);
+        }
+        for (int64_t g = 0; g < gs; g++) _mm512_storeu_ps(out + (rh * group + g0 + g) * D + j, acc[g]);
       }
     }
-    delete[] scores;
+    free(scores);
   }
 }
 
@@ -306,6 +352,24 @@ void gs_rms_norm(float* x, const float* h, const float* w, int64_t rows, int64_t
     for (j = 0; j + 16 <= D; j += 16)
       _mm512_storeu_ps(out + r * D + j, _mm512_mul_ps(_mm512_loadu_ps(w + j), _mm512_mul_ps(_mm512_loadu_ps(xr + j), vinv)));
     for (; j < D; j++) out[r * D + j] = w[j] * (xr[j] * inv);
+  }
+}
+
+// The MLP's activation from the joined gate/up product gu [T, 2F]: out [T, F] = silu(gate) * up, with
+// silu(g) = g / (1 + e^-g) as torch computes it (e^x from exp16: within a few ulps of torch's).
+void gs_silu_mul(const float* gu, int64_t T, int64_t F, float* out) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+#pragma omp parallel for schedule(static) if (T * F >= (1 << 16))
+  for (int64_t t = 0; t < T; t++) {
+    const float* g = gu + t * 2 * F;
+    const float* u = g + F;
+    float* o = out + t * F;
+    for (int64_t j = 0; j < F; j += 16) {
+      const __mmask16 live = F - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (F - j)) - 1);
+      const __m512 vg = _mm512_maskz_loadu_ps(live, g + j), vu = _mm512_maskz_loadu_ps(live, u + j);
+      const __m512 silu = _mm512_div_ps(vg, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), vg))));
+      _mm512_mask_storeu_ps(o + j, live, _mm512_mul_ps(silu, vu));
+    }
   }
 }
 

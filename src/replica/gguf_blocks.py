@@ -44,8 +44,9 @@ class Kernels:
         lib.gs_decode_attention.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
         lib.gs_rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float, _P]
         lib.gs_rope_kv.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P]
+        lib.gs_silu_mul.argtypes = [_P, _I, _I, _P]
         for f in (lib.gs_q4_1_matmul, lib.gs_q8_0_matmul, lib.gs_q4_1_dequant, lib.gs_q8_0_dequant,
-                  lib.gs_decode_attention, lib.gs_rms_norm, lib.gs_rope_kv):
+                  lib.gs_decode_attention, lib.gs_rms_norm, lib.gs_rope_kv, lib.gs_silu_mul):
             f.restype = None
         self.lib = lib
 
@@ -73,6 +74,14 @@ class Kernels:
         self.lib.gs_rope_kv(qkv.data_ptr(), T, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(), q.data_ptr(),
                             k_cache.data_ptr(), v_cache.data_ptr(), rows.data_ptr())
         return q
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up from the joined product gate_up [T, 2F] (gate first): [T, F], float32."""
+        gate_up = gate_up.contiguous()
+        T, F = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(T, F)
+        self.lib.gs_silu_mul(gate_up.data_ptr(), T, F, out.data_ptr())
+        return out
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
                          lengths: torch.Tensor, scale: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ class EagerLayers:
         self.kernels = kernels if weight.dtype == torch.float32 and weight.device.type == "cpu" else None
         # Every layer joined (q/k/v and gate/up each one product) and the kernels at hand: a layer is a
         # few kernel calls (`attention_input`, `mlp_delta`) instead of some forty torch operations.
-        self.fused = self.kernels is not None and all(
+        self.fused = self.kernels is not None and getattr(model.config, "hidden_act", None) == "silu" and all(
             getattr(layer.self_attn, "qkv_blocks", None) is not None
             and getattr(layer.mlp, "gate_up_blocks", None) is not None for layer in self.layers)
 
@@ -71,8 +71,7 @@ class EagerLayers:
         layer = self.layers[i]
         h = self.kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps,
                                   add=layer.self_attn.o_proj(attn_out))
-        gate, up = layer.mlp.gate_up_blocks(h).chunk(2, dim=-1)
-        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return layer.mlp.down_proj(self.kernels.silu_mul(layer.mlp.gate_up_blocks(h)))
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

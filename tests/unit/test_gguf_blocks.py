@@ -306,3 +306,13 @@ def test_rope_kv_kernel_equals_torch_rope_and_writes_keys_and_values_to_their_ca
         assert torch.equal(k_cache[slot[t], :, pos[t]], keys[t])
         assert torch.equal(v_cache[slot[t], :, pos[t]], wv.reshape(tokens, kv_heads, dim)[t])
     assert int((k_cache != 0).any(-1).sum()) == tokens * kv_heads  # nothing else written
+
+
+def test_silu_mul_kernel_equals_torchs_silu_times_up_to_a_few_ulps(kernels):
+    gate_up = torch.cat((torch.randn(5, 100) * 6, torch.randn(5, 100)), dim=-1)  # F = 100: a ragged last vector
+    gate_up[0, :4] = torch.tensor([-1000.0, 1000.0, 0.0, -90.0])  # far out: no inf, no NaN
+    got = kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert got.shape == (5, 100)
+    assert torch.allclose(got, torch.nn.functional.silu(gate) * up, rtol=2e-6, atol=1e-30)
+    assert torch.equal(kernels.silu_mul(gate_up[3:4])[0], got[3])  # each row alone
