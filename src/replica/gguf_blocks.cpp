@@ -243,29 +243,6 @@ void gs_q8_0_matmul(const float* x, int64_t M, int64_t K, const int8_t* qs, cons
   });
 }
 
-// W back to float32 [N, K], as gguf's dequantize computes it (d * q + m: d * q is exact in float32).
-void gs_q4_1_dequant(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int64_t N, int64_t K, float* w) {
-  const int64_t blocks = N * (K / QK);
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < blocks; b++) {
-    __m512 w0, w1;
-    q4_1_block(qs + b * 16, f16(d[b]), f16(m[b]), w0, w1);
-    _mm512_storeu_ps(w + b * QK, w0);
-    _mm512_storeu_ps(w + b * QK + 16, w1);
-  }
-}
-
-void gs_q8_0_dequant(const int8_t* qs, const uint16_t* d, int64_t N, int64_t K, float* w) {
-  const int64_t blocks = N * (K / QK);
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < blocks; b++) {
-    __m512 w0, w1;
-    q8_0_block(qs + b * QK, f16(d[b]), w0, w1);
-    _mm512_storeu_ps(w + b * QK, w0);
-    _mm512_storeu_ps(w + b * QK + 16, w1);
-  }
-}
-
 // Attention of decoding rows over their slots of a layer's KV cache, one query token per row:
 // q, out [n, kv_heads, group, D]; K, V [slots, kv_heads, max_len, D]; row r reads slot slots[r], its
 // first lengths[r] positions. float32 throughout, each (row, head) alone, so batched equals solo.

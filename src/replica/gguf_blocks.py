@@ -39,14 +39,12 @@ class Kernels:
         lib = ctypes.CDLL(str(self.path))  # ctypes drops the GIL during each call
         lib.gs_q4_1_matmul.argtypes = [_P, _I, _I, _P, _P, _P, _I, _P]
         lib.gs_q8_0_matmul.argtypes = [_P, _I, _I, _P, _P, _I, _P]
-        lib.gs_q4_1_dequant.argtypes = [_P, _P, _P, _I, _I, _P]
-        lib.gs_q8_0_dequant.argtypes = [_P, _P, _I, _I, _P]
         lib.gs_decode_attention.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P]
         lib.gs_rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float, _P]
         lib.gs_rope_kv.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P]
         lib.gs_silu_mul.argtypes = [_P, _I, _I, _P]
-        for f in (lib.gs_q4_1_matmul, lib.gs_q8_0_matmul, lib.gs_q4_1_dequant, lib.gs_q8_0_dequant,
-                  lib.gs_decode_attention, lib.gs_rms_norm, lib.gs_rope_kv, lib.gs_silu_mul):
+        for f in (lib.gs_q4_1_matmul, lib.gs_q8_0_matmul, lib.gs_decode_attention, lib.gs_rms_norm,
+                  lib.gs_rope_kv, lib.gs_silu_mul):
             f.restype = None
         self.lib = lib
 
@@ -171,16 +169,6 @@ class BlockWeight:
         self.part_of = (name, at)
         self.qs, self.d = whole.qs[at:at + self.n], whole.d[at:at + self.n]
         self.m = whole.m[at:at + self.n] if whole.m is not None else None
-
-    def dense(self, kernels: Kernels) -> torch.Tensor:
-        """The float32 weight [N, K], equal to what gguf's dequantize gives."""
-        w = torch.empty(self.n, self.k)
-        if self.kind == "Q4_1":
-            kernels.lib.gs_q4_1_dequant(self.qs.data_ptr(), self.d.data_ptr(), self.m.data_ptr(), self.n, self.k,
-                                        w.data_ptr())
-        else:
-            kernels.lib.gs_q8_0_dequant(self.qs.data_ptr(), self.d.data_ptr(), self.n, self.k, w.data_ptr())
-        return w
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the float32 weight (an embedding lookup)."""

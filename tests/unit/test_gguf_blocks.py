@@ -47,9 +47,11 @@ def test_block_linear_equals_float32_linear_over_the_dequantized_weight(kernels,
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_dense_weight_is_bit_for_bit_what_gguf_dequantize_gives(kernels, kind):
+def test_the_kernels_widen_blocks_bit_for_bit_to_what_gguf_dequantize_gives(kernels, kind):
     weight, dense = blocks(kind, 64, 256, seed=3)
-    assert torch.equal(weight.dense(kernels), dense)
+    layer, one_hot = BlockLinear(weight, kernels), torch.eye(256)  # row i picks weight column i, exactly
+    assert torch.equal(layer(one_hot).T, dense)  # widened into panels (many rows)
+    assert torch.equal(torch.cat([layer(one_hot[i:i + 1]) for i in range(0, 256, 37)]).T, dense[:, ::37])  # in registers
     ids = torch.tensor([5, 0, 63, 5])
     assert torch.equal(weight.rows(ids), dense[ids])
 
