@@ -34,8 +34,8 @@ LOGITS_ATOL = 1e-3
 @pytest.fixture(scope="module")
 def smollm2():
     """smollm2 as served (float32 activations over its GGUF blocks, quantization "gguf"): a batched row's
-    logits differ from solo ones by float32 rounding only (the block kernel sums each row alone, in one
-    order; long prompts go through MKL), so greedy rows are exactly solo's. Served bfloat16 would round
+    logits differ from solo ones by float32 rounding only (the block kernels sum each row alone, in one
+    order, whatever the batch), so greedy rows are exactly solo's. Served bfloat16 would round
     each layer's output to 8 bits of mantissa, which differs with the batch's shape, so near-ties could
     flip; tests/e2e/test_quality_smollm2.py bounds what serving costs against float32 weights."""
     cfg = dataclasses.replace(load_model_catalog().get("smollm2"), dtype="float32")
