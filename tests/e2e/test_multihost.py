@@ -132,25 +132,66 @@ class StreamLoop(ClientThreads):
         return True, self.lan.stream()  # never paused: every result is checked against the reference
 
 
+class WatchedStream:
+    """One greedy streamed chat (curl -N -i) read as it arrives: its headers, then its first text, so a
+    link can be cut while it is known to be mid-stream on a given replica."""
+
+    def __init__(self, lan: LanCluster, max_tokens: int = 120):
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0})
+        self.proc = lan.lab.popen("head", "curl", "-sN", "-i", "-m", "90", "-X", "POST",
+                                  f"http://{lan.http}/v1/chat/tiny", "-H", "Content-Type: application/json",
+                                  "-d", body, stdout=subprocess.PIPE)
+        self.headers: dict[str, str] = {}
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            if not line and self.headers:
+                break
+            if ":" in line:
+                key, value = line.split(":", 1)
+                self.headers[key.strip().lower()] = value.strip()
+        self.first = self.proc.stdout.read1(65536)  # blocks until the first text has arrived
+        self.first_at = time.monotonic()
+
+    def finish(self) -> tuple[int, str]:
+        """Reads to the end; (curl's exit code, the whole body, newlines read as `stream` reads them)."""
+        text = (self.first + self.proc.stdout.read()).decode(errors="replace")
+        return self.proc.wait(30), text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def stream_on(lan: LanCluster, replicas: set[str]) -> WatchedStream | None:
+    """A stream whose first text came from one of `replicas`, or None (that stream read to its end)."""
+    watched = WatchedStream(lan)
+    if watched.headers.get("x-replica-id") in replicas:
+        return watched
+    watched.finish()
+    return None
+
+
 def test_a_node_whose_link_goes_down_leaves_the_routes_and_traffic_continues(lan):
-    """Streams in flight on n1 when its link is cut stall until the proxy's keepalive gives the
-    connection up, then resume on n2: every stream ends whole."""
+    """A stream in flight on n1 when its link is cut stalls until the proxy's keepalive gives the
+    connection up, then resumes on n2 and ends whole; so does every stream of the load around it."""
     reference = lan.stream()
     assert reference[0] == 0 and reference[1]
+    on_n1 = {r["replica_id"] for r in lan.ready() if r["node_id"] == "n1"}
     with StreamLoop(lan) as load:
         wait_for(lambda: len(load.results) >= 8, 60, "streams under way on both nodes")
+        watched = wait_for(lambda: stream_on(lan, on_n1), 60, "a stream answered from n1")
         lan.lab.set_link("n1", False)
         cut = time.monotonic()
         wait_for(lambda: "n1" not in lan.alive_nodes(), 3 * NODE_TIMEOUT, "n1 to be marked dead")
-        print(f"n1 marked dead {time.monotonic() - cut:.1f}s after its link went down")
+        print(f"n1 marked dead {time.monotonic() - cut:.1f}s after its link went down "
+              f"({(cut - watched.first_at) * 1000:.0f} ms after the watched stream's first text)")
         during = len(load.results)
         wait_for(lambda: len(load.results) >= during + 8, 90, "streams after the cut")
+        rc, text = watched.finish()
+    request_id = watched.headers["x-request-id"]
+    moved = [ln for ln in (lan.root / "head.log").read_text().splitlines()
+             if " failover " in ln and f"request_id={request_id}" in ln]
     broken = [r for r in load.results if r != reference]
-    resumed = [ln for ln in (lan.root / "head.log").read_text().splitlines()
-               if " failover " in ln and "outcome=resumed" in ln]
-    print(f"{len(load.results)} streams across the cut, {len(resumed)} resumed on n2, {len(broken)} not whole")
+    print(f"{len(load.results)} streams across the cut, {len(broken)} not whole; the watched one: {moved}")
+    assert (rc, text) == reference, "the stream cut off on n1 ends whole"
+    assert moved and "outcome=resumed" in moved[0], "the stream cut off on n1 moved to n2"
     assert broken == [], broken[:2]
-    assert resumed, "streams were running on n1 when its link was cut, and they moved to n2"
     wait_for(lambda: all(r["node_id"] != "n1" for r in lan.ready()), 10, "n1's replica to leave the routes")
     results = [lan.chat() for _ in range(10)]
     assert all(status == 200 for status, _ in results), results
