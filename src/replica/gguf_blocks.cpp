@@ -17,6 +17,8 @@ const int QK = 32;   // weights per block
 
 // Block scales and minimums stay fp16, as in the file; F16C widens them exactly.
 inline float f16(uint16_t h) { return _cvtsh_ss(h); }
+// Sixteen float16 numbers from memory as float32 (exact).
+inline __m512 load16_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 
 // e^x for 16 floats (Cephes' expf polynomial: within a few ulps of expf), x clamped to where e^x is
 // a normal float, so a far-negative x gives the smallest normal float (~1e-38), never a denormal.
@@ -244,18 +246,20 @@ void gs_q8_0_matmul(const float* x, int64_t M, int64_t K, const int8_t* qs, cons
 }
 
 // Attention of decoding rows over their slots of a layer's KV cache, one query token per row:
-// q, out [n, kv_heads, group, D]; K, V [slots, kv_heads, max_len, D]; row r reads slot slots[r], its
-// first lengths[r] positions. float32 throughout, each (row, head) alone, so batched equals solo.
+// q, out [n, kv_heads, group, D]; K, V [slots, kv_heads, max_len, D] float16; row r reads slot slots[r],
+// its first lengths[r] positions. Float32 arithmetic (each key and value widened exactly), each
+// (row, head) alone, so batched equals solo.
 // D is a multiple of 16 (checked by the caller). Each key and value row is read once for the whole
 // group of query heads that share it.
-void gs_decode_attention(const float* q, const float* K, const float* V, const int64_t* slots, const int64_t* lengths,
+void gs_decode_attention(const float* q, const uint16_t* K, const uint16_t* V, const int64_t* slots,
+                         const int64_t* lengths,
                          int64_t n, int64_t kv_heads, int64_t group, int64_t D, int64_t max_len, float scale,
                          float* out) {
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t rh = 0; rh < n * kv_heads; rh++) {
     const int64_t r = rh / kv_heads, h = rh % kv_heads, len = lengths[r], stride = (len + 15) / 16 * 16;
-    const float* k = K + (slots[r] * kv_heads + h) * max_len * D;
-    const float* v = V + (slots[r] * kv_heads + h) * max_len * D;
+    const uint16_t* k = K + (slots[r] * kv_heads + h) * max_len * D;
+    const uint16_t* v = V + (slots[r] * kv_heads + h) * max_len * D;
     const float* qh = q + rh * group * D;
     float* scores = static_cast<float*>(aligned_alloc(64, group * stride * sizeof(float)));
     // scores[g][t] = q_g . k_t * scale; eight positions' sums reduced at once
@@ -268,14 +272,14 @@ void gs_decode_attention(const float* q, const float* K, const float* V, const i
         for (int u = 0; u < 8; u++) {
           acc[u] = _mm512_setzero_ps();
           for (int64_t j = 0; j < D; j += 16)
-            acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + j), _mm512_loadu_ps(k + (t + u) * D + j), acc[u]);
+            acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + j), load16_f16(k + (t + u) * D + j), acc[u]);
         }
         reduce8(acc, sg + t);
       }
       for (; t < len; t++) {
         __m512 acc = _mm512_setzero_ps();
         for (int64_t j = 0; j < D; j += 16)
-          acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + j), _mm512_loadu_ps(k + t * D + j), acc);
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + j), load16_f16(k + t * D + j), acc);
         sg[t] = _mm512_reduce_add_ps(acc);
       }
       // softmax over the len scores, 16 at a time (the padding past len stays out of the sum)
@@ -300,7 +304,7 @@ void gs_decode_attention(const float* q, const float* K, const float* V, const i
         const int64_t gs = group - g0 < 4 ? group - g0 : 4;
         __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int64_t t = 0; t < len; t++) {
-          const __m512 vt = _mm512_loadu_ps(v + t * D + j);
+          const __m512 vt = load16_f16(v + t * D + j);
           for (int64_t g = 0; g < gs; g++)
             acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(g0 + g) * stride + t]), vt, acc[g]);
         }
@@ -353,27 +357,34 @@ void gs_silu_mul(const float* gu, int64_t T, int64_t F, float* out) {
 // The joined q/k/v product of T tokens, qkv [T, (H + 2 * KVH) * D], made ready for attention: RoPE
 // (transformers' rotate_half form, x * cos + rotate_half(x) * sin with cos, sin [T, D]) on each query
 // head into q [T, H, D] and on each key head into its cache row, the values copied to theirs. K and V
-// are a layer's caches viewed as rows of D; at[t * KVH + h] is token t's row for kv head h. Built with
+// are a layer's float16 caches viewed as rows of D; at[t * KVH + h] is token t's row for kv head h;
+// keys and values are rounded to nearest (as torch's .half() does) as they are stored. Built with
 // -ffp-contract=off, so each product and sum rounds as torch's separate mul and add do.
 void gs_rope_kv(const float* qkv, int64_t T, int64_t H, int64_t KVH, int64_t D, const float* cos, const float* sin,
-                float* q, float* K, float* V, const int64_t* at) {
+                float* q, uint16_t* K, uint16_t* V, const int64_t* at) {
   const int64_t width = (H + 2 * KVH) * D, half = D / 2;
+  float* key = static_cast<float*>(malloc(D * sizeof(float)));
   for (int64_t t = 0; t < T; t++) {
     const float* row = qkv + t * width;
     const float* c = cos + t * D;
     const float* s = sin + t * D;
     for (int64_t h = 0; h < H + KVH; h++) {
       const float* x = row + h * D;
-      float* out = h < H ? q + (t * H + h) * D : K + at[t * KVH + h - H] * D;
+      float* out = h < H ? q + (t * H + h) * D : key;
       for (int64_t j = 0; j < half; j++) out[j] = x[j] * c[j] - x[j + half] * s[j];
       for (int64_t j = half; j < D; j++) out[j] = x[j] * c[j] + x[j - half] * s[j];
+      if (h >= H) {
+        uint16_t* cached = K + at[t * KVH + h - H] * D;
+        for (int64_t j = 0; j < D; j++) cached[j] = _cvtss_sh(key[j], _MM_FROUND_TO_NEAREST_INT);
+      }
     }
     for (int64_t h = 0; h < KVH; h++) {
       const float* v = row + (H + KVH + h) * D;
-      float* out = V + at[t * KVH + h] * D;
-      for (int64_t j = 0; j < D; j++) out[j] = v[j];
+      uint16_t* cached = V + at[t * KVH + h] * D;
+      for (int64_t j = 0; j < D; j++) cached[j] = _cvtss_sh(v[j], _MM_FROUND_TO_NEAREST_INT);
     }
   }
+  free(key);
 }
 
 }  // extern "C"

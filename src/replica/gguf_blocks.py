@@ -26,6 +26,9 @@ LLAMA_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "at
 # Products made as one (one pass of the threads where there were several): the parts read slices of them.
 JOINED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_gate_up": ("ffn_gate", "ffn_up")}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+# The KV cache the kernels keep: float16 halves float32's memory at the same perplexity (the quality
+# gate and its numbers: docs/performance.md), as llama.cpp's float16 default does.
+KV_DTYPE = torch.float16
 # No contraction of a * b + c into one FMA where the source does not ask for it: RoPE and the residual
 # adds round as torch's separate operations do.
 CXXFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
@@ -33,6 +36,8 @@ CXXFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", 
 
 class Kernels:
     """The compiled kernels (`gguf_blocks.cpp`), built once per CPU and source into `directory`."""
+
+    kv_dtype = KV_DTYPE  # the KV cache they read and write
 
     def __init__(self, directory: Path):
         self.path = _build(directory)
@@ -64,8 +69,10 @@ class Kernels:
     def rope_kv(self, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """From the joined product qkv [T, (heads + 2 kv_heads) * D]: the queries [T, heads, D] with RoPE
-        (cos, sin [T, D]); the keys (RoPE'd) and values written into the caches (contiguous, viewed as
-        rows of D) at rows[t * kv_heads + h], int64 (the caller makes them from slots and positions)."""
+        (cos, sin [T, D]); the keys (RoPE'd) and values rounded to float16 and written into the caches
+        (float16, contiguous, viewed as rows of D) at rows[t * kv_heads + h], int64 (the caller makes
+        them from slots and positions)."""
+        _check_kv(k_cache, v_cache)
         T, dim = qkv.shape[0], cos.shape[-1]
         q = torch.empty(T, heads, dim)
         qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
@@ -84,13 +91,20 @@ class Kernels:
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
                          lengths: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of one query token per row, q [n, kv_heads, group, D], over row r's first
-        lengths[r] positions of cache slot slots[r] (k, v [slots, kv_heads, max_len, D], float32)."""
+        lengths[r] positions of cache slot slots[r] (k, v [slots, kv_heads, max_len, D], float16)."""
+        _check_kv(k, v)
         n, kv_heads, group, dim = q.shape
         q = q.contiguous()
         out = torch.empty_like(q)
         self.lib.gs_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), slots.data_ptr(), lengths.data_ptr(),
                                      n, kv_heads, group, dim, k.shape[2], scale, out.data_ptr())
         return out
+
+
+def _check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
+    """The kernels read and write the KV cache as contiguous float16 (KV_DTYPE)."""
+    if not all(t.dtype == KV_DTYPE and t.is_contiguous() for t in (k, v)):
+        raise TypeError(f"the KV cache kernels need contiguous {KV_DTYPE} caches, got {k.dtype} and {v.dtype}")
 
 
 def _cpu_flags() -> str:

@@ -136,10 +136,14 @@ class LlamaRunner:
             dummy = torch.zeros(1, dtype=dtype, device=device)
             cos, sin = self.inner.rotary_emb(dummy, torch.arange(max_len, device=device)[None])
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
-        self.cache = SlotCache(len(self.inner.layers), max_rows, self.kv_heads, max_len, self.head_dim, dtype, device)
         self.rows: list[Sequence] = []
         self.prompt_tokens = PromptTokens()
         self.dense = EagerLayers(model, self.heads, self.kv_heads, self.head_dim)
+        # Keys and values in the kernels' float16 where the GGUF block kernels serve the model (half the
+        # memory of float32); in the model's dtype otherwise.
+        kv_dtype = self.dense.kernels.kv_dtype if self.dense.kernels is not None else dtype
+        self.cache = SlotCache(len(self.inner.layers), max_rows, self.kv_heads, max_len, self.head_dim, kv_dtype,
+                               device)
         # Decoding rows' attention in one kernel call per layer where the model is served by the GGUF
         # block kernels (float32 on CPU); otherwise scaled_dot_product_attention over the slot range.
         self.kernels = self.dense.kernels if self.head_dim % 16 == 0 else None
@@ -243,8 +247,8 @@ class LlamaRunner:
             return (x + delta)[last]
         for i in range(len(self.inner.layers)):
             q, k, v = self.dense.qkv(i, x, cos, sin)
-            self.cache.k[i].view(-1, self.head_dim).index_copy_(0, at, k.reshape(-1, self.head_dim))
-            self.cache.v[i].view(-1, self.head_dim).index_copy_(0, at, v.reshape(-1, self.head_dim))
+            for cache, new in ((self.cache.k[i], k), (self.cache.v[i], v)):
+                cache.view(-1, self.head_dim).index_copy_(0, at, new.reshape(-1, self.head_dim).to(cache.dtype))
             x = self.dense.finish(i, x, self._attend(i, q, plan))
         return x[last]
 
@@ -291,14 +295,15 @@ class LlamaRunner:
                 _, n, lo, hi, length, mask, index = item
                 qd = q.new_zeros(hi - lo, self.kv_heads, self.group, self.head_dim)
                 qd[index] = q[at:at + n].view(n, self.kv_heads, self.group, self.head_dim)
-                o = F.scaled_dot_product_attention(qd, K[lo:hi, :, :length], V[lo:hi, :, :length],
+                o = F.scaled_dot_product_attention(qd, K[lo:hi, :, :length].to(q.dtype), V[lo:hi, :, :length].to(q.dtype),
                                                    attn_mask=mask, scale=self.scaling)
                 outs.append(o[index].reshape(n, -1))
             else:
                 _, n, slot, mask = item
                 end = mask.shape[1]
                 qp = q[at:at + n].transpose(0, 1).reshape(1, self.kv_heads, self.group * n, self.head_dim)
-                o = F.scaled_dot_product_attention(qp, K[slot:slot + 1, :, :end], V[slot:slot + 1, :, :end],
+                o = F.scaled_dot_product_attention(qp, K[slot:slot + 1, :, :end].to(q.dtype),
+                                                   V[slot:slot + 1, :, :end].to(q.dtype),
                                                    attn_mask=mask, scale=self.scaling)
                 outs.append(o.view(self.heads, n, self.head_dim).transpose(0, 1).reshape(n, -1))
             at += n

@@ -74,4 +74,8 @@ async def test_served_greedy_answers_to_factual_prompts_equal_float32_ones(serve
         engine.stop()
     same = sum(g == r for g, r in zip(got, ref))
     print(f"greedy answers equal to float32: {same} of {len(FACTS)}")
+    for question, g, r in zip(FACTS, got, ref):
+        if g != r:
+            print(f"  differs: {question!r}\n    served:  {served.tokenizer.decode(g)!r}\n"
+                  f"    float32: {fp32.tokenizer.decode(r)!r}")
     assert len(FACTS) >= 20 and same >= 18

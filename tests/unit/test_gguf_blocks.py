@@ -243,6 +243,41 @@ def test_a_model_built_from_blocks_computes_what_the_dequantized_float32_model_d
         assert torch.allclose(separate(input_ids=ids).logits, want, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("joined, hidden, heads", [(True, 64, 4), (False, 96, 8)],
+                         ids=["fused-layers-and-attention-kernel", "separate-products-head-dim-12"])
+async def test_a_blocks_models_runner_keeps_a_float16_kv_cache_and_rows_get_their_solo_tokens(
+        tmp_path, kernels, tiny_loaded, joined, hidden, heads):
+    """Both ways a blocks model runs (fused layers writing the cache in the kernel; separate products
+    with torch's cache writes and attention, as a head size the kernel cannot take gets) keep float16
+    keys and values, and batching, prefix reuse and chunked prefill do not change a row's tokens."""
+    import asyncio
+    from gridserve.common.request_contract import SamplingOptions
+    from gridserve.replica.engine import Engine
+    cfg = tiny_gguf(tmp_path / "tiny.gguf", layers=2, hidden=hidden, heads=heads)
+    parsed = gguf_blocks.read_blocks(cfg, tmp_path / "tiny.gguf")
+    if not joined:
+        parsed = {k: v for k, v in parsed.items() if k.split(".")[-2] not in gguf_blocks.JOINED}
+    loaded = dataclasses.replace(tiny_loaded, model=gguf_blocks.build_model(cfg, parsed, kernels),
+                                 eos_token_ids=frozenset())
+    engine = Engine(loaded, max_batch_size=4)
+    engine.runner.prefill_chunk = 8
+    assert engine.runner.dense.fused is joined and (engine.runner.kernels is not None) is joined
+    assert {t.dtype for t in engine.runner.cache.k + engine.runner.cache.v} == {torch.float16}
+
+    async def tokens(ids: list[int], name: str) -> list[int]:
+        return [t async for o in engine.submit(name, ids, SamplingOptions(max_tokens=12)).outputs() for t in o.token_ids]
+    prompts = [[3, 5, 9, 33, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69], [3, 5, 9, 33, 70], [7], [11, 13, 17, 19, 23, 29]]
+    engine.start()
+    try:
+        solo = [await tokens(p, f"solo{i}") for i, p in enumerate(prompts)]
+        engine.runner.cache.clear()
+        together = await asyncio.gather(*(tokens(p, f"batch{i}") for i, p in enumerate(prompts)))
+    finally:
+        engine.stop()
+    assert together == solo and all(len(t) == 12 for t in solo)
+    assert len({tuple(t) for t in solo}) > 1  # the rows do differ: a real check, not four equal streams
+
+
 def test_a_gguf_tensor_the_loader_does_not_place_is_refused(tmp_path, kernels):
     cfg = tiny_gguf(tmp_path / "tiny.gguf")
     blocks = gguf_blocks.read_blocks(cfg, tmp_path / "tiny.gguf")
@@ -254,10 +289,11 @@ def test_a_gguf_tensor_the_loader_does_not_place_is_refused(tmp_path, kernels):
         gguf_blocks.build_model(cfg, blocks, kernels)
 
 
-def test_decode_attention_kernel_equals_softmax_attention_over_each_rows_own_positions(kernels):
+def test_decode_attention_kernel_equals_softmax_attention_over_each_rows_own_float16_keys(kernels):
     g = torch.Generator().manual_seed(5)
     slots_n, kv_heads, group, dim, max_len = 6, 3, 3, 64, 40
-    K, V = torch.randn(slots_n, kv_heads, max_len, dim, generator=g), torch.randn(slots_n, kv_heads, max_len, dim, generator=g)
+    K = torch.randn(slots_n, kv_heads, max_len, dim, generator=g).half()
+    V = torch.randn(slots_n, kv_heads, max_len, dim, generator=g).half()
     slots, lengths = torch.tensor([4, 0, 5, 2]), torch.tensor([1, 17, 40, 9])
     q = torch.randn(4, kv_heads, group, dim, generator=g)
     got = kernels.decode_attention(q, K, V, slots, lengths, 0.125)
@@ -267,6 +303,15 @@ def test_decode_attention_kernel_equals_softmax_attention_over_each_rows_own_pos
         assert torch.allclose(got[r].double(), want, atol=1e-5), r
         alone = kernels.decode_attention(q[r:r + 1], K, V, slots[r:r + 1], lengths[r:r + 1], 0.125)
         assert torch.equal(alone[0], got[r])  # a row's result does not depend on the others
+
+
+def test_kv_cache_kernels_refuse_a_cache_that_is_not_float16(kernels):
+    q = torch.randn(1, 3, 3, 64)
+    K = V = torch.zeros(2, 3, 8, 64)
+    with pytest.raises(TypeError, match="float16"):
+        kernels.decode_attention(q, K, V, torch.tensor([0]), torch.tensor([1]), 0.125)
+    with pytest.raises(TypeError, match="float16"):
+        kernels.rope_kv(torch.randn(1, 15 * 64), 9, 3, torch.ones(1, 64), torch.zeros(1, 64), K, V, torch.tensor([0, 8, 16]))
 
 
 def test_rms_norm_kernel_equals_llamas_rms_norm_row_by_row(kernels):
@@ -290,23 +335,24 @@ def test_rms_norm_kernel_with_a_residual_adds_it_in_place_then_normalizes_the_su
     assert torch.equal(got, kernels.rms_norm(expected_sum.clone(), norm.weight.detach(), 1e-5))
 
 
-def test_rope_kv_kernel_equals_torch_rope_and_writes_keys_and_values_to_their_cache_rows(kernels):
+def test_rope_kv_kernel_equals_torch_rope_and_writes_float16_keys_and_values_to_their_cache_rows(kernels):
     from gridserve.replica.llama_layers import rope
     heads, kv_heads, dim, tokens, max_len = 9, 3, 64, 4, 16
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
     angles = torch.rand(tokens, dim // 2) * 6
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
-    k_cache, v_cache = torch.zeros(2, kv_heads, max_len, dim), torch.zeros(2, kv_heads, max_len, dim)
+    k_cache = torch.zeros(2, kv_heads, max_len, dim, dtype=torch.float16)
+    v_cache = torch.zeros(2, kv_heads, max_len, dim, dtype=torch.float16)
     slot, pos = torch.tensor([1, 1, 0, 1]), torch.tensor([0, 1, 5, 2])
     rows = ((slot[:, None] * kv_heads + torch.arange(kv_heads)) * max_len + pos[:, None]).reshape(-1)
     q = kernels.rope_kv(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, rows)
     wq, wk, wv = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     c, s = cos[:, None], sin[:, None]
     assert torch.equal(q, rope(wq.reshape(tokens, heads, dim), c, s))  # same roundings as torch's mul and add
-    keys = rope(wk.reshape(tokens, kv_heads, dim), c, s)
+    keys = rope(wk.reshape(tokens, kv_heads, dim), c, s).half()  # rounded to nearest, as torch's .half()
     for t in range(tokens):
         assert torch.equal(k_cache[slot[t], :, pos[t]], keys[t])
-        assert torch.equal(v_cache[slot[t], :, pos[t]], wv.reshape(tokens, kv_heads, dim)[t])
+        assert torch.equal(v_cache[slot[t], :, pos[t]], wv.reshape(tokens, kv_heads, dim)[t].half())
     assert int((k_cache != 0).any(-1).sum()) == tokens * kv_heads  # nothing else written
 
 
