@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.cluster import READY, Cluster, http, pid_alive
 from support.waiting import free_port, wait_for
 from gridserve.common.model_config import DEFAULT_MODEL_CONFIGS
-from support.streamload import StreamLoad, reference_texts
+from support.streamload import PROMPTS, StreamLoad, WatchedStream, reference_texts
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -84,10 +84,10 @@ def failovers(c: Cluster) -> float:
                and s.labels.get("outcome") == "resumed")
 
 
-def streaming_on(c: Cluster, load: StreamLoad, replica_pid: int) -> None:
+def streaming_on(c: Cluster, load: StreamLoad, *replica_pids: int) -> None:
     """Waits until the load is under way (a few requests done, streams open on every replica)."""
     load.wait(len(load.results) + 3)
-    assert pid_alive(replica_pid)
+    assert all(pid_alive(pid) for pid in replica_pids)
     time.sleep(1.0)  # into the next streams: they are mid-way when the failure comes
 
 
@@ -99,20 +99,26 @@ def report(case: str, load: StreamLoad, **numbers) -> None:
 
 
 def test_replica_kill_mid_stream_fails_over_and_the_replica_is_restarted(cluster):
+    """The replica killed is the one a watched stream is known to be mid-way on: that stream moves to the
+    other replica and ends whole, as do the streams of the load around it."""
     c = cluster
     before = settled(c)
-    victim, pid = sorted(before.items())[0]
     resumed = failovers(c)
     with StreamLoad(c, MODEL, MAX_TOKENS) as load:
-        streaming_on(c, load, pid)
+        streaming_on(c, load, *before.values())
+        watched = WatchedStream(c, MODEL, PROMPTS[0], MAX_TOKENS)
+        victim = watched.replica
+        pid = before[victim]
         os.kill(pid, signal.SIGKILL)
         t0 = time.monotonic()
         back = settled(c, gone=pid)
         restart_s = time.monotonic() - t0
         load.wait(len(load.results) + 4)
+        ok, text, error = watched.finish()
+    assert (ok, error) == (True, "") and text == c.reference[PROMPTS[0]], "the stream cut off mid-way ends whole"
     assert back.get(victim) not in (None, pid), "the same replica id came back with a new process"
     assert [r.restarts for r in c.replicas(MODEL) if r.replica_id == victim] == [1]
-    assert failovers(c) > resumed, "streams on the killed replica were continued on the other one"
+    assert failovers(c) > resumed, "the watched stream (and any other on the killed replica) moved to the other one"
     report("replica kill -9", load, failovers=failovers(c) - resumed, restarted_s=f"{restart_s:.1f}")
     assert_whole(c, load)
 

@@ -173,11 +173,19 @@ def test_playground_streams_paris_token_by_token_and_continues_the_conversation(
     tab = tabs()
     page = tab.page
     page.wait_for_function("() => document.querySelector('#pg-model').value === 'smollm2'", timeout=20_000)
-    page.evaluate("""() => {  // the answer's text at every painted frame
+    page.evaluate("""() => {  // the answer's text at every change of the page, and at every painted frame
+        window.states_seen = [];
         window.frames_seen = [];
-        const tick = () => {
+        const answer = () => {
             const all = document.querySelectorAll('#pg-conversation .msg.assistant .text');
-            const text = all.length ? all[all.length - 1].textContent : '';
+            return all.length ? all[all.length - 1].textContent : '';
+        };
+        new MutationObserver((records) => records.forEach((r) => r.addedNodes.forEach((n) => {
+            if (n.nodeType === Node.TEXT_NODE && n.parentNode && n.parentNode.matches('.msg.assistant .text'))
+                window.states_seen.push(n.data);
+        }))).observe(document.getElementById('pg-conversation'), {childList: true, subtree: true});
+        const tick = () => {
+            const text = answer();
             if (text && window.frames_seen[window.frames_seen.length - 1] !== text) window.frames_seen.push(text);
             requestAnimationFrame(tick);
         };
@@ -185,8 +193,10 @@ def test_playground_streams_paris_token_by_token_and_continues_the_conversation(
     }""")
     chat(tab, "What is the capital of France?", max_tokens=32)
     assert "Paris" in last_answer(tab)
-    frames = page.evaluate("window.frames_seen")
-    assert len(frames) >= 5, frames
+    states, frames = page.evaluate("window.states_seen"), page.evaluate("window.frames_seen")
+    # each streamed piece is shown as it comes (not the answer at once), and the page was painted mid-answer
+    assert len(states) >= 5 and all(b.startswith(a) for a, b in zip(states, states[1:])), states
+    assert len(frames) >= 2, frames
     stats = page.locator("#pg-stats")
     assert stats.get_attribute("data-outcome") == "done"
     assert stats.get_attribute("data-replica") == ready_replica(cluster)

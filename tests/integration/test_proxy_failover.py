@@ -7,6 +7,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from support.waiting import wait_until
 from support.fakes import CHUNKS, SCRIPT, SCRIPT_IDS, SCRIPT_TEXT, FakeReplica, Proxy, publish
 from support.fakes import head, http, replicas  # noqa: F401  (shared fixtures)
 
@@ -50,12 +51,9 @@ def log_lines(proxy, request_id: str, name: str) -> list[str]:
 
 async def settled_log(proxy, request_id: str) -> str:
     """The request_done line of `request_id` once the proxy wrote it."""
-    for _ in range(50):
-        done = log_lines(proxy, request_id, "request_done")
-        if done:
-            return done[0]
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no request_done line for {request_id}")
+    done = await wait_until(lambda: log_lines(proxy, request_id, "request_done"), 10,
+                            f"the request_done line of {request_id}")
+    return done[0]
 
 
 def sse_data(body: bytes) -> list[str]:

@@ -263,9 +263,11 @@ async def test_head_going_away_keeps_serving_from_the_last_snapshot(http, replic
         r1 = await replicas("tiny-l00000")
         await publish(http, proxy, head, tiny=[r1])
         await head.server.stop(None)
-        await asyncio.sleep(0.5)
-        async with http.get(f"{proxy.url}/health") as r:
-            assert (await r.json())["head_connected"] is False
+
+        async def head_lost():
+            async with http.get(f"{proxy.url}/health") as r:
+                return (await r.json())["head_connected"] is False
+        await wait_until(head_lost, 10, "the proxy to see the head gone")
         status, _, body = await chat(http, proxy, "tiny", "hi")
         assert status == 200 and body.decode() == "".join(CHUNKS)
 
@@ -283,7 +285,9 @@ async def test_head_going_away_keeps_serving_from_the_last_snapshot(http, replic
 
 async def test_a_request_to_a_proxy_that_has_no_routes_yet_waits_for_the_first_table(http, replicas, tmp_path):
     r1 = await replicas("tiny-m00000")
-    head = await FakeHead(first_delay_s=1.0).start()  # a head slow to send its table (the proxy just restarted)
+    # a head slow to send its table (the proxy just restarted); slow enough that the checks below run
+    # before it comes, on a loaded machine too, and within the 5 s a request waits for the first table
+    head = await FakeHead(first_delay_s=3.0).start()
     head.publish(tiny=[r1])
     proxy = await Proxy(head.port, tmp_path).start()
     try:

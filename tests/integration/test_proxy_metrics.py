@@ -80,10 +80,12 @@ async def test_counters_move_by_the_requests_made_and_cluster_gauges_come_from_s
             assert len(down.requests) == 1  # the idle replica was tried first, then the busy good one
             during = await scrape(http, proxy)
             holder.close()
-            async def polled():  # a metrics poll of the head and the replicas after the held stream ended
+            async def polled():  # a metrics poll of the head and both replicas after the held stream ended
                 after = await scrape(http, proxy)
                 done = value(after, "gridserve_streams_in_flight", model="tiny") == 0
-                return after if done and value(after, "gridserve_head_up") == 1 and value(
+                down_polled = ("gridserve_replica_prompt_tokens_cached_total",
+                               frozenset({("model", "tiny"), ("replica", "tiny-m00002")})) in after
+                return after if done and down_polled and value(after, "gridserve_head_up") == 1 and value(
                     after, "gridserve_replica_batch_size", model="tiny", replica="tiny-m00001") == 2 else None
             after = await wait_until(polled, 10, "a metrics poll after the held stream")
         finally:

@@ -8,6 +8,7 @@ import pytest
 
 from gridserve.v1 import head_pb2, model_config_pb2
 from support.fakes import FakeHead, FakeReplica, Proxy, model_config, wait_version
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,6 +41,16 @@ async def cluster(tmp_path_factory):
     await head.server.stop(None)
 
 
+def holds(proxy) -> int:
+    """How many requests the proxy has held so far (its request_held log lines)."""
+    return proxy.log_path.read_text().count("request_held ")
+
+
+async def held(proxy, before: int, n: int) -> None:
+    """Until n more requests than `before` are held (not a guessed delay: the hold's timeout is short)."""
+    await wait_until(lambda: holds(proxy) >= before + n, 10, f"{n} held request(s)")
+
+
 async def chat(http, proxy):
     async with http.post(f"{proxy.url}/v1/chat/idle", data="hi") as r:
         return r.status, r.headers, await r.text()
@@ -65,22 +76,24 @@ async def test_a_held_request_times_out_with_503_and_retry_after(cluster):
 
 async def test_requests_over_the_hold_limit_get_503_at_once(cluster):
     _, proxy, http = cluster
-    held = [asyncio.create_task(chat(http, proxy)) for _ in range(2)]
-    await asyncio.sleep(0.5)
+    before = holds(proxy)
+    waiting = [asyncio.create_task(chat(http, proxy)) for _ in range(2)]
+    await held(proxy, before, 2)
     status, headers, body = await chat(http, proxy)
     assert status == 503 and "2 requests already wait" in body and headers["Retry-After"] == "1"
-    assert [s for s, _, _ in await asyncio.gather(*held)] == [503, 503]
+    assert [s for s, _, _ in await asyncio.gather(*waiting)] == [503, 503]
 
 
 async def test_a_held_request_is_served_once_a_replica_is_ready(cluster):
     head, proxy, http = cluster
     replica = await FakeReplica("idle-a00001").start()
     try:
-        held = asyncio.create_task(chat(http, proxy))
-        await asyncio.sleep(0.5)
-        assert not held.done()
+        before = holds(proxy)
+        waiting = asyncio.create_task(chat(http, proxy))
+        await held(proxy, before, 1)
+        assert not waiting.done()
         publish_zero(head, replica)
-        status, _, text = await held
+        status, _, text = await waiting
         assert status == 200 and text == "Hello, world!"
     finally:
         await wait_version(http, proxy, publish_zero(head))

@@ -91,6 +91,31 @@ class StreamLoad(ClientThreads):
         return (True, text, "") if finish else (False, text, "the SSE stream ended without a finish_reason")
 
 
+class WatchedStream:
+    """One native greedy chat stream read as it arrives: its headers, then its first text, so a test can
+    break the replica it is known to be streaming from (`replica`) while it is mid-stream."""
+
+    def __init__(self, cluster: Cluster, model: str, prompt: str, max_tokens: int, timeout: float = 120):
+        url = urlsplit(cluster.url(f"/v1/chat/{model}"))
+        self.conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+        body = {"messages": messages(prompt), "max_tokens": max_tokens, "temperature": 0}
+        self.conn.request("POST", url.path, json.dumps(body), {"Content-Type": "application/json"})
+        self.resp = self.conn.getresponse()
+        assert self.resp.status == 200, self.resp.read()
+        self.replica = self.resp.getheader("X-Replica-Id", "")
+        self.request_id = self.resp.getheader("X-Request-Id", "")
+        self.first = self.resp.read1(65536)  # blocks until the first text has arrived
+
+    def finish(self) -> tuple[bool, str, str]:
+        """Reads to the end: (ended normally, the whole text, the error piece if it ended with one)."""
+        try:
+            data = (self.first + self.resp.read()).decode()
+        finally:
+            self.conn.close()
+        text, sep, tail = data.partition('\n{"error"')
+        return (False, text, sep.strip() + tail) if sep else (True, text, "")
+
+
 def reference_texts(cluster: Cluster, model: str, max_tokens: int) -> dict[str, str]:
     """The no-failure greedy text of every prompt, one request at a time on a healthy cluster."""
     load = StreamLoad(cluster, model, max_tokens)

@@ -36,7 +36,7 @@ async def test_one_poller_waits_its_interval_until_watched_then_polls_every_fast
         await poller.fresh(60.0)  # recent enough: no wait, but watched from now on: a poll at once, then fast
         await wait_until(lambda: head.calls >= 4, 2, "polls every fast interval")
         poller._watched_until = 0.0  # nobody watches any more: the next poll after that is 300 s away
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(poller._next.wait(), 5)  # the poll under way (or next) ends, then none comes
         settled = head.calls
         await asyncio.sleep(0.5)
         assert head.calls == settled
