@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from support.cluster import Cluster, RequestLoad, http, pid_alive
 from support.waiting import wait_for
@@ -61,14 +60,6 @@ class Throttle:
         self.thread.join(10)
 
 
-def streams_in_flight(cluster: Cluster) -> float:
-    """The proxy's count of streams that have their first token and are still open."""
-    status, _, body = http("GET", cluster.url("/metrics"), timeout=10)
-    assert status == 200
-    return sum(s.value for f in text_string_to_metric_families(b"".join(body).decode())
-               for s in f.samples if s.name == "gridserve_streams_in_flight" and s.labels.get("model") == "tiny")
-
-
 def stream(cluster: Cluster, out: list) -> None:
     started = time.monotonic()
     status, headers, pieces = http("POST", cluster.url("/v1/chat/tiny"), json.dumps(LONG),
@@ -94,7 +85,8 @@ def test_scaling_down_lets_the_removed_replicas_stream_finish_whole_and_routes_n
             threads = [threading.Thread(target=stream, args=(c, results)) for _ in range(2)]
             for n, t in enumerate(threads, 1):  # one stream on each: the proxy picks the one with fewer in flight
                 t.start()
-                wait_for(lambda: streams_in_flight(c) >= n, 60, f"stream {n} under way")
+                wait_for(lambda: c.metric("gridserve_streams_in_flight", model="tiny") >= n, 60,
+                         f"stream {n} under way")  # the proxy counts a stream from its first token
             t0 = time.monotonic()
             c.cli("scale", "tiny", "1")
             wait_for(lambda: len(c.replicas("tiny")) == 1, 30, "the head to drop one replica")

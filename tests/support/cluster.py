@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from gridserve.common.security import METADATA_KEY
 from support.waiting import wait_for
@@ -188,6 +189,13 @@ class Cluster:
 
     def url(self, path: str) -> str:
         return f"http://{self.http_address}{path}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the proxy's /metrics samples called `name` whose labels include `labels`."""
+        status, _, body = http("GET", self.url("/metrics"), timeout=10)
+        assert status == 200
+        return sum(s.value for f in text_string_to_metric_families(b"".join(body).decode()) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def http(method: str, url: str, body: bytes | str | None = None, headers: dict | None = None,
