@@ -19,6 +19,12 @@ const int QK = 32;   // weights per block
 inline float f16(uint16_t h) { return _cvtsh_ss(h); }
 // Sixteen float16 numbers from memory as float32 (exact).
 inline __m512 load16_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+// n float32 numbers stored as float16, each rounded to nearest (as torch's .half() rounds).
+inline void store_f16(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t j = 0; j < n; j++) out[j] = _cvtss_sh(x[j], _MM_FROUND_TO_NEAREST_INT);
+}
+// The first n of 16 lanes (all of them from n = 16 on): a vector's live part at the end of a row.
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
 // e^x for 16 floats (Cephes' expf polynomial: within a few ulps of expf), x clamped to where e^x is
 // a normal float, so a far-negative x gives the smallest normal float (~1e-38), never a denormal.
@@ -290,7 +296,7 @@ void gs_decode_attention(const float* q, const uint16_t* K, const uint16_t* V, c
       }
       __m512 total = _mm512_setzero_ps();
       for (t = 0; t < len; t += 16) {
-        const __mmask16 live = len - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - t)) - 1);
+        const __mmask16 live = first_lanes(len - t);
         const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sg + t), _mm512_set1_ps(best)));
         _mm512_mask_storeu_ps(sg + t, live, e);
         total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
@@ -346,7 +352,7 @@ void gs_silu_mul(const float* gu, int64_t T, int64_t F, float* out) {
     const float* u = g + F;
     float* o = out + t * F;
     for (int64_t j = 0; j < F; j += 16) {
-      const __mmask16 live = F - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (F - j)) - 1);
+      const __mmask16 live = first_lanes(F - j);
       const __m512 vg = _mm512_maskz_loadu_ps(live, g + j), vu = _mm512_maskz_loadu_ps(live, u + j);
       const __m512 silu = _mm512_div_ps(vg, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), vg))));
       _mm512_mask_storeu_ps(o + j, live, _mm512_mul_ps(silu, vu));
@@ -354,34 +360,31 @@ void gs_silu_mul(const float* gu, int64_t T, int64_t F, float* out) {
   }
 }
 
+// RoPE on one head of D (transformers' rotate_half form): out = x * c + rotate_half(x) * s.
+static void rope_head(const float* x, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t j = 0; j < half; j++) out[j] = x[j] * c[j] - x[j + half] * s[j];
+  for (int64_t j = half; j < D; j++) out[j] = x[j] * c[j] + x[j - half] * s[j];
+}
+
 // The joined q/k/v product of T tokens, qkv [T, (H + 2 * KVH) * D], made ready for attention: RoPE
-// (transformers' rotate_half form, x * cos + rotate_half(x) * sin with cos, sin [T, D]) on each query
-// head into q [T, H, D] and on each key head into its cache row, the values copied to theirs. K and V
-// are a layer's float16 caches viewed as rows of D; at[t * KVH + h] is token t's row for kv head h;
-// keys and values are rounded to nearest (as torch's .half() does) as they are stored. Built with
-// -ffp-contract=off, so each product and sum rounds as torch's separate mul and add do.
+// (cos, sin [T, D]) on each query head into q [T, H, D] and on each key head into its cache row, the
+// values copied to theirs. K and V are a layer's float16 caches viewed as rows of D; at[t * KVH + h]
+// is token t's row for kv head h; keys and values are rounded to nearest as they are stored. Built
+// with -ffp-contract=off, so each product and sum rounds as torch's separate mul and add do.
 void gs_rope_kv(const float* qkv, int64_t T, int64_t H, int64_t KVH, int64_t D, const float* cos, const float* sin,
                 float* q, uint16_t* K, uint16_t* V, const int64_t* at) {
-  const int64_t width = (H + 2 * KVH) * D, half = D / 2;
+  const int64_t width = (H + 2 * KVH) * D;
   float* key = static_cast<float*>(malloc(D * sizeof(float)));
   for (int64_t t = 0; t < T; t++) {
     const float* row = qkv + t * width;
     const float* c = cos + t * D;
     const float* s = sin + t * D;
-    for (int64_t h = 0; h < H + KVH; h++) {
-      const float* x = row + h * D;
-      float* out = h < H ? q + (t * H + h) * D : key;
-      for (int64_t j = 0; j < half; j++) out[j] = x[j] * c[j] - x[j + half] * s[j];
-      for (int64_t j = half; j < D; j++) out[j] = x[j] * c[j] + x[j - half] * s[j];
-      if (h >= H) {
-        uint16_t* cached = K + at[t * KVH + h - H] * D;
-        for (int64_t j = 0; j < D; j++) cached[j] = _cvtss_sh(key[j], _MM_FROUND_TO_NEAREST_INT);
-      }
-    }
+    for (int64_t h = 0; h < H; h++) rope_head(row + h * D, c, s, D, q + (t * H + h) * D);
     for (int64_t h = 0; h < KVH; h++) {
-      const float* v = row + (H + KVH + h) * D;
-      uint16_t* cached = V + at[t * KVH + h] * D;
-      for (int64_t j = 0; j < D; j++) cached[j] = _cvtss_sh(v[j], _MM_FROUND_TO_NEAREST_INT);
+      rope_head(row + (H + h) * D, c, s, D, key);
+      store_f16(key, D, K + at[t * KVH + h] * D);
+      store_f16(row + (H + KVH + h) * D, D, V + at[t * KVH + h] * D);
     }
   }
   free(key);
