@@ -10,6 +10,8 @@
 #error "gguf_blocks needs AVX-512 (AVX512F)"
 #endif
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace {
 
@@ -229,6 +231,141 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Blo
     matmul_in_registers(x, M, K, N, y, block);
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define GS_AMX 1
+// ---- Products on AMX (Intel's tile units), float32 split into bfloat16 pairs -------------------------
+// Each float32 f is split into hi = bfloat16(f) and lo = bfloat16(f - hi) (about 16 bits of f), the
+// weight as gguf widens it and the activation alike, and x . w is summed by the tile unit in float32
+// as hi.hi + hi.lo + lo.hi per chunk of 32: within about 2^-16 of the float32 product, where one
+// bfloat16 product would be 2^-8 off (that costs SmolLM2 4 of 22 greedy answers). C tiles hold 16
+// weight rows x 16 activation rows; each output is the tile unit's sum over its own weight row and
+// activation row, chunk after chunk in order, so a row's result never depends on the rows beside it.
+
+const int AMX_ROWS = 32;  // weight rows a thread widens at once: two tiles of 16
+
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0, 1: C (weight rows 0-15, 16-31 of the panel x 16 activation rows); 2, 3: the weights' hi
+// parts and 4, 5 their lo parts (16 weight rows x 32 bfloat16); 6, 7: the activations' hi and lo
+// parts (16 pairs of k x 16 activation rows). All 16 rows of 64 bytes.
+inline void amx_configure() {
+  TileConfig cfg = {};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; t++) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// 32 float32 numbers (a, then b) as 32 bfloat16 hi parts and 32 lo parts.
+inline void split_bf16(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
+  hi = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+  const __m512 a_hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)), 16));
+  const __m512 b_hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)), 16));
+  lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, b_hi), _mm512_sub_ps(a, a_hi));
+}
+
+// x [M, K] float32 into tiles: for activation tile g and chunk c, xb + (g * chunks + c) * 512 holds
+// the hi parts then the lo parts, each as 16 rows (pairs of k) of 16 activation rows: unit kk * 16 + m
+// is (x[16g + m][32c + 2kk], x[16g + m][32c + 2kk + 1]). Rows past M are zeros.
+inline void amx_pack_activations(const float* x, int64_t M, int64_t K, uint32_t* xb) {
+  const int64_t chunks = K / QK, groups = (M + 15) / 16;
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 15))
+  for (int64_t gc = 0; gc < groups * chunks; gc++) {
+    const int64_t g = gc / chunks, c = gc % chunks;
+    uint32_t* out = xb + gc * 512;
+    for (int64_t m = 0; m < 16; m++) {
+      alignas(64) uint32_t hi[16], lo[16];
+      __m512i vhi = _mm512_setzero_si512(), vlo = _mm512_setzero_si512();
+      if (16 * g + m < M) {
+        const float* row = x + (16 * g + m) * K + c * QK;
+        split_bf16(_mm512_loadu_ps(row), _mm512_loadu_ps(row + 16), vhi, vlo);
+      }
+      _mm512_store_si512(hi, vhi);
+      _mm512_store_si512(lo, vlo);
+      for (int kk = 0; kk < 16; kk++) {
+        out[kk * 16 + m] = hi[kk];
+        out[256 + kk * 16 + m] = lo[kk];
+      }
+    }
+  }
+}
+
+// C tile t (panel rows 16t..16t+15 x activation tile g) into y: c is [weight row][activation row], so
+// each activation row's 16 outputs are one run of y.
+inline void amx_store(int t, int64_t g, int64_t n0, int64_t rows, int64_t M, int64_t N, float* y) {
+  alignas(64) float c[16 * 16];
+  if (t == 0)
+    _tile_stored(0, c, 64);
+  else
+    _tile_stored(1, c, 64);
+  const int64_t live = rows - 16 * t < 16 ? rows - 16 * t : 16;
+  if (live <= 0) return;  // the panel's last weight rows are past N
+  const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+  for (int64_t m = 0; m < 16 && 16 * g + m < M; m++)
+    _mm512_mask_storeu_ps(y + (16 * g + m) * N + n0 + 16 * t, first_lanes(live), _mm512_i32gather_ps(column, c + m, 4));
+}
+
+// y[M, N] = x[M, K] . W[N, K]^T: a thread widens a panel of AMX_ROWS weight rows into hi and lo
+// bfloat16 parts once, then runs every activation tile over it.
+template <typename Block>
+void matmul_amx(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Block& block) {
+  const int64_t nb = K / QK, groups = (M + 15) / 16, panels = (N + AMX_ROWS - 1) / AMX_ROWS;
+  uint32_t* xb = static_cast<uint32_t*>(aligned_alloc(64, groups * nb * 512 * sizeof(uint32_t)));
+  amx_pack_activations(x, M, K, xb);
+#pragma omp parallel
+  {
+    amx_configure();
+    // hi parts [AMX_ROWS][K], then lo parts [AMX_ROWS][K]
+    uint16_t* panel = static_cast<uint16_t*>(aligned_alloc(64, 2 * AMX_ROWS * K * sizeof(uint16_t)));
+    uint16_t* panel_lo = panel + AMX_ROWS * K;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < panels; p++) {
+      const int64_t n0 = p * AMX_ROWS, rows = N - n0 < AMX_ROWS ? N - n0 : AMX_ROWS;
+      for (int64_t j = 0; j < AMX_ROWS; j++)
+        for (int64_t b = 0; b < nb; b++) {
+          __m512 w0 = _mm512_setzero_ps(), w1 = _mm512_setzero_ps();
+          if (j < rows) block(n0 + j, b, w0, w1);
+          __m512i hi, lo;
+          split_bf16(w0, w1, hi, lo);
+          _mm512_store_si512(panel + j * K + b * QK, hi);
+          _mm512_store_si512(panel_lo + j * K + b * QK, lo);
+        }
+      for (int64_t g = 0; g < groups; g++) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t b = 0; b < nb; b++) {
+          const uint32_t* xg = xb + (g * nb + b) * 512;
+          _tile_loadd(2, panel + b * QK, K * 2);
+          _tile_loadd(3, panel + 16 * K + b * QK, K * 2);
+          _tile_loadd(4, panel_lo + b * QK, K * 2);
+          _tile_loadd(5, panel_lo + 16 * K + b * QK, K * 2);
+          _tile_loadd(6, xg, 64);
+          _tile_loadd(7, xg + 256, 64);
+          _tile_dpbf16ps(0, 2, 6);  // hi . hi
+          _tile_dpbf16ps(1, 3, 6);
+          _tile_dpbf16ps(0, 2, 7);  // + hi . lo
+          _tile_dpbf16ps(1, 3, 7);
+          _tile_dpbf16ps(0, 4, 6);  // + lo . hi
+          _tile_dpbf16ps(1, 5, 6);
+        }
+        amx_store(0, g, n0, rows, M, N, y);
+        amx_store(1, g, n0, rows, M, N, y);
+      }
+    }
+    free(panel);
+    _tile_release();
+  }
+  free(xb);
+}
+
+#endif  // AMX
+
 }  // namespace
 
 extern "C" {
@@ -389,5 +526,37 @@ void gs_rope_kv(const float* qkv, int64_t T, int64_t H, int64_t KVH, int64_t D, 
   }
   free(key);
 }
+
+// Asks Linux for the AMX tile state (once per process): 1 where this build has the AMX products and
+// the tile state was granted, 0 otherwise (the gs_*_amx functions exist only in a build that has them).
+int gs_amx_init() {
+#ifdef GS_AMX
+  const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+#ifdef GS_AMX
+// gs_q4_1_matmul and gs_q8_0_matmul on AMX, each float32 split into two bfloat16 parts (matmul_amx).
+void gs_q4_1_matmul_amx(const float* x, int64_t M, int64_t K, const uint8_t* qs, const uint16_t* d,
+                        const uint16_t* m, int64_t N, float* y) {
+  const int64_t nb = K / QK;
+  if (M <= 0) return;
+  matmul_amx(x, M, K, N, y, [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
+    q4_1_block(qs + (n * nb + b) * 16, f16(d[n * nb + b]), f16(m[n * nb + b]), w0, w1);
+  });
+}
+
+void gs_q8_0_matmul_amx(const float* x, int64_t M, int64_t K, const int8_t* qs, const uint16_t* d, int64_t N,
+                        float* y) {
+  const int64_t nb = K / QK;
+  if (M <= 0) return;
+  matmul_amx(x, M, K, N, y, [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
+    q8_0_block(qs + (n * nb + b) * QK, f16(d[n * nb + b]), w0, w1);
+  });
+}
+#endif
 
 }  // extern "C"

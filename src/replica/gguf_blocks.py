@@ -52,6 +52,22 @@ class Kernels:
                   lib.gs_rope_kv, lib.gs_silu_mul):
             f.restype = None
         self.lib = lib
+        # Prompt tokens' products on AMX, where the CPU has it and Linux grants the tile state.
+        self.amx = cpu_has_amx() and lib.gs_amx_init() == 1
+        if self.amx:
+            lib.gs_q4_1_matmul_amx.argtypes = [_P, _I, _I, _P, _P, _P, _I, _P]
+            lib.gs_q8_0_matmul_amx.argtypes = [_P, _I, _I, _P, _P, _I, _P]
+            lib.gs_q4_1_matmul_amx.restype = lib.gs_q8_0_matmul_amx.restype = None
+
+    def product(self, w: "BlockWeight", x: torch.Tensor, y: torch.Tensor, amx: bool = False) -> None:
+        """y [M, w.n] = x [M, w.k] . W^T, both contiguous float32; on AMX (self.amx only) with `amx`."""
+        lib, m = self.lib, x.shape[0]
+        if w.kind == "Q4_1":
+            f = lib.gs_q4_1_matmul_amx if amx else lib.gs_q4_1_matmul
+            f(x.data_ptr(), m, w.k, w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), w.n, y.data_ptr())
+        else:
+            f = lib.gs_q8_0_matmul_amx if amx else lib.gs_q8_0_matmul
+            f(x.data_ptr(), m, w.k, w.qs.data_ptr(), w.d.data_ptr(), w.n, y.data_ptr())
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -118,6 +134,12 @@ def _cpu_flags() -> str:
 
 def cpu_has_avx512() -> bool:
     return "avx512f" in _cpu_flags().split()
+
+
+def cpu_has_amx() -> bool:
+    """AMX tiles with bfloat16 products (Intel Sapphire Rapids and later)."""
+    flags = _cpu_flags().split()
+    return all(f in flags for f in ("amx_tile", "amx_bf16", "avx512_bf16"))
 
 
 def _build(directory: Path) -> Path:
@@ -200,6 +222,22 @@ def _fp16(part: np.ndarray, n: int, k: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(part).view(np.float16).reshape(n, k // QK))
 
 
+class PromptRows:
+    """Which rows of a step's flattened tokens are prompt tokens. Their products run on AMX where the
+    kernels have it (float32 split into two bfloat16 parts: about 2^-16 from float32, 2-3x faster
+    from a few dozen rows on); generated tokens (decoding, a resumed stream's replayed tokens) and
+    the head always take the float32 kernel, which is faster at a few rows. Each kind's result for a
+    row never depends on the rows beside it, and a replayed token's keys and values are exactly
+    those its first replica decoded."""
+
+    def __init__(self, mask: list[bool]):
+        self.count = len(mask)
+        self.all, self.none = all(mask), not any(mask)
+        if not (self.all or self.none):
+            m = torch.tensor(mask)
+            self.prompt, self.other = m.nonzero().flatten(), (~m).nonzero().flatten()
+
+
 class BlockLinear(torch.nn.Module):
     """A bias-free nn.Linear whose weight stays in its GGUF blocks: y = x W^T in float32."""
 
@@ -208,19 +246,23 @@ class BlockLinear(torch.nn.Module):
         self.w, self.kernels = weight, kernels
         self.in_features, self.out_features = weight.k, weight.n
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: PromptRows | None = None) -> torch.Tensor:
+        """`rows`: which rows are prompt tokens (PromptRows; None: none of them)."""
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         if x.dtype != torch.float32:
             raise TypeError(f"gguf block weights take float32 activations, not {x.dtype}")
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.out_features)
-        w, lib = self.w, self.kernels.lib
-        if w.kind == "Q4_1":
-            lib.gs_q4_1_matmul(x.data_ptr(), x.shape[0], w.k, w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr(),
-                               w.n, y.data_ptr())
+        if rows is None or rows.none or not self.kernels.amx:
+            self.kernels.product(self.w, x, y)
+        elif rows.all:
+            self.kernels.product(self.w, x, y, amx=True)
         else:
-            lib.gs_q8_0_matmul(x.data_ptr(), x.shape[0], w.k, w.qs.data_ptr(), w.d.data_ptr(), w.n, y.data_ptr())
+            for index, amx in ((rows.prompt, True), (rows.other, False)):
+                part = torch.empty(len(index), self.out_features)
+                self.kernels.product(self.w, x.index_select(0, index), part, amx=amx)
+                y.index_copy_(0, index, part)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -376,10 +418,12 @@ def build_model(cfg, blocks: dict, kernels: Kernels):
     return model.eval()
 
 
-def describe(blocks: dict) -> str:
-    """What serves the weights, in words: "gguf blocks Q4_1 x210, Q8_0 x1 (float32 activations)"."""
+def describe(blocks: dict, amx: bool = False) -> str:
+    """What serves the weights, in words: "gguf blocks Q4_1 x210, Q8_0 x1 (float32 activations)", and
+    "; prompt products on AMX" where the kernels have it."""
     counts: dict[str, int] = {}
     for name, w in blocks.items():
         if isinstance(w, BlockWeight) and name.split(".")[-2] not in JOINED:  # the file's tensors, not joins
             counts[w.kind] = counts.get(w.kind, 0) + 1
-    return "gguf blocks " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) + " (float32 activations)"
+    how = "float32 activations; prompt products on AMX" if amx else "float32 activations"
+    return "gguf blocks " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) + f" ({how})"

@@ -58,20 +58,23 @@ class EagerLayers:
         return x + mlp(h)
 
     def attention_input(self, i: int, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor,
-                        sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor):
+                        sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, at: torch.Tensor,
+                        prompt=None):
         """(Fused layers.) x += delta, the previous layer's MLP output, in place; then layer i's queries
-        [T, heads, dim] with RoPE (cos, sin [T, dim]), its keys and values written to the caches at `rows`."""
+        [T, heads, dim] with RoPE (cos, sin [T, dim]), its keys and values written to the caches at
+        `at`. `prompt`: which tokens are prompt tokens (gguf_blocks.PromptRows), for the products."""
         layer = self.layers[i]
         h = self.kernels.rms_norm(x, layer.input_layernorm.weight, self.eps, add=delta)
-        return self.kernels.rope_kv(layer.self_attn.qkv_blocks(h), self.heads, self.kv_heads, cos, sin,
-                                    k_cache, v_cache, rows)
+        return self.kernels.rope_kv(layer.self_attn.qkv_blocks(h, prompt), self.heads, self.kv_heads, cos, sin,
+                                    k_cache, v_cache, at)
 
-    def mlp_delta(self, i: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    def mlp_delta(self, i: int, x: torch.Tensor, attn_out: torch.Tensor, prompt=None) -> torch.Tensor:
         """(Fused layers.) x += o_proj(attention) in place; the MLP's output, for the next layer to add."""
         layer = self.layers[i]
         h = self.kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps,
-                                  add=layer.self_attn.o_proj(attn_out))
-        return layer.mlp.down_proj(self.kernels.silu_mul(layer.mlp.gate_up_blocks(h)))
+                                  add=layer.self_attn.o_proj(attn_out, prompt))
+        mlp = layer.mlp
+        return mlp.down_proj(self.kernels.silu_mul(mlp.gate_up_blocks(h, prompt)), prompt)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from gridserve.replica.gguf_blocks import PromptRows
 from gridserve.replica.llama_layers import EagerLayers
 from gridserve.replica.model_runner import set_torch_threads
 from gridserve.replica.sampling import row_generator, sample_rows
@@ -17,6 +18,9 @@ MODEL_TYPES = ("llama",)
 # Prompt tokens one step prefills, over all rows still prefilling: running rows wait at most one
 # such chunk (plus their own decode) for a long prompt to arrive.
 PREFILL_CHUNK = 128
+# Where the attention kernel serves the model, prompt tokens at this position and later are attended
+# by torch (a batched product per row) instead: the kernel is faster for short contexts, torch for long.
+KERNEL_PROMPT_POSITIONS = 256
 
 
 def supports(model) -> bool:
@@ -206,7 +210,7 @@ class LlamaRunner:
     def score(self, ids: list[int]) -> float:
         """Mean negative log-likelihood of each token of `ids` after those before it, computed the way
         prompts are served (chunked, in slot 0). For quality checks; not while an engine runs it."""
-        row, total = SimpleNamespace(slot=0), 0.0
+        row, total = SimpleNamespace(slot=0, prompt_ids=ids), 0.0
         for a in range(0, len(ids) - 1, self.prefill_chunk):
             b = min(len(ids) - 1, a + self.prefill_chunk)
             hidden = self._forward([(row, a, b)], ids[a:b], list(range(a, b)), [0] * (b - a), list(range(b - a)))
@@ -240,10 +244,11 @@ class LlamaRunner:
         heads = torch.arange(self.kv_heads, device=dev)
         at = ((slot_t[:, None] * self.kv_heads + heads) * self.max_len + pos[:, None]).reshape(-1)
         if self.dense.fused:
-            delta = None
+            delta, prompt = None, self._prompt_rows(spans)
             for i in range(len(self.inner.layers)):
-                q = self.dense.attention_input(i, x, delta, cos[:, 0], sin[:, 0], self.cache.k[i], self.cache.v[i], at)
-                delta = self.dense.mlp_delta(i, x, self._attend(i, q, plan))
+                q = self.dense.attention_input(i, x, delta, cos[:, 0], sin[:, 0], self.cache.k[i], self.cache.v[i], at,
+                                               prompt)
+                delta = self.dense.mlp_delta(i, x, self._attend(i, q, plan), prompt)
             return (x + delta)[last]
         for i in range(len(self.inner.layers)):
             q, k, v = self.dense.qkv(i, x, cos, sin)
@@ -252,14 +257,18 @@ class LlamaRunner:
             x = self.dense.finish(i, x, self._attend(i, q, plan))
         return x[last]
 
+    def _prompt_rows(self, spans) -> PromptRows | None:
+        """Which of the step's tokens are prompt tokens, where the kernels compute those apart (AMX)."""
+        if not self.dense.kernels.amx:
+            return None
+        return PromptRows([p < len(seq.prompt_ids) for seq, a, b in spans for p in range(a, b)])
+
     def _attention_plan(self, spans) -> list[tuple]:
         """Per group of rows, what `_attend` needs; built once per step, used by every layer."""
+        if self.kernels is not None:
+            return self._kernel_attention_plan(spans)
         plan, decoding = [], [(s, a) for s, a, b in spans if b - a == 1]
-        if decoding and self.kernels is not None:
-            slots = torch.tensor([s.slot for s, _ in decoding], dtype=torch.long)
-            lengths = torch.tensor([a + 1 for _, a in decoding], dtype=torch.long)
-            plan.append(("decode_rows", len(decoding), slots, lengths))
-        elif decoding:
+        if decoding:
             slots = [s.slot for s, _ in decoding]
             lo, hi = min(slots), max(slots) + 1
             length = max(a for _, a in decoding) + 1
@@ -277,6 +286,34 @@ class LlamaRunner:
                 rows = torch.arange(a, b, device=self.device)[:, None]
                 mask = torch.arange(b, device=self.device)[None, :] <= rows  # causal, after the cached prefix
                 plan.append(("prefill", n, seq.slot, mask.repeat(self.group, 1)))
+        return plan
+
+    def _kernel_attention_plan(self, spans) -> list[tuple]:
+        """With the attention kernel: a token is one query over its own slot's positions up to its own
+        (this step's keys are in the cache already), so a prompt token is computed as it would be were
+        it decoded, and a resumed stream's replayed tokens exactly as their first replica decoded them.
+        Prompt tokens from position KERNEL_PROMPT_POSITIONS on go to torch's attention instead, one call
+        per row: the kernel reads a row's keys once per query, which costs more than a batched product
+        over long contexts (a 2,000-token prompt's last chunks)."""
+        plan: list[tuple] = []
+        rows: list[tuple[int, int]] = []  # (slot, length) of the kernel's queries, in token order
+
+        def flush() -> None:
+            if rows:
+                slots, lengths = zip(*rows)
+                plan.append(("decode_rows", len(rows), torch.tensor(slots), torch.tensor(lengths)))
+                rows.clear()
+
+        for seq, a, b in spans:
+            lo = min(max(a, KERNEL_PROMPT_POSITIONS), b)   # prompt tokens from here to hi: torch
+            hi = max(lo, min(b, len(seq.prompt_ids)))
+            rows.extend((seq.slot, p + 1) for p in range(a, lo))
+            if hi > lo:
+                flush()
+                mask = torch.arange(hi, device=self.device)[None, :] <= torch.arange(lo, hi, device=self.device)[:, None]
+                plan.append(("prefill", hi - lo, seq.slot, mask.repeat(self.group, 1)))
+            rows.extend((seq.slot, p + 1) for p in range(hi, b))
+        flush()
         return plan
 
     def _attend(self, layer: int, q: torch.Tensor, plan: list[tuple]) -> torch.Tensor:

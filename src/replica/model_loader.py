@@ -290,7 +290,7 @@ def _load_blocks(config: ModelConfig, device: torch.device, cache_dir: Path | No
     except ModelLoadError as e:
         event(log, "gguf_blocks_unused", logging.WARNING, model=config.name, reason=f"{e}; serving {config.dtype}")
         return None
-    return tokenizer, model, from_cache, gguf_blocks.describe(blocks)
+    return tokenizer, model, from_cache, gguf_blocks.describe(blocks, kernels.amx)
 
 
 def _blocks_cached(folder: Path | None):

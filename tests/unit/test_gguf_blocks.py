@@ -67,6 +67,51 @@ def test_a_rows_result_does_not_depend_on_the_other_rows_of_the_batch(kernels):
         assert torch.equal(layer(x[:rows]), alone[:rows])
 
 
+needs_amx = pytest.mark.skipif(not gguf_blocks.cpu_has_amx(), reason="the AMX products need a CPU with AMX-BF16")
+
+
+@needs_amx
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_amx_products_are_within_2e_16_of_float32_and_a_rows_result_does_not_depend_on_the_batch(kernels, kind):
+    """Prompt tokens' products on AMX: each float32 split into two bfloat16 parts keeps about 16 bits,
+    so the result is far closer to float32 than one bfloat16 product (2^-8) would be; and each row is
+    still summed alone, in one order, whatever rows come with it."""
+    assert kernels.amx
+    weight, dense = blocks(kind, 131, 576, seed=2)  # 131: two tiles of 16 weight rows and a ragged last panel
+    x = torch.randn(130, 576)
+    y = torch.empty(130, 131)
+    kernels.product(weight, x, y, amx=True)
+    exact = x.double() @ dense.double().T
+    scale = float((x.abs().double() @ dense.abs().double().T).max())
+    error = float((y.double() - exact).abs().max())
+    one_bfloat16 = float((x.bfloat16().double() @ dense.bfloat16().double().T - exact).abs().max())
+    assert error < 2 ** -15 * scale and error < one_bfloat16 / 50
+    for rows in (1, 2, 15, 16, 17, 33, 130):
+        part = torch.empty(rows, 131)
+        kernels.product(weight, x[:rows].contiguous(), part, amx=True)
+        assert torch.equal(part, y[:rows])
+    one = torch.empty(1, 131)
+    kernels.product(weight, x[77:78].contiguous(), one, amx=True)
+    assert torch.equal(one, y[77:78])
+
+
+@needs_amx
+def test_prompt_rows_take_the_amx_products_and_other_rows_the_float32_ones(kernels):
+    weight, _ = blocks("Q4_1", 96, 192, seed=4)
+    layer, x = BlockLinear(weight, kernels), torch.randn(9, 192)
+    mask = [False, True, True, False, True, True, True, False, False]
+    amx, f32 = torch.empty(9, 96), torch.empty(9, 96)
+    kernels.product(weight, x, amx, amx=True)
+    kernels.product(weight, x, f32)
+    assert not torch.equal(amx, f32)  # the two kinds do differ, so the check below means something
+    mixed = layer(x, gguf_blocks.PromptRows(mask))
+    for i, prompt in enumerate(mask):
+        assert torch.equal(mixed[i], (amx if prompt else f32)[i])
+    assert torch.equal(layer(x, gguf_blocks.PromptRows([True] * 9)), amx)
+    assert torch.equal(layer(x, gguf_blocks.PromptRows([False] * 9)), f32)
+    assert torch.equal(layer(x), f32)
+
+
 def test_block_linear_keeps_leading_dimensions_and_refuses_other_dtypes(kernels):
     weight, dense = blocks("Q8_0", 32, 64)
     x = torch.randn(2, 3, 64)
@@ -243,16 +288,20 @@ def test_a_model_built_from_blocks_computes_what_the_dequantized_float32_model_d
         assert torch.allclose(separate(input_ids=ids).logits, want, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("joined, hidden, heads", [(True, 64, 4), (False, 96, 8)],
-                         ids=["fused-layers-and-attention-kernel", "separate-products-head-dim-12"])
+@pytest.mark.parametrize("joined, hidden, heads, torch_from", [(True, 64, 4, 256), (True, 64, 4, 6), (False, 96, 8, 256)],
+                         ids=["fused-layers-and-attention-kernel", "fused-layers-torch-attention-from-position-6",
+                              "separate-products-head-dim-12"])
 async def test_a_blocks_models_runner_keeps_a_float16_kv_cache_and_rows_get_their_solo_tokens(
-        tmp_path, kernels, tiny_loaded, joined, hidden, heads):
+        tmp_path, kernels, tiny_loaded, monkeypatch, joined, hidden, heads, torch_from):
     """Both ways a blocks model runs (fused layers writing the cache in the kernel; separate products
     with torch's cache writes and attention, as a head size the kernel cannot take gets) keep float16
-    keys and values, and batching, prefix reuse and chunked prefill do not change a row's tokens."""
+    keys and values, and batching, prefix reuse and chunked prefill do not change a row's tokens;
+    also where prompt tokens past a position are attended by torch and the rest by the kernel."""
     import asyncio
     from gridserve.common.request_contract import SamplingOptions
+    from gridserve.replica import llama_runner
     from gridserve.replica.engine import Engine
+    monkeypatch.setattr(llama_runner, "KERNEL_PROMPT_POSITIONS", torch_from)
     cfg = tiny_gguf(tmp_path / "tiny.gguf", layers=2, hidden=hidden, heads=heads)
     parsed = gguf_blocks.read_blocks(cfg, tmp_path / "tiny.gguf")
     if not joined:
@@ -276,6 +325,46 @@ async def test_a_blocks_models_runner_keeps_a_float16_kv_cache_and_rows_get_thei
         engine.stop()
     assert together == solo and all(len(t) == 12 for t in solo)
     assert len({tuple(t) for t in solo}) > 1  # the rows do differ: a real check, not four equal streams
+
+
+@needs_amx
+async def test_a_resumed_streams_replayed_tokens_get_the_keys_and_values_their_decoding_wrote_bit_for_bit(
+        tmp_path, kernels, tiny_loaded):
+    """Failover: the new replica prefills prompt + the tokens the first one streamed. The prompt takes
+    the AMX products, the streamed tokens the float32 ones they were decoded with, so their keys and
+    values, and the rest of the stream, are exactly the first replica's."""
+    from gridserve.common.request_contract import SamplingOptions
+    from gridserve.replica.engine import Engine
+    cfg = tiny_gguf(tmp_path / "tiny.gguf", layers=2)
+    model = gguf_blocks.build_model(cfg, gguf_blocks.read_blocks(cfg, tmp_path / "tiny.gguf"), kernels)
+    engine = Engine(dataclasses.replace(tiny_loaded, model=model, eos_token_ids=frozenset()), max_batch_size=2)
+    cache, prompt = engine.runner.cache, [3, 5, 9, 33, 60, 61, 62, 63, 64, 65]
+
+    async def tokens(name: str, resume: list[int] = ()) -> list[int]:
+        handle = engine.submit(name, prompt, SamplingOptions(max_tokens=12), resume_ids=resume)
+        return [t async for o in handle.outputs() for t in o.token_ids]
+
+    def keys_and_values(ids: list[int]) -> list[torch.Tensor]:
+        slot = next(s for s, held in enumerate(cache.tokens) if held[:len(ids)] == ids)
+        return [c[slot, :, :len(ids)].clone() for c in cache.k + cache.v]
+
+    engine.start()
+    try:
+        first = await tokens("first")
+        decoded = keys_and_values(prompt + first[:6])
+        cache.clear()
+        assert await tokens("resumed", first[:6]) == first[6:]
+        assert all(torch.equal(a, b) for a, b in zip(keys_and_values(prompt + first[:6]), decoded))
+        cache.clear()
+        kernels.amx = False  # the prompt as the float32 products give it: not what the replicas computed
+        try:
+            await tokens("float32")
+            float32 = keys_and_values(prompt)
+        finally:
+            kernels.amx = True
+    finally:
+        engine.stop()
+    assert not all(torch.equal(a[:, :len(prompt)], b) for a, b in zip(decoded, float32))
 
 
 def test_a_gguf_tensor_the_loader_does_not_place_is_refused(tmp_path, kernels):
