@@ -94,9 +94,10 @@ def cmd_up(args) -> int:
     cluster = LocalCluster()
     try:
         head = start_head(cluster, args)
-        start_scheduler(cluster, args, head)
+        # Deployed first: the head places the replica the moment the scheduler registers.
         print(call_head(head, "Deploy", head_pb2.DeployRequest(model=model, replicas=args.replicas)).message,
               flush=True)
+        start_scheduler(cluster, args, head)
         wait_model_ready(cluster, head, model, args.timeout)
         http = wait_head_json(cluster, StateDir(args.state_dir), "http_address", 60.0)["http_address"]
         print_ready(model, head, http, args.state_dir, bool(args.api_key_file))
@@ -151,7 +152,7 @@ def wait_head_json(cluster: LocalCluster, state: StateDir, key: str, timeout: fl
                 return info
         except (OSError, ValueError):
             pass
-        time.sleep(0.1)
+        time.sleep(0.02)
     raise CliError(f"error: the head did not report its {key} within {timeout:g}s (see {state.head_log})")
 
 
