@@ -365,19 +365,17 @@ def load_packed(path: Path) -> dict:
     return blocks
 
 
-NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+NORMS = ("attn_norm", "ffn_norm")  # each layer's input_layernorm and post_attention_layernorm
 
 
 def build_model(cfg, blocks: dict, kernels: Kernels):
-    """transformers' Llama for `cfg` with no float32 weights loaded: the GGUF blocks serve its linear
-    layers, embedding and head, the GGUF's float32 norms are copied in. ModelLoadError if the file
-    holds a tensor this does not place, or lacks one the model needs."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
-    if getattr(cfg, "model_type", "") != "llama":
-        raise ModelLoadError(f"gguf block weights are wired for Llama models only, not {cfg.model_type!r}")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    placed, dense = set(), {}
+    """A Llama for `cfg` (a `llama_shell.LlamaShellConfig`, or a transformers config) whose linear
+    layers, embedding and head are the GGUF blocks and whose norms are the GGUF's float32 ones: plain
+    torch modules (`llama_shell`), no transformers model code. ModelLoadError if the file holds a
+    tensor this does not place, or lacks one the model needs."""
+    from gridserve.replica.llama_shell import LlamaShell, LlamaShellConfig
+    cfg = LlamaShellConfig.of(cfg)
+    placed: set[str] = set()
 
     def block(name: str) -> BlockWeight:
         if not isinstance(blocks.get(name), BlockWeight):
@@ -385,6 +383,14 @@ def build_model(cfg, blocks: dict, kernels: Kernels):
         placed.add(name)
         return blocks[name]
 
+    def dense(name: str) -> torch.Tensor:
+        if not isinstance(blocks.get(name), torch.Tensor) or tuple(blocks[name].shape) != (cfg.hidden_size,):
+            raise ModelLoadError(f"the GGUF file has no ({cfg.hidden_size},) tensor {name}")
+        placed.add(name)
+        return blocks[name].float().contiguous()
+
+    norms = [tuple(dense(f"blk.{i}.{short}.weight") for short in NORMS) for i in range(cfg.num_hidden_layers)]
+    model = LlamaShell(cfg, norms, dense("output_norm.weight"))
     for i, layer in enumerate(model.model.layers):
         for short, path in LLAMA_LINEARS.items():
             parent, attr = path.split(".")
@@ -394,26 +400,12 @@ def build_model(cfg, blocks: dict, kernels: Kernels):
             layer.self_attn.qkv_blocks = BlockLinear(block(f"blk.{i}.attn_qkv.weight"), kernels)
         if f"blk.{i}.ffn_gate_up.weight" in blocks:
             layer.mlp.gate_up_blocks = BlockLinear(block(f"blk.{i}.ffn_gate_up.weight"), kernels)
-        for short, attr in NORMS.items():
-            dense[f"model.layers.{i}.{attr}.weight"] = f"blk.{i}.{short}.weight"
-    dense["model.norm.weight"] = "output_norm.weight"
     embed = block("token_embd.weight")
     model.model.embed_tokens = BlockEmbedding(embed)
     model.lm_head = BlockLinear(block("output.weight") if "output.weight" in blocks else embed, kernels)
-    left = set(blocks) - placed - set(dense.values())
+    left = set(blocks) - placed
     if left:
         raise ModelLoadError(f"the GGUF file holds tensors gridserve does not place: {', '.join(sorted(left)[:5])}")
-    model.to_empty(device="cpu")  # only the norms (and buffers) are left to allocate
-    params = dict(model.named_parameters())
-    if set(params) != set(dense):
-        raise ModelLoadError(f"the model has weights the GGUF file does not give: {sorted(set(params) - set(dense))[:5]}")
-    with torch.no_grad():
-        for name, source in dense.items():
-            if source not in blocks or tuple(blocks[source].shape) != tuple(params[name].shape):
-                raise ModelLoadError(f"the GGUF file has no {tuple(params[name].shape)} tensor {source}")
-            params[name].copy_(blocks[source])
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # its buffers were on meta
-    model.generation_config = GenerationConfig.from_model_config(cfg)
     model.gridserve_kernels = kernels  # the Llama runner's attention and norms use them too
     return model.eval()
 

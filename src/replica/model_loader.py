@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gridserve.common.model_config import ModelConfig
 from gridserve.common.errors import ConfigError, ModelLoadError
@@ -161,6 +160,7 @@ def _hub_error(repo: str, err: BaseException) -> ModelLoadError:
 
 
 def _from_pretrained(where: str, dtype: torch.dtype, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(where, **kw)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
     return tokenizer, model
@@ -294,14 +294,19 @@ def _load_blocks(config: ModelConfig, device: torch.device, cache_dir: Path | No
 
 
 def _blocks_cached(folder: Path | None):
-    """(tokenizer, config, blocks, True) from a blocks cache folder, or None (absent or damaged)."""
-    from transformers import AutoConfig
+    """(tokenizer, config, blocks, True) from a blocks cache folder, or None (absent or damaged). Neither
+    transformers' Auto classes nor its Llama config: they import ~1.5 s of modules the blocks never use."""
+    from transformers import PreTrainedTokenizerFast
     from gridserve.replica import gguf_blocks
+    from gridserve.replica.llama_shell import LlamaShellConfig
     if folder is None or not (folder / "blocks.safetensors").is_file():
         return None
     try:
-        cfg = AutoConfig.from_pretrained(str(folder))
-        return AutoTokenizer.from_pretrained(str(folder)), cfg, gguf_blocks.load_packed(folder / "blocks.safetensors"), True
+        cfg = LlamaShellConfig.from_file(folder / "config.json")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        return tokenizer, cfg, gguf_blocks.load_packed(folder / "blocks.safetensors"), True
+    except ModelLoadError:  # a model the blocks do not serve (the caller serves its float32 weights)
+        raise
     except Exception as e:  # damaged: built again from the GGUF
         event(log, "cache_unreadable", logging.WARNING, path=folder, error=str(e).splitlines()[0][:200])
         shutil.rmtree(folder, ignore_errors=True)
@@ -311,7 +316,7 @@ def _blocks_cached(folder: Path | None):
 def _blocks_from_gguf(gguf: Path, folder: Path | None):
     """(tokenizer, config, blocks) read from the GGUF itself, saved into `folder` (tokenizer, config and
     blocks.safetensors: ~100 MB, no float32 weights) through a temp folder renamed into place."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
     from gridserve.replica import gguf_blocks
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -1,4 +1,4 @@
-"""The batching engine with the real SmolLM2 (float32): each greedy row equals its solo model.generate, token for token."""
+"""The batching engine with the real SmolLM2 (as served): each greedy row equals its solo greedy decoding, token for token."""
 from __future__ import annotations
 
 import asyncio
@@ -50,13 +50,15 @@ def prompts(smollm2):
 
 @pytest.fixture(scope="module")
 def solo(smollm2, prompts):
-    """What model.generate(do_sample=False) makes for each prompt alone."""
+    """Greedy decoding of each prompt alone, the whole sequence recomputed for every token by the model's
+    own forward (no KV cache, no batch, none of the engine): an independent reference."""
     out = []
     with torch.inference_mode():
         for ids, (_, n, _) in zip(prompts, REQUESTS):
-            gen = smollm2.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                         max_new_tokens=n, do_sample=False)
-            out.append(gen[0, len(ids):].tolist())
+            seq = list(ids)
+            while len(seq) - len(ids) < n and seq[-1] not in smollm2.eos_token_ids:
+                seq.append(int(smollm2.model(torch.tensor([seq])).logits[0, -1].argmax()))
+            out.append(seq[len(ids):])
     return out
 
 
@@ -86,10 +88,18 @@ async def test_staggered_greedy_rows_equal_solo_generate_while_one_is_cancelled(
         engine.stop()
 
 
+@pytest.fixture(scope="module")
+def smollm2_float32():
+    """smollm2's dequantized float32 weights in transformers' own Llama (quantization "none"): what the
+    generic runner's `KVBatch` serves."""
+    cfg = dataclasses.replace(load_model_catalog().get("smollm2"), dtype="float32", quantization="none")
+    return load_model(cfg, default_cache_dir())
+
+
 @torch.inference_mode()
-def test_batched_rows_logits_stay_within_tolerance_of_solo(smollm2, prompts):
-    model, rows = smollm2.model, [list(p) for p in prompts[:3]]
-    batch = KVBatch(model, smollm2.device)
+def test_batched_rows_logits_stay_within_tolerance_of_solo(smollm2_float32, prompts):
+    model, rows = smollm2_float32.model, [list(p) for p in prompts[:3]]
+    batch = KVBatch(model, smollm2_float32.device)
     logits = batch.prefill(rows)
     for _ in range(4):
         for row, seq in zip(logits, rows):
@@ -97,3 +107,26 @@ def test_batched_rows_logits_stay_within_tolerance_of_solo(smollm2, prompts):
             torch.testing.assert_close(row, alone, atol=LOGITS_ATOL, rtol=0)
             seq.append(int(row.argmax()))
         logits = batch.decode([seq[-1] for seq in rows])
+
+
+def test_a_cached_start_loads_without_transformers_llama_config_or_model_code(smollm2):
+    """The blocks cache holds config, tokenizer and blocks; loading from it imports neither transformers'
+    Auto classes, nor its Llama config and model, nor what those drag in (torch.distributed.tensor,
+    sympy, torch._dynamo): about 1.5 s of a replica's start on a 2-core machine."""
+    import json
+    import subprocess
+    import sys
+    heavy = ["transformers.models.llama.configuration_llama", "transformers.models.llama.modeling_llama",
+             "transformers.models.auto.modeling_auto", "torch.distributed.tensor", "sympy", "torch._dynamo"]
+    code = ("import json, sys\n"
+            "from gridserve.common.model_config import load_model_catalog\n"
+            "from gridserve.replica.model_loader import load_model\n"
+            "from gridserve.replica.settings import default_cache_dir\n"
+            "lm = load_model(load_model_catalog().get('smollm2'), default_cache_dir())\n"
+            "print(json.dumps({'from_cache': lm.from_cache, 'weights': lm.weights,\n"
+            f"                  'heavy': [m for m in {heavy!r} if m in sys.modules]}}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["from_cache"] and got["weights"].startswith("gguf blocks")
+    assert got["heavy"] == []
