@@ -366,6 +366,17 @@ void matmul_amx(const float* x, int64_t M, int64_t K, int64_t N, float* y, const
 
 #endif  // AMX
 
+// Block b of weight row n, widened: the `block` argument of the products, per format.
+inline auto q4_1_weights(const uint8_t* qs, const uint16_t* d, const uint16_t* m, int64_t nb) {
+  return [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
+    q4_1_block(qs + (n * nb + b) * 16, f16(d[n * nb + b]), f16(m[n * nb + b]), w0, w1);
+  };
+}
+
+inline auto q8_0_weights(const int8_t* qs, const uint16_t* d, int64_t nb) {
+  return [=](int64_t n, int64_t b, __m512& w0, __m512& w1) { q8_0_block(qs + (n * nb + b) * QK, f16(d[n * nb + b]), w0, w1); };
+}
+
 }  // namespace
 
 extern "C" {
@@ -374,18 +385,12 @@ extern "C" {
 // d, m [N, K/32] fp16.
 void gs_q4_1_matmul(const float* x, int64_t M, int64_t K, const uint8_t* qs, const uint16_t* d, const uint16_t* m,
                     int64_t N, float* y) {
-  const int64_t nb = K / QK;
-  matmul(x, M, K, N, y, [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
-    q4_1_block(qs + (n * nb + b) * 16, f16(d[n * nb + b]), f16(m[n * nb + b]), w0, w1);
-  });
+  matmul(x, M, K, N, y, q4_1_weights(qs, d, m, K / QK));
 }
 
 // The same with W in Q8_0: qs [N, K/32, 32] int8, d [N, K/32] fp16.
 void gs_q8_0_matmul(const float* x, int64_t M, int64_t K, const int8_t* qs, const uint16_t* d, int64_t N, float* y) {
-  const int64_t nb = K / QK;
-  matmul(x, M, K, N, y, [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
-    q8_0_block(qs + (n * nb + b) * QK, f16(d[n * nb + b]), w0, w1);
-  });
+  matmul(x, M, K, N, y, q8_0_weights(qs, d, K / QK));
 }
 
 // Attention of decoding rows over their slots of a layer's KV cache, one query token per row:
@@ -542,20 +547,12 @@ int gs_amx_init() {
 // gs_q4_1_matmul and gs_q8_0_matmul on AMX, each float32 split into two bfloat16 parts (matmul_amx).
 void gs_q4_1_matmul_amx(const float* x, int64_t M, int64_t K, const uint8_t* qs, const uint16_t* d,
                         const uint16_t* m, int64_t N, float* y) {
-  const int64_t nb = K / QK;
-  if (M <= 0) return;
-  matmul_amx(x, M, K, N, y, [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
-    q4_1_block(qs + (n * nb + b) * 16, f16(d[n * nb + b]), f16(m[n * nb + b]), w0, w1);
-  });
+  if (M > 0) matmul_amx(x, M, K, N, y, q4_1_weights(qs, d, m, K / QK));
 }
 
 void gs_q8_0_matmul_amx(const float* x, int64_t M, int64_t K, const int8_t* qs, const uint16_t* d, int64_t N,
                         float* y) {
-  const int64_t nb = K / QK;
-  if (M <= 0) return;
-  matmul_amx(x, M, K, N, y, [=](int64_t n, int64_t b, __m512& w0, __m512& w1) {
-    q8_0_block(qs + (n * nb + b) * QK, f16(d[n * nb + b]), w0, w1);
-  });
+  if (M > 0) matmul_amx(x, M, K, N, y, q8_0_weights(qs, d, K / QK));
 }
 #endif
 

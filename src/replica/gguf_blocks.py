@@ -231,7 +231,6 @@ class PromptRows:
     those its first replica decoded."""
 
     def __init__(self, mask: list[bool]):
-        self.count = len(mask)
         self.all, self.none = all(mask), not any(mask)
         if not (self.all or self.none):
             m = torch.tensor(mask)

@@ -280,13 +280,14 @@ class LlamaRunner:
                     mask[s.slot - lo, :, :, :a + 1] = True
             index = torch.tensor([s - lo for s in slots], dtype=torch.long, device=self.device)
             plan.append(("decode", len(decoding), lo, hi, length, mask, index))
-        for seq, a, b in spans:
-            if b - a > 1:
-                n = b - a
-                rows = torch.arange(a, b, device=self.device)[:, None]
-                mask = torch.arange(b, device=self.device)[None, :] <= rows  # causal, after the cached prefix
-                plan.append(("prefill", n, seq.slot, mask.repeat(self.group, 1)))
+        plan += [self._prefill_item(seq.slot, a, b) for seq, a, b in spans if b - a > 1]
         return plan
+
+    def _prefill_item(self, slot: int, a: int, b: int) -> tuple:
+        """The plan item for torch's attention of slot's queries at positions a..b-1: causal, over
+        every position before each (the cached prefix included)."""
+        mask = torch.arange(b, device=self.device)[None, :] <= torch.arange(a, b, device=self.device)[:, None]
+        return ("prefill", b - a, slot, mask.repeat(self.group, 1))
 
     def _kernel_attention_plan(self, spans) -> list[tuple]:
         """With the attention kernel: a token is one query over its own slot's positions up to its own
@@ -310,8 +311,7 @@ class LlamaRunner:
             rows.extend((seq.slot, p + 1) for p in range(a, lo))
             if hi > lo:
                 flush()
-                mask = torch.arange(hi, device=self.device)[None, :] <= torch.arange(lo, hi, device=self.device)[:, None]
-                plan.append(("prefill", hi - lo, seq.slot, mask.repeat(self.group, 1)))
+                plan.append(self._prefill_item(seq.slot, lo, hi))
             rows.extend((seq.slot, p + 1) for p in range(hi, b))
         flush()
         return plan

@@ -10,7 +10,7 @@ the RMSNorm and rotary tables are those of `LlamaRMSNorm` and `LlamaRotaryEmbedd
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gridserve.common.errors import ModelLoadError
+from gridserve.replica.llama_layers import rope
 
 
 @dataclass
@@ -41,7 +42,6 @@ class LlamaShellConfig:
     pad_token_id: int | None = None
     model_type: str = "llama"
     sliding_window: int | None = None
-    extra: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaShellConfig":
@@ -65,7 +65,7 @@ class LlamaShellConfig:
                        hidden_act=d.get("hidden_act", "silu"),
                        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
                        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-                       pad_token_id=d.get("pad_token_id"), sliding_window=d.get("sliding_window"), extra=d)
+                       pad_token_id=d.get("pad_token_id"), sliding_window=d.get("sliding_window"))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"the model's config lacks or mangles {e}") from None
 
@@ -155,7 +155,6 @@ class LlamaShell(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
-        from gridserve.replica.llama_layers import rope
         cfg, inner = self.config, self.model
         x = inner.embed_tokens(input_ids)
         batch, length = input_ids.shape
