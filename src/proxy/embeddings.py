@@ -1,4 +1,4 @@
-"""POST /v1/embeddings: parse, call Embed on a replica of the model (another one on UNAVAILABLE or RESOURCE_EXHAUSTED),
+"""POST /v1/embeddings: parse, call Embed on a replica of the model (another one on UNAVAILABLE, RESOURCE_EXHAUSTED or a lost replica),
 answer in OpenAI's list shape with float or base64 vectors, then log and count."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from gridserve.proxy.http_errors import HttpError, error_response
 from gridserve.proxy.request_body import request_id_from
 from gridserve.proxy.openai_wire import error_body
 from gridserve.proxy.relay import STATE, RequestRecord, Wire, demand, parse_request
-from gridserve.proxy.retry import RetryPolicy, accepted, on_some_replica
+from gridserve.proxy.retry import RetryPolicy, accepted, attempt_error, on_some_replica
 from gridserve.proxy.route_cache import Endpoint, RouteCache
 from gridserve.v1 import replica_pb2, replica_pb2_grpc
 
@@ -72,8 +72,8 @@ def base64_floats(values) -> str:
 
 async def call_embed(table: RouteCache, model: str, request: replica_pb2.EmbedRequest, policy: RetryPolicy,
                      on_retry=lambda: None) -> tuple[replica_pb2.EmbedResponse, Endpoint]:
-    """Embed on a replica picked by power of two choices; on UNAVAILABLE, RESOURCE_EXHAUSTED or no admission
-    within policy.accept_timeout_s, backs off and tries another (embedding is idempotent, so a replica that
+    """Embed on a replica picked by power of two choices; on UNAVAILABLE, RESOURCE_EXHAUSTED, a lost replica
+    (`attempt_error`) or no admission within policy.accept_timeout_s, backs off and tries another (embedding is idempotent, so a replica that
     goes away mid-call is retried too). Raises HttpError: no replica, all failed, or a bad request."""
     async def attempt(endpoint: Endpoint):
         return await _embed_on(table, endpoint, request, policy.accept_timeout_s), endpoint
@@ -90,7 +90,7 @@ async def _embed_on(table: RouteCache, endpoint: Endpoint, request: replica_pb2.
         if reply is not grpc.aio.EOF:
             await call.read()  # the end of the stream (and its status) follows at once
     except grpc.aio.AioRpcError as e:
-        raise HttpError.from_grpc(e, where=f"replica {endpoint.replica_id}") from None
+        raise attempt_error(e, endpoint) from None
     finally:
         call.cancel()  # no-op once done; otherwise the replica drops the request
         lease.release()

@@ -51,6 +51,15 @@ def replica_lost(e: grpc.aio.AioRpcError) -> bool:
     return False
 
 
+def attempt_error(e: grpc.aio.AioRpcError, endpoint: Endpoint) -> HttpError:
+    """A replica call that failed before its answer began, as the client would see it; retryable on
+    another replica when the replica refused for load or shutdown, or went away (`replica_lost`: a
+    server stopping as the request arrived cancels it). The request never ran there either way."""
+    error = HttpError.from_grpc(e, where=f"replica {endpoint.replica_id}")
+    error.retryable = error.retryable or replica_lost(e)
+    return error
+
+
 class UpstreamStream:
     """An open Generate call whose first chunk has arrived (`first` is None if the stream was empty)."""
 
@@ -93,7 +102,8 @@ async def open_stream(table: RouteCache, model: str, request: replica_pb2.Genera
                       policy: RetryPolicy = RetryPolicy(), on_retry: Callable[[], None] = lambda: None,
                       tried: set[str] | None = None) -> UpstreamStream:
     """Picks a replica and waits for it to admit the call (at most policy.accept_timeout_s) and for its
-    first chunk; on UNAVAILABLE/RESOURCE_EXHAUSTED or no admission before it, backs off and tries another
+    first chunk; on UNAVAILABLE/RESOURCE_EXHAUSTED, a lost replica (`attempt_error`) or no admission before it,
+    backs off and tries another
     replica (calling `on_retry` for each such try). `tried` (addresses) are skipped, and every address
     tried here is added to it. Raises HttpError (no replica, all failed, bad request)."""
     async def attempt(endpoint: Endpoint) -> UpstreamStream:
@@ -159,7 +169,7 @@ async def _open_on(table: RouteCache, endpoint: Endpoint, request: replica_pb2.G
     except grpc.aio.AioRpcError as e:
         call.cancel()
         lease.release()
-        raise HttpError.from_grpc(e, where=f"replica {endpoint.replica_id}") from None
+        raise attempt_error(e, endpoint) from None
     except BaseException:
         call.cancel()
         lease.release()

@@ -6,7 +6,7 @@ import itertools
 import grpc
 import pytest
 
-from gridserve.common.errors import InvalidRequest, Unavailable
+from gridserve.common.errors import Cancelled, InvalidRequest, Unavailable
 from gridserve.proxy.stream_resume import Upstreams
 from gridserve.proxy.http_errors import HttpError
 from gridserve.proxy.route_cache import RouteCache
@@ -67,6 +67,23 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 ])
 def test_only_failures_that_mean_the_replica_went_away_are_failed_over(code, details, lost):
     assert replica_lost(rpc_error(code, details)) is lost
+
+
+async def test_a_replica_whose_server_cancels_the_call_before_the_first_chunk_is_retried_on_another(replicas, table):
+    """A replica stopping as a request arrives cancels the call (CANCELLED) before it streamed anything:
+    the request never ran there, so it goes to another replica, as a loss mid-stream would."""
+    gone = await replicas("tiny-c00001", die_after=0, die_with=Cancelled("the server is stopping"))
+    ok = await replicas("tiny-c00002")
+    route(table, gone, ok)
+    busy = table.acquire(next(e for e in table.routes["tiny"].endpoints if e.replica_id == ok.replica_id))
+    try:  # one stream in flight on `ok`: the power of two choices tries `gone` first
+        stream = await open_stream(table, "tiny", script_request("r-cancel"), POLICY)
+    finally:
+        busy.release()
+    chunks = [chunk async for chunk in stream.chunks()]
+    stream.close()
+    assert len(gone.requests) == 1 and len(ok.requests) == 1
+    assert "".join(c.text for c in chunks) == SCRIPT_TEXT
 
 
 async def test_a_stream_survives_two_failovers_and_each_replica_is_asked_once_with_the_ids_so_far(replicas, table):
